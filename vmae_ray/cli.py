@@ -1,0 +1,126 @@
+"""Command line: `vmae-ray embed ...` and `python jobs/embed_videos.py ...` (the same parser).
+
+Parses and validates everything before Ray starts: a bad flag exits with status 2 and a
+message naming the flag and its allowed values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from vmae_ray.config import (
+    DEFAULT_MODEL, DEVICES, DTYPES, INTERPOLATIONS, LABEL_MODES, ConfigError, EmbedConfig,
+    load_yaml, parse_clips_per_video, parse_num_actors, parse_storage_options,
+)
+from vmae_ray.sampling import SAMPLING_POLICIES
+
+
+def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Embed a video corpus with VideoMAE on Ray and write Parquet tables "
+        "(clips/, videos/, errors/, _SUCCESS) under --output.",
+        argument_default=argparse.SUPPRESS,  # so we can tell given flags from defaults
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", help="directory/prefix, glob, or manifest (.parquet/.csv/.jsonl with a 'uri' column); any fsspec URI")
+    io.add_argument("--output", help="directory/prefix for the tables; any fsspec URI")
+    io.add_argument("--config", help="YAML file with the same options (flags win)")
+    io.add_argument("--storage-options", help="JSON object of fsspec options, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'")
+    io.add_argument("--limit", type=int, help="process at most N inputs (after listing, in URI order)")
+    io.add_argument("--extensions", help="comma-separated extensions to take from a directory listing")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", help=f"local dir, s3:// prefix or hub id (default {DEFAULT_MODEL})")
+    model.add_argument("--dtype", choices=DTYPES, help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    model.add_argument("--device", choices=DEVICES)
+    model.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    model.add_argument("--labels", choices=LABEL_MODES, help="top labels: auto = when the checkpoint has a trained classifier")
+    model.add_argument("--top-k", type=int, help="labels per clip/video (default 5)")
+    model.add_argument("--model-cache-dir", help="node-local cache for remote checkpoints")
+
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--sampling", choices=SAMPLING_POLICIES, help="uniform: SSv2 segments, one clip; stride: Kinetics dense clips")
+    sampling.add_argument("--num-frames", type=int, help="frames per clip (default: the checkpoint's num_frames)")
+    sampling.add_argument("--frame-stride", type=int, help="stride sampling: frames between sampled frames (default 4)")
+    sampling.add_argument("--clips-per-video", help="stride sampling: N evenly spaced clips, or 'all' to cover the video")
+    sampling.add_argument("--interpolation", choices=INTERPOLATIONS, help="libswscale resize filter (default auto: the one matching the checkpoint's resample)")
+
+    res = p.add_argument_group("resources")
+    res.add_argument("--batch-size", type=int, help="clips per model call (default 32 on GPU, 4 on CPU)")
+    res.add_argument("--num-actors", help="model actors: N or MIN,MAX (default: one per GPU, or 1)")
+    res.add_argument("--gpus-per-actor", type=float, help="default 1 when the cluster has GPUs, else 0")
+    res.add_argument("--cpus-per-actor", type=float)
+    res.add_argument("--decode-cpus", type=float, help="CPUs per decode task (default 1)")
+    res.add_argument("--decode-threads", type=int, help="libavcodec threads per decode (default 1; 0 = auto)")
+    res.add_argument("--decode-memory-mb", type=int, help="memory reserved per decode task (default 1024)")
+
+    run = p.add_argument_group("runs, resume, limits")
+    run.add_argument("--overwrite", action="store_true", help="discard the committed tables under --output and start over")
+    run.add_argument("--no-resume", dest="resume", action="store_false", help="fail if --output already has committed results")
+    run.add_argument("--retry-failed", action="store_true", help="process inputs that ended in errors/ again")
+    run.add_argument("--run-id", help="id for this run (default: time + random)")
+    run.add_argument("--rows-per-shard", type=int, help="max rows per Parquet file")
+    run.add_argument("--max-frame-pixels", type=int, help="refuse videos whose frames have more pixels (default 8192*8192)")
+    run.add_argument("--max-duration-seconds", type=float, help="refuse longer videos (default 21600)")
+    run.add_argument("--max-bytes", type=int, help="refuse larger files (default 64 GiB)")
+    run.add_argument("--progress-seconds", type=float, help="seconds between progress lines (default 10)")
+    return p
+
+
+_CONVERTERS = {
+    "num_actors": parse_num_actors,
+    "clips_per_video": parse_clips_per_video,
+    "storage_options": parse_storage_options,
+    "extensions": lambda v: tuple(e if e.startswith(".") else "." + e for e in (v.split(",") if isinstance(v, str) else v)),
+}
+
+
+def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray embed") -> EmbedConfig:
+    """Parse flags (and --config), validate, and return the config; exits 2 on bad input."""
+    parser = build_parser(prog)
+    args = vars(parser.parse_args(argv))
+    try:
+        values: dict = {}
+        config_path = args.pop("config", None)
+        if config_path:
+            values.update(load_yaml(config_path))
+        values.update(args)
+        for name, convert in _CONVERTERS.items():
+            if name in values:
+                values[name] = convert(values[name])
+        # Uniform sampling means one clip; only stride takes the default of several.
+        if values.get("sampling") == "stride" and "clips_per_video" not in values:
+            values["clips_per_video"] = 4
+        return EmbedConfig(**values).validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except TypeError as exc:  # a YAML value of the wrong kind
+        parser.error(f"--config: {exc}")
+    raise AssertionError("unreachable")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: vmae-ray embed --input IN --output OUT [options]\n\n"
+              "commands:\n  embed    embed a video corpus (vmae-ray embed --help for options)")
+        return 0 if argv else 2
+    if argv[0] != "embed":
+        print(f"vmae-ray: unknown command {argv[0]!r}; expected 'embed'", file=sys.stderr)
+        return 2
+    return run_embed(argv[1:], prog="vmae-ray embed")
+
+
+def run_embed(argv: Sequence[str], prog: str) -> int:
+    config = config_from_args(argv, prog=prog)
+    from vmae_ray.pipeline import run  # heavy imports only after the flags are good
+
+    summary = run(config)
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

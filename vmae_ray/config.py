@@ -1,0 +1,208 @@
+"""Job configuration: one dataclass, validated before Ray starts.
+
+Pure logic, no Ray and no I/O beyond reading a YAML file. The command line (`vmae_ray.cli`)
+and `--config FILE.yaml` both end here; flags win over the file. Every error names the
+option and its allowed values, so a bad flag fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmae_ray.model import DTYPES  # noqa: F401 - re-exported for the CLI
+from vmae_ray.sampling import SAMPLING_POLICIES
+
+DEFAULT_MODEL = "MCG-NJU/videomae-base-short-ssv2"
+DEVICES = ("auto", "cpu", "cuda")
+LABEL_MODES = ("auto", "on", "off")
+INTERPOLATIONS = ("auto", "BILINEAR", "AREA", "BICUBIC", "FAST_BILINEAR", "LANCZOS", "POINT")
+
+
+class ConfigError(ValueError):
+    """A bad option; the message names the option and what it accepts."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option = option
+
+
+@dataclass
+class EmbedConfig:
+    """Every option of `vmae-ray embed`. Field names are the flags with '-' as '_'."""
+
+    input: str = ""
+    output: str = ""
+    model: str = DEFAULT_MODEL
+    sampling: str = "uniform"
+    num_frames: int | None = None  # None: the checkpoint's config.num_frames
+    frame_stride: int = 4
+    clips_per_video: int | None = 1  # None: clips covering the whole video (stride only)
+    batch_size: int | None = None  # None: 32 on GPU, 4 on CPU
+    num_actors: tuple[int, int] | None = None  # None: one per GPU, or 1 on CPU
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    decode_cpus: float = 1.0
+    decode_threads: int = 1
+    decode_memory_mb: int = 1024
+    dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    labels: str = "auto"
+    top_k: int = 5
+    limit: int | None = None
+    resume: bool = True
+    overwrite: bool = False
+    retry_failed: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    extensions: tuple[str, ...] | None = None
+    interpolation: str = "auto"  # auto: the swscale filter closest to the checkpoint's resample
+    max_frame_pixels: int = 8192 * 8192
+    max_duration_seconds: float = 6 * 3600.0
+    max_bytes: int = 64 * 2**30
+    rows_per_shard: int = 50_000
+    model_cache_dir: str | None = None
+    run_id: str | None = None
+    progress_seconds: float = 10.0
+
+    def validate(self) -> "EmbedConfig":
+        if not self.input:
+            raise ConfigError("--input", "required: a directory, prefix, glob or manifest (.parquet/.csv/.jsonl) URI")
+        if not self.output:
+            raise ConfigError("--output", "required: a directory or prefix URI for the tables")
+        if not self.model:
+            raise ConfigError("--model", "required: a local dir, an s3:// prefix or a hub id")
+        _choice("--sampling", self.sampling, SAMPLING_POLICIES)
+        _choice("--dtype", self.dtype, DTYPES)
+        _choice("--device", self.device, DEVICES)
+        _choice("--labels", self.labels, LABEL_MODES)
+        _choice("--interpolation", self.interpolation, INTERPOLATIONS)
+        _positive("--num-frames", self.num_frames, allow_none=True)
+        _positive("--frame-stride", self.frame_stride)
+        _positive("--batch-size", self.batch_size, allow_none=True)
+        _positive("--top-k", self.top_k)
+        _positive("--limit", self.limit, allow_none=True)
+        _positive("--decode-threads", self.decode_threads, allow_zero=True)
+        _positive("--decode-memory-mb", self.decode_memory_mb)
+        _positive("--rows-per-shard", self.rows_per_shard)
+        _positive("--max-frame-pixels", self.max_frame_pixels)
+        _positive("--max-duration-seconds", self.max_duration_seconds)
+        _positive("--max-bytes", self.max_bytes)
+        _positive("--progress-seconds", self.progress_seconds)
+        _positive("--cpus-per-actor", self.cpus_per_actor, allow_zero=True)
+        _positive("--decode-cpus", self.decode_cpus)
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ConfigError("--gpus-per-actor", f"must be >= 0, got {self.gpus_per_actor}")
+        if self.clips_per_video is not None:
+            _positive("--clips-per-video", self.clips_per_video)
+        if self.sampling == "uniform" and self.clips_per_video != 1:
+            raise ConfigError(
+                "--clips-per-video",
+                "uniform sampling takes one clip spanning the whole video; use --sampling stride for several clips",
+            )
+        if self.num_actors is not None:
+            lo, hi = self.num_actors
+            if lo < 1 or hi < lo:
+                raise ConfigError("--num-actors", f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
+        if self.overwrite and self.retry_failed:
+            raise ConfigError("--retry-failed", "has no meaning with --overwrite (everything is processed again)")
+        if self.run_id is not None and not self.run_id.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError("--run-id", "letters, digits, '-' and '_' only")
+        return self
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """JSON-ready settings for `_SUCCESS` and logs, with storage secrets redacted."""
+        out = dataclasses.asdict(self)
+        if redact:
+            from vmae_ray.storage import StorageOptions
+
+            out["storage_options"] = StorageOptions(self.storage_options).redacted()
+        if out["num_actors"] is not None:
+            out["num_actors"] = list(out["num_actors"])
+        if out["extensions"] is not None:
+            out["extensions"] = list(out["extensions"])
+        return out
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(option, f"expected one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(option: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(option, f"expected a {'non-negative' if allow_zero else 'positive'} number; got {value!r}")
+
+
+def parse_num_actors(text: str | int | list | tuple | None) -> tuple[int, int] | None:
+    """``N`` or ``MIN,MAX`` (an autoscaling actor pool)."""
+    if text is None:
+        return None
+    if isinstance(text, int) and not isinstance(text, bool):
+        return (text, text)
+    if isinstance(text, (list, tuple)) and len(text) == 2:
+        parts = [str(p) for p in text]
+    else:
+        parts = str(text).split(",")
+    try:
+        values = [int(p.strip()) for p in parts]
+    except ValueError:
+        raise ConfigError("--num-actors", f"expected N or MIN,MAX (integers); got {text!r}") from None
+    if len(values) == 1:
+        return (values[0], values[0])
+    if len(values) == 2:
+        return (values[0], values[1])
+    raise ConfigError("--num-actors", f"expected N or MIN,MAX; got {text!r}")
+
+
+def parse_clips_per_video(text: str | int | None) -> int | None:
+    """A positive integer, or ``all`` for clips covering the whole video."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "all"):
+        return None
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError("--clips-per-video", f"expected a positive integer or 'all'; got {text!r}") from None
+    return value
+
+
+def parse_storage_options(text: str | dict | None) -> dict[str, Any]:
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("--storage-options", f"expected a JSON object; {exc.msg} at position {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--storage-options", "expected a JSON object")
+    return value
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Options from a YAML file: keys are option names with '-' or '_'."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("--config", f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("--config", "expected a mapping of option names to values")
+    names = {f.name for f in dataclasses.fields(EmbedConfig)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ConfigError("--config", f"unknown option {key!r} in {path}; known: {', '.join(sorted(names))}")
+        out[name] = value
+    return out
