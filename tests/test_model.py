@@ -1,0 +1,460 @@
+"""Tests for vmae_ray.model: checkpoint spec, normalization parity, embeddings, load guard.
+
+Checkpoints are tiny random VideoMAEs written by `make_tiny_checkpoint` (recipe in its
+docstring): 8 frames of 64x64, preprocessing "resize short side to 72, center-crop 64,
+ImageNet mean/std", so nothing here passes with hard-coded library defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vmae_ray.model import (
+    ModelLoadError,
+    VideoMAEEmbedder,
+    load_model_spec,
+    make_tiny_checkpoint,
+    resolve_model_dir,
+    top_k_labels,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory) -> str:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "classifier", classifier=True)
+
+
+@pytest.fixture(scope="module")
+def pretraining_dir(tmp_path_factory) -> str:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "pretraining", pretraining_layout=True)
+
+
+@pytest.fixture(scope="module")
+def classifier_embedder(classifier_dir) -> VideoMAEEmbedder:
+    return VideoMAEEmbedder(classifier_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pretraining_embedder(pretraining_dir) -> VideoMAEEmbedder:
+    return VideoMAEEmbedder(pretraining_dir, device="cpu")
+
+
+def _copy(src: str, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _random_clips(spec, batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, *spec.clip_shape), dtype=np.uint8)
+
+
+def _hf_processor(model_dir: str):
+    # The PIL backend needs only Pillow; loaded from the checkpoint's own preprocessor file.
+    from transformers import VideoMAEImageProcessorPil
+
+    return VideoMAEImageProcessorPil.from_pretrained(model_dir)
+
+
+# --------------------------------------------------------------------------------------
+# ModelSpec
+
+
+def test_spec_reads_checkpoint_values(classifier_dir):
+    spec = load_model_spec(classifier_dir)
+    assert spec.model_ref == classifier_dir
+    assert (spec.num_frames, spec.tubelet_size, spec.image_size, spec.hidden_size) == (8, 2, 64, 64)
+    assert spec.resize_shortest_edge == 72  # not the class default 224
+    assert (spec.crop_height, spec.crop_width) == (64, 64)
+    assert spec.image_mean == IMAGENET_MEAN  # not the class default 0.5
+    assert spec.image_std == IMAGENET_STD
+    assert spec.rescale_factor == pytest.approx(1 / 255)
+    assert spec.resample == 2
+    assert spec.architecture == "VideoMAEForVideoClassification"
+    assert spec.id2label == {i: f"label_{i}_{a}" for i, a in
+                             enumerate(["juggling", "surfing", "cooking", "dancing", "archery"])}
+    assert spec.clip_shape == (8, 64, 64, 3)
+    assert len(spec.fingerprint) == 64
+
+
+def test_spec_pretraining_layout_has_no_labels(pretraining_dir):
+    spec = load_model_spec(pretraining_dir)
+    assert spec.architecture == "VideoMAEForPreTraining"
+    assert spec.id2label is None and not spec.has_labels
+
+
+def test_fingerprint_changes_with_preprocessing(classifier_dir, tmp_path):
+    copy = _copy(classifier_dir, tmp_path)
+    assert load_model_spec(str(copy)).fingerprint == load_model_spec(classifier_dir).fingerprint
+    _edit_json(copy / "preprocessor_config.json", image_mean=[0.45, 0.45, 0.45])
+    spec = load_model_spec(str(copy))
+    assert spec.image_mean == (0.45, 0.45, 0.45)
+    assert spec.fingerprint != load_model_spec(classifier_dir).fingerprint
+
+
+def test_spec_class_defaults_only_for_omitted_keys(classifier_dir, tmp_path):
+    copy = _copy(classifier_dir, tmp_path)
+    _edit_json(copy / "preprocessor_config.json", image_mean=None, image_std=None, resample=None)
+    spec = load_model_spec(str(copy))
+    assert spec.image_mean == (0.5, 0.5, 0.5) and spec.image_std == (0.5, 0.5, 0.5)
+    assert spec.resample == 2
+
+
+def test_spec_legacy_int_size_and_no_center_crop(classifier_dir, tmp_path):
+    copy = _copy(classifier_dir, tmp_path)
+    _edit_json(copy / "preprocessor_config.json", size=64, do_center_crop=False)
+    spec = load_model_spec(str(copy))
+    assert (spec.resize_shortest_edge, spec.crop_height, spec.crop_width) == (64, 64, 64)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: (d / "config.json").unlink(), "config.json"),
+        (lambda d: (d / "preprocessor_config.json").unlink(), "preprocessor_config.json"),
+        (lambda d: _edit_json(d / "config.json", model_type="vit"), "model_type='vit'"),
+        (lambda d: _edit_json(d / "preprocessor_config.json", size={"height": 64, "width": 64}), "shortest_edge"),
+        (lambda d: _edit_json(d / "preprocessor_config.json", crop_size={"height": 56, "width": 56}), "image_size"),
+        (lambda d: _edit_json(d / "preprocessor_config.json", do_resize=False), "do_resize"),
+    ],
+    ids=["no-config", "no-preprocessor", "not-videomae", "squash-resize", "crop-vs-image-size", "no-resize"],
+)
+def test_spec_errors(classifier_dir, tmp_path, edit, message):
+    copy = _copy(classifier_dir, tmp_path)
+    edit(copy)
+    with pytest.raises(ValueError, match=message):
+        load_model_spec(str(copy))
+
+
+def test_spec_refuses_pickled_weights(classifier_dir, tmp_path):
+    copy = _copy(classifier_dir, tmp_path)
+    for f in copy.glob("*.safetensors"):
+        f.unlink()
+    (copy / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
+        load_model_spec(str(copy))
+
+
+def test_resolve_model_dir_local_forms(classifier_dir):
+    assert resolve_model_dir(classifier_dir) == classifier_dir
+    assert resolve_model_dir("file://" + classifier_dir) == classifier_dir
+    with pytest.raises(ValueError, match="no such local directory"):
+        resolve_model_dir("./does/not/exist")
+    with pytest.raises(ValueError, match="no such local directory"):
+        resolve_model_dir("file:///does/not/exist")
+
+
+# --------------------------------------------------------------------------------------
+# Normalization parity with transformers' image processor
+
+
+def test_pixel_values_match_hf_processor_without_resize(classifier_dir, classifier_embedder):
+    spec = classifier_embedder.spec
+    clips = _random_clips(spec, batch=2)
+    expected = _hf_processor(classifier_dir)(
+        [list(clip) for clip in clips], do_resize=False, do_center_crop=False, return_tensors="np"
+    )["pixel_values"]
+    ours = classifier_embedder.pixel_values(clips)
+    assert ours.shape == (2, 8, 3, 64, 64)  # VideoMAE's (B, T, C, H, W)
+    assert ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.numpy(), expected, atol=1e-5, rtol=0)
+
+
+def _smooth_frames(rng, count: int, height: int, width: int) -> np.ndarray:
+    # Smooth content (upsampled coarse noise) like real video; pure noise is the worst case
+    # for any resizer and says little about real footage.
+    from PIL import Image
+
+    out = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+        out.append(np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC)))
+    return np.stack(out)
+
+
+def _resize_and_crop(frame: np.ndarray, spec, resizer) -> np.ndarray:
+    """The ModelSpec contract: short side -> resize_shortest_edge, long side int(), center crop."""
+    height, width = frame.shape[:2]
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(spec.resize_shortest_edge * long / short)
+    new_w, new_h = (spec.resize_shortest_edge, new_long) if width <= height else (new_long, spec.resize_shortest_edge)
+    resized = resizer(frame, new_w, new_h)
+    top, left = (new_h - spec.crop_height) // 2, (new_w - spec.crop_width) // 2
+    return resized[top : top + spec.crop_height, left : left + spec.crop_width]
+
+
+def test_spec_contract_with_pil_resize_matches_hf_processor(classifier_dir, classifier_embedder):
+    """Resizing by the ModelSpec contract with PIL reproduces the processor's full pipeline."""
+    from PIL import Image
+
+    spec = classifier_embedder.spec
+    rng = np.random.default_rng(1)
+    video = _smooth_frames(rng, spec.num_frames, 90, 160)  # 16:9, resized to 72x128 then cropped
+
+    def pil(frame, w, h):
+        return np.asarray(Image.fromarray(frame).resize((w, h), resample=spec.resample))
+
+    clip = np.stack([_resize_and_crop(f, spec, pil) for f in video])[None]
+    expected = _hf_processor(classifier_dir)([list(video)], return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(classifier_embedder.pixel_values(clip).numpy(), expected, atol=1e-5, rtol=0)
+
+
+def test_swscale_resize_tolerance_against_hf_processor(classifier_dir, classifier_embedder):
+    """libswscale (the decode stage's resizer) vs the PIL processor: stated tolerance.
+
+    Measured on smooth 90x160 and 360x640 frames resized to a short side of 72 (bilinear):
+    at most 1 and 4 uint8 levels, mean under 0.5 level. The bound below is 5 levels max and a
+    mean of 1 level, in normalized units (level / 255 / std).
+    """
+    av = pytest.importorskip("av")
+    spec = classifier_embedder.spec
+    processor = _hf_processor(classifier_dir)
+    rng = np.random.default_rng(2)
+
+    def swscale(frame, w, h):
+        return av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(
+            width=w, height=h, format="rgb24", interpolation="BILINEAR"
+        ).to_ndarray()
+
+    level = 1 / 255 / min(spec.image_std)  # one uint8 level in normalized units, worst channel
+    for height, width in [(90, 160), (360, 640)]:
+        video = _smooth_frames(rng, spec.num_frames, height, width)
+        clip = np.stack([_resize_and_crop(f, spec, swscale) for f in video])[None]
+        expected = processor([list(video)], return_tensors="np")["pixel_values"]
+        diff = np.abs(classifier_embedder.pixel_values(clip).numpy() - expected)
+        print(f"swscale vs PIL {height}x{width}: max {diff.max() / level:.2f} levels, mean {diff.mean() / level:.3f}")
+        assert diff.max() <= 5 * level
+        assert diff.mean() <= 1 * level
+
+
+# --------------------------------------------------------------------------------------
+# Embeddings equal a direct transformers call
+
+
+def test_classifier_embed_matches_transformers(classifier_dir, classifier_embedder):
+    from transformers import VideoMAEForVideoClassification
+
+    clips = _random_clips(classifier_embedder.spec, batch=3, seed=3)
+    pixel_values = torch.from_numpy(
+        _hf_processor(classifier_dir)([list(c) for c in clips], do_resize=False, do_center_crop=False,
+                                      return_tensors="np")["pixel_values"]
+    )
+    reference = VideoMAEForVideoClassification.from_pretrained(classifier_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected_logits = reference(pixel_values=pixel_values).logits.numpy()
+        hidden = reference.videomae(pixel_values=pixel_values).last_hidden_state
+        expected_embedding = reference.fc_norm(hidden.mean(1)).numpy()
+
+    embeddings, logits = classifier_embedder.embed(clips)
+    assert embeddings.dtype == np.float32 and logits.dtype == np.float32
+    assert embeddings.shape == (3, 64) and logits.shape == (3, 5)
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(embeddings, expected_embedding, atol=1e-4, rtol=0)
+
+
+def test_pretraining_embed_matches_transformers(pretraining_dir, pretraining_embedder):
+    from transformers import VideoMAEModel
+
+    clips = _random_clips(pretraining_embedder.spec, batch=2, seed=4)
+    pixel_values = torch.from_numpy(
+        _hf_processor(pretraining_dir)([list(c) for c in clips], do_resize=False, do_center_crop=False,
+                                       return_tensors="np")["pixel_values"]
+    )
+    reference = VideoMAEModel.from_pretrained(pretraining_dir, attn_implementation="eager").eval()
+    assert reference.layernorm is not None  # use_mean_pooling=false: the final encoder norm is used
+    with torch.no_grad():
+        expected = reference(pixel_values=pixel_values).last_hidden_state.mean(1).numpy()
+    embeddings, logits = pretraining_embedder.embed(clips)
+    assert logits is None
+    np.testing.assert_allclose(embeddings, expected, atol=1e-4, rtol=0)
+
+
+def test_embed_accepts_read_only_arrays_and_checks_shape(classifier_embedder):
+    clips = _random_clips(classifier_embedder.spec, batch=1)
+    clips.setflags(write=False)  # as Ray hands them out from the object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embeddings, _ = classifier_embedder.embed(clips)
+    assert embeddings.shape == (1, 64)
+    with pytest.raises(ValueError, match="shape"):
+        classifier_embedder.embed(np.zeros((1, 4, 64, 64, 3), np.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        classifier_embedder.embed(np.zeros((1, 8, 64, 64, 3), np.float32))
+
+
+def test_bfloat16_close_to_float32(classifier_dir, classifier_embedder):
+    clips = _random_clips(classifier_embedder.spec, batch=2, seed=5)
+    bf16 = VideoMAEEmbedder(classifier_dir, device="cpu", dtype="bfloat16")
+    assert bf16.pixel_values(clips).dtype == torch.bfloat16
+    reference, _ = classifier_embedder.embed(clips)
+    embeddings, logits = bf16.embed(clips)
+    assert embeddings.dtype == np.float32 and logits.dtype == np.float32
+    cosine = (embeddings * reference).sum(1) / np.linalg.norm(embeddings, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() > 0.99
+
+
+def test_bad_dtype_is_rejected(classifier_dir):
+    with pytest.raises(ValueError, match="allowed: auto, float32, bfloat16, float16"):
+        VideoMAEEmbedder(classifier_dir, device="cpu", dtype="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_dtype_matches_cpu(classifier_dir, classifier_embedder):
+    clips = _random_clips(classifier_embedder.spec, batch=4, seed=6)
+    gpu = VideoMAEEmbedder(classifier_dir)
+    assert gpu.device.type == "cuda" and gpu.dtype in (torch.bfloat16, torch.float16)
+    reference, _ = classifier_embedder.embed(clips)
+    embeddings, _ = gpu.embed(clips)
+    cosine = (embeddings * reference).sum(1) / np.linalg.norm(embeddings, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() > 0.99
+
+
+# --------------------------------------------------------------------------------------
+# Weight-loading guard
+
+
+def _rewrite_weights(model_dir: Path, edit) -> None:
+    path = model_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_missing_encoder_weight_fails(classifier_dir, tmp_path):
+    copy = _copy(classifier_dir, tmp_path)
+    key = "videomae.encoder.layer.1.output.dense.weight"
+    _rewrite_weights(copy, lambda t: t.pop(key))
+    with pytest.raises(ModelLoadError, match=r"missing.*videomae\.encoder\.layer\.1\.output\.dense\.weight"):
+        VideoMAEEmbedder(str(copy), device="cpu")
+
+
+def test_missing_q_bias_fails(classifier_dir, tmp_path):
+    copy = _copy(classifier_dir, tmp_path)
+    _rewrite_weights(copy, lambda t: t.pop("videomae.encoder.layer.0.attention.attention.q_bias"))
+    with pytest.raises(ModelLoadError, match=r"layer\.0\.attention\.attention\.query\.bias"):
+        VideoMAEEmbedder(str(copy), device="cpu")
+
+
+def test_missing_classifier_head_fails(classifier_dir, tmp_path):
+    # Labels from a random head must never be emitted.
+    copy = _copy(classifier_dir, tmp_path)
+    _rewrite_weights(copy, lambda t: (t.pop("classifier.weight"), t.pop("fc_norm.bias")))
+    with pytest.raises(ModelLoadError, match=r"classifier\.weight.*fc_norm\.bias"):
+        VideoMAEEmbedder(str(copy), device="cpu")
+
+
+def test_mismatched_shape_fails(classifier_dir, tmp_path):
+    copy = _copy(classifier_dir, tmp_path)
+    key = "videomae.encoder.layer.0.intermediate.dense.bias"
+    _rewrite_weights(copy, lambda t: t.__setitem__(key, torch.zeros(7)))
+    with pytest.raises(ModelLoadError, match=r"mismatch.*layer\.0\.intermediate\.dense\.bias"):
+        VideoMAEEmbedder(str(copy), device="cpu")
+
+
+def test_unexpected_key_fails_for_classifier(classifier_dir, tmp_path):
+    copy = _copy(classifier_dir, tmp_path)
+    _rewrite_weights(copy, lambda t: t.__setitem__("decoder.head.weight", torch.zeros(3, 3)))
+    with pytest.raises(ModelLoadError, match=r"unexpected.*decoder\.head\.weight"):
+        VideoMAEEmbedder(str(copy), device="cpu")
+
+
+def test_pretraining_layout_loads_with_decoder_keys(pretraining_dir, pretraining_embedder):
+    with safe_open(str(Path(pretraining_dir) / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "mask_token" in keys and any(k.startswith("decoder.") for k in keys)
+    assert pretraining_embedder.spec.id2label is None
+    assert type(pretraining_embedder.model).__name__ == "VideoMAEModel"
+
+
+@pytest.mark.parametrize("which", ["classifier", "pretraining"])
+def test_qv_biases_equal_file_values(which, classifier_dir, pretraining_dir, classifier_embedder,
+                                     pretraining_embedder):
+    model_dir, embedder = ((classifier_dir, classifier_embedder) if which == "classifier"
+                           else (pretraining_dir, pretraining_embedder))
+    encoder = embedder.model.videomae.encoder if which == "classifier" else embedder.model.encoder
+    with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as f:
+        for i, layer in enumerate(encoder.layer):
+            attention = layer.attention.attention
+            for name, linear in (("q_bias", attention.query), ("v_bias", attention.value)):
+                stored = f.get_tensor(f"videomae.encoder.layer.{i}.attention.attention.{name}")
+                assert stored.abs().min() > 0  # the fixture makes them non-zero on purpose
+                assert torch.equal(linear.bias, stored)
+
+
+def test_zeroed_qv_bias_after_load_is_detected(classifier_dir, monkeypatch):
+    """A transformers release that loads q/v biases as zeros, with a clean report, must fail."""
+    from transformers import VideoMAEForVideoClassification
+
+    original = VideoMAEForVideoClassification.from_pretrained.__func__
+
+    def buggy_from_pretrained(cls, *args, **kwargs):
+        model, info = original(cls, *args, **kwargs)
+        with torch.no_grad():
+            for layer in model.videomae.encoder.layer:
+                layer.attention.attention.query.bias.zero_()
+        return model, info
+
+    monkeypatch.setattr(VideoMAEForVideoClassification, "from_pretrained", classmethod(buggy_from_pretrained))
+    with pytest.raises(ModelLoadError, match="q_bias did not load"):
+        VideoMAEEmbedder(classifier_dir, device="cpu")
+
+
+def test_tiny_checkpoint_is_deterministic(tmp_path):
+    a = load_file(make_tiny_checkpoint(tmp_path / "a", seed=7) + "/model.safetensors")
+    b = load_file(make_tiny_checkpoint(tmp_path / "b", seed=7) + "/model.safetensors")
+    c = load_file(make_tiny_checkpoint(tmp_path / "c", seed=8) + "/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------
+# Labels
+
+
+def test_top_k_labels():
+    id2label = {0: "a", 1: "b", 2: "c"}
+    logits = np.array([[0.0, 2.0, 1.0], [5.0, 5.0, -1.0]], dtype=np.float32)
+    labels, scores = top_k_labels(logits, id2label, k=2)
+    assert labels == [["b", "c"], ["a", "b"]]  # ties keep class order
+    probs = np.exp([0.0, 2.0, 1.0]) / np.exp([0.0, 2.0, 1.0]).sum()
+    np.testing.assert_allclose(scores[0], [probs[1], probs[2]], rtol=1e-6)
+    tie = np.exp(5.0) / (2 * np.exp(5.0) + np.exp(-1.0))
+    np.testing.assert_allclose(scores[1], [tie, tie], rtol=1e-6)
+    all_labels, all_scores = top_k_labels(logits, id2label, k=10)  # k larger than the label count
+    assert [len(r) for r in all_labels] == [3, 3]
+    np.testing.assert_allclose([sum(r) for r in all_scores], [1.0, 1.0], rtol=1e-9)
+    assert all(r == sorted(r, reverse=True) for r in all_scores)
+    with pytest.raises(ValueError, match="k must be"):
+        top_k_labels(logits, id2label, k=0)
+
+
+def test_classifier_top_labels_come_from_checkpoint(classifier_embedder):
+    clips = _random_clips(classifier_embedder.spec, batch=2, seed=9)
+    _, logits = classifier_embedder.embed(clips)
+    labels, scores = top_k_labels(logits, classifier_embedder.spec.id2label, k=3)
+    assert all(label in classifier_embedder.spec.id2label.values() for row in labels for label in row)
+    assert labels[0][0] == classifier_embedder.spec.id2label[int(np.argmax(logits[0]))]
+    assert all(len(row) == 3 for row in scores)

@@ -1,0 +1,182 @@
+"""End to end on local Ray: synthetic + shared media, manifests, both sampling policies.
+
+Tables are read back with plain pyarrow (no Ray), as a consumer would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import SHARED_FILES, SHARED_MEDIA
+from vmae_ray.cli import config_from_args
+from vmae_ray.config import ConfigError
+from vmae_ray.pipeline import run
+
+
+def read_table(output: str, table: str) -> pa.Table:
+    folder = os.path.join(output, table)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".parquet")) if os.path.isdir(folder) else []
+    return pa.concat_tables([pq.read_table(os.path.join(folder, f)) for f in files]) if files else None
+
+
+def success(output: str) -> dict:
+    with open(os.path.join(output, "_SUCCESS")) as f:
+        return json.load(f)
+
+
+def run_job(*args):
+    return run(config_from_args(list(args)))
+
+
+def assert_exactly_once(output: str, expected_ids: set[str]) -> None:
+    videos, errors = read_table(output, "videos"), read_table(output, "errors")
+    video_ids = videos.column("video_id").to_pylist() if videos is not None else []
+    error_ids = errors.column("video_id").to_pylist() if errors is not None else []
+    assert len(video_ids) == len(set(video_ids)), "a video appears twice in videos/"
+    assert len(error_ids) == len(set(error_ids)), "an input appears twice in errors/"
+    assert not set(video_ids) & set(error_ids), "an input is in both videos/ and errors/"
+    assert set(video_ids) | set(error_ids) == expected_ids
+
+
+@pytest.fixture(scope="module")
+def manifest_run(ray_session, tiny_classifier, synthetic_corpus, tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    uris = list(synthetic_corpus.values())
+    shared = [m for m in SHARED_FILES if os.path.isdir(SHARED_MEDIA)]
+    uris += [m.path for m in shared]
+    ids = [f"vid-{i:02d}" for i in range(len(uris))]
+    manifest = work / "manifest.csv"
+    pacsv.write_csv(pa.table({"uri": uris, "video_id": ids, "split": [f"s{i % 3}" for i in range(len(uris))]}),
+                    manifest)
+    out = str(work / "out")
+    summary = run_job("--input", str(manifest), "--output", out, "--model", tiny_classifier, "--top-k", "3")
+    return {"out": out, "ids": dict(zip(ids, uris)), "summary": summary, "shared": shared}
+
+
+def test_manifest_tables_schema_and_counts(manifest_run):
+    out, ids = manifest_run["out"], manifest_run["ids"]
+    clips, videos, errors = (read_table(out, t) for t in ("clips", "videos", "errors"))
+    assert_exactly_once(out, set(ids))
+    dim = 64
+    assert clips.schema.field("embedding").type == pa.list_(pa.float32(), dim)
+    assert videos.schema.field("embedding").type == pa.list_(pa.float32(), dim)
+    for name, typ in [("video_id", pa.string()), ("uri", pa.string()), ("clip_index", pa.int32()),
+                      ("start_seconds", pa.float64()), ("end_seconds", pa.float64()),
+                      ("frame_indices", pa.list_(pa.int32())), ("top_labels", pa.list_(pa.string())),
+                      ("top_scores", pa.list_(pa.float32())), ("split", pa.string())]:
+        assert clips.schema.field(name).type == typ, name
+    for name in ("num_clips", "duration_seconds", "width", "height", "fps", "codec", "stream_index",
+                 "top_labels", "top_scores", "split"):
+        assert name in videos.column_names
+    for name in ("stage", "error_type", "message", "split"):
+        assert name in errors.column_names
+    # Uniform sampling: one clip per video, num_frames indices each, in decode order.
+    assert clips.num_rows == videos.num_rows
+    for row in clips.to_pylist():
+        assert len(row["frame_indices"]) == 8 and row["frame_indices"] == sorted(row["frame_indices"])
+        assert len(row["top_labels"]) == 3 and row["top_scores"] == sorted(row["top_scores"], reverse=True)
+        assert row["split"] == f"s{int(row['video_id'][-2:]) % 3}"
+    assert not np.isnan(np.stack(clips.column("embedding").to_numpy(zero_copy_only=False))).any()
+    manifest = success(out)
+    assert manifest["counts"]["videos_ok"] == videos.num_rows
+    assert manifest["counts"]["videos_failed"] == (errors.num_rows if errors is not None else 0)
+    assert manifest["counts"]["clips"] == clips.num_rows
+    assert set(manifest["versions"]) >= {"python", "torch", "transformers", "av", "ray"}
+    assert manifest["config"]["model"]
+
+
+def test_shared_media_outcomes(manifest_run):
+    if not manifest_run["shared"]:
+        pytest.skip(f"shared media folder not found at {SHARED_MEDIA}")
+    out, ids = manifest_run["out"], manifest_run["ids"]
+    by_uri = {u: v for v, u in ids.items()}
+    videos = {r["video_id"]: r for r in read_table(out, "videos").to_pylist()}
+    errors = {r["video_id"]: r for r in read_table(out, "errors").to_pylist()}
+    for media in manifest_run["shared"]:
+        vid = by_uri[media.path]
+        if media.expect_error:
+            assert errors[vid]["error_type"] == media.expect_error and errors[vid]["stage"] == "probe"
+        else:
+            assert vid in videos, errors.get(vid)
+            if media.video_stream is not None:
+                assert videos[vid]["stream_index"] == media.video_stream
+                assert videos[vid]["width"] == 480
+
+
+def test_video_embedding_is_mean_of_clips(manifest_run):
+    out = manifest_run["out"]
+    clips = read_table(out, "clips").to_pandas()
+    videos = read_table(out, "videos").to_pandas()
+    for _, video in videos.iterrows():
+        mine = np.stack(clips[clips.video_id == video.video_id].embedding.to_list())
+        np.testing.assert_allclose(video.embedding, mine.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_rerun_processes_nothing_new(manifest_run, ray_session, tiny_classifier, tmp_path):
+    out = manifest_run["out"]
+    copy = str(tmp_path / "out")
+    shutil.copytree(out, copy)
+    manifest = [r for r in os.listdir(os.path.dirname(out)) if r.endswith(".csv")][0]
+    summary = run_job("--input", os.path.join(os.path.dirname(out), manifest), "--output", copy,
+                      "--model", tiny_classifier, "--top-k", "3")
+    assert summary.inputs_skipped == len(manifest_run["ids"]) and summary.videos_ok == 0
+    assert_exactly_once(copy, set(manifest_run["ids"]))
+    assert len(success(copy)["runs"]) == 2
+
+
+def test_directory_stride_pretraining_checkpoint(ray_session, tiny_pretraining, synthetic_corpus, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name, path in synthetic_corpus.items():
+        shutil.copy(path, folder / name)
+    (folder / "notes.txt").write_text("not a video: skipped by the directory listing")
+    out = str(tmp_path / "out")
+    summary = run_job("--input", str(folder), "--output", out, "--model", tiny_pretraining,
+                      "--sampling", "stride", "--clips-per-video", "2", "--frame-stride", "2")
+    clips, videos = read_table(out, "clips"), read_table(out, "videos")
+    assert "top_labels" not in clips.column_names  # no trained classifier: no labels
+    assert videos.num_rows == len(synthetic_corpus) and summary.videos_failed == 0
+    per_video = dict(zip(videos.column("uri").to_pylist(), videos.column("num_clips").to_pylist()))
+    # c_short.mp4 (5 frames) is shorter than one clip: one clip; the others have two.
+    for uri, n in per_video.items():
+        assert n == (1 if uri.endswith("c_short.mp4") else 2), uri
+    assert clips.num_rows == sum(per_video.values())
+    for row in clips.to_pylist():
+        idx = row["frame_indices"]
+        assert all(b - a in (0, 2) or b - a < 2 for a, b in zip(idx, idx[1:]))
+    assert success(out)["stage_report"]["bottleneck"] in ("decode", "embed")
+
+
+def test_labels_refused_for_pretraining_checkpoint(tiny_pretraining, tmp_path):
+    with pytest.raises(ConfigError, match="no trained classifier"):
+        run_job("--input", str(tmp_path), "--output", str(tmp_path / "o"), "--model", tiny_pretraining,
+                "--labels", "on")
+
+
+def test_changed_settings_are_not_mixed(manifest_run, tiny_classifier, tmp_path):
+    copy = str(tmp_path / "out")
+    shutil.copytree(manifest_run["out"], copy)
+    with pytest.raises(ConfigError, match="other settings"):
+        run_job("--input", str(tmp_path), "--output", copy, "--model", tiny_classifier, "--sampling", "stride")
+
+
+def test_decode_and_embed_are_separate_operators(ray_session, tiny_classifier, synthetic_corpus, tmp_path):
+    from vmae_ray.pipeline import _resources, build_dataset, prepare
+
+    config = config_from_args(["--input", synthetic_corpus["a_h264.mp4"], "--output", str(tmp_path / "o"),
+                               "--model", tiny_classifier])
+    plan = prepare(config)
+    ds = build_dataset(plan, _resources(config))
+    rows = ds.take_all()
+    assert {r["kind"] for r in rows} == {"clip", "done"}
+    stats = ds.stats()
+    assert "MapBatches(decode_batch)" in stats and "MapBatches(EmbedActor)" in stats
+    assert "MapBatches(decode_batch)->MapBatches(EmbedActor)" not in stats

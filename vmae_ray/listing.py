@@ -1,0 +1,193 @@
+"""List step: turn ``--input`` into one record per video, on the driver.
+
+``--input`` is a directory or prefix (every file with a video extension below it), a glob
+(every match, whatever its extension: the user named them), a single file, or a manifest
+(``.parquet``, ``.csv``, ``.jsonl``/``.json``) with a ``uri`` column, an optional
+``video_id`` and other columns that pass through to the output tables.
+
+Directory and glob listings come from one recursive listing call (``fs.find``/``fs.glob``
+with details), so a prefix of many objects costs the listing requests only, and each record
+carries size and ETag/mtime: the input's identity for resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from vmae_ray.schema import RESERVED_COLUMNS
+from vmae_ray.storage import StorageOptions, url_to_fs
+
+MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json", ".ndjson")
+VIDEO_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
+    ".flv", ".wmv", ".3gp", ".ogv", ".mxf", ".gif",
+)
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class VideoInput:
+    """One input video: what the job knows about it before opening it."""
+
+    video_id: str
+    uri: str
+    size_bytes: int | None = None
+    version: str | None = None  # ETag, generation or mtime: changes when the object does
+    passthrough: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the input's content as far as listing can tell (URI, size, version)."""
+        raw = f"{self.uri}\0{self.size_bytes}\0{self.version}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+@dataclass
+class InputListing:
+    inputs: list[VideoInput]
+    passthrough_schema: pa.Schema  # types of manifest columns that pass through
+
+
+def video_id_for_uri(uri: str) -> str:
+    """A stable id derived from the URI alone, so reruns and other runs agree on it."""
+    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:24]
+
+
+def _protocol_prefix(fs, original: str) -> str:
+    if "://" in original:
+        return original.split("://", 1)[0] + "://"
+    return ""
+
+
+def _full_uri(fs, path: str, original: str) -> str:
+    prefix = _protocol_prefix(fs, original)
+    if prefix and prefix != "file://":
+        return prefix + path.lstrip("/") if not path.startswith(prefix) else path
+    return path if not prefix else "file://" + path
+
+
+def _version_of(info: dict) -> str | None:
+    for key in ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key]).strip('"')
+    return None
+
+
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def list_inputs(
+    uri: str,
+    storage: StorageOptions,
+    *,
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS,
+    limit: int | None = None,
+) -> InputListing:
+    """List the videos of ``uri``; raises ValueError with a clear message when none exist."""
+    if is_manifest(uri):
+        listing = read_manifest(uri, storage)
+    else:
+        listing = InputListing(_list_files(uri, storage, extensions), pa.schema([]))
+    seen: dict[str, str] = {}
+    for item in listing.inputs:
+        if item.video_id in seen and seen[item.video_id] != item.uri:
+            raise ValueError(
+                f"--input: video_id {item.video_id!r} is given to two inputs ({seen[item.video_id]} and {item.uri})"
+            )
+        seen[item.video_id] = item.uri
+    # Duplicate rows for the same video would be processed twice: keep the first.
+    unique: dict[str, VideoInput] = {}
+    for item in listing.inputs:
+        unique.setdefault(item.video_id, item)
+    inputs = sorted(unique.values(), key=lambda v: v.uri)
+    if limit is not None:
+        inputs = inputs[:limit]
+    return InputListing(inputs, listing.passthrough_schema)
+
+
+def _list_files(uri: str, storage: StorageOptions, extensions: tuple[str, ...]) -> list[VideoInput]:
+    fs, path = url_to_fs(uri, storage)
+    if _GLOB_CHARS & set(path):
+        found = fs.glob(path, detail=True)
+        entries = {p: info for p, info in found.items() if info.get("type", "file") == "file"}
+        if not entries:
+            raise ValueError(f"--input: the glob {uri!r} matches no file")
+    elif fs.isdir(path):
+        found = fs.find(path, detail=True)
+        lower_ext = tuple(e.lower() for e in extensions)
+        entries = {
+            p: info
+            for p, info in found.items()
+            if p.lower().endswith(lower_ext) and not posixpath.basename(p).startswith((".", "_"))
+        }
+        if not entries:
+            raise ValueError(
+                f"--input: no video files under {uri!r} (looked for {', '.join(extensions)}; "
+                "use a glob or a manifest for other names)"
+            )
+    elif fs.exists(path):
+        entries = {path: fs.info(path)}
+    else:
+        raise ValueError(f"--input: {uri!r} does not exist")
+    inputs = []
+    for p, info in entries.items():
+        full = _full_uri(fs, p, uri)
+        inputs.append(
+            VideoInput(
+                video_id=video_id_for_uri(full),
+                uri=full,
+                size_bytes=info.get("size"),
+                version=_version_of(info),
+            )
+        )
+    return inputs
+
+
+def read_manifest(uri: str, storage: StorageOptions) -> InputListing:
+    """Read a Parquet/CSV/JSON Lines manifest with a ``uri`` column."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    fs, path = url_to_fs(uri, storage)
+    if not fs.exists(path):
+        raise ValueError(f"--input: manifest {uri!r} does not exist")
+    lower = uri.lower()
+    with fs.open(path, "rb") as f:
+        if lower.endswith(".parquet"):
+            table = pq.read_table(f)
+        elif lower.endswith(".csv"):
+            table = pacsv.read_csv(f)
+        else:
+            table = pajson.read_json(f)
+    if "uri" not in table.column_names:
+        raise ValueError(f"--input: manifest {uri!r} has no 'uri' column (columns: {', '.join(table.column_names)})")
+    clashes = [c for c in table.column_names if c in RESERVED_COLUMNS and c not in ("uri", "video_id")]
+    if clashes:
+        raise ValueError(
+            f"--input: manifest columns {clashes} clash with output columns; rename them to pass them through"
+        )
+    passthrough_names = [c for c in table.column_names if c not in ("uri", "video_id")]
+    passthrough_schema = pa.schema([table.schema.field(c) for c in passthrough_names])
+    rows = table.to_pylist()
+    inputs = []
+    for i, row in enumerate(rows):
+        video_uri = row.get("uri")
+        if not video_uri:
+            raise ValueError(f"--input: manifest {uri!r} row {i} has an empty uri")
+        video_uri = str(video_uri)
+        given = row.get("video_id")
+        inputs.append(
+            VideoInput(
+                video_id=str(given) if given not in (None, "") else video_id_for_uri(video_uri),
+                uri=video_uri,
+                passthrough={c: row[c] for c in passthrough_names},
+            )
+        )
+    return InputListing(inputs, passthrough_schema)

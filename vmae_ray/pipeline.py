@@ -1,0 +1,444 @@
+"""The pipeline: list -> decode (Ray tasks, CPU) -> embed (Ray actor pool) -> write/commit.
+
+`run(config)` is the whole job. Everything that can be checked without Ray (flags, the
+checkpoint's config files, the output's committed state, the input listing) is checked
+first, so bad input fails before a cluster is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from vmae_ray import schema
+from vmae_ray.config import ConfigError, EmbedConfig
+from vmae_ray.decoding import SWSCALE_FOR_PIL_RESAMPLE, DecodeLimits, FrameGeometry
+from vmae_ray.listing import VIDEO_EXTENSIONS, VideoInput, list_inputs
+from vmae_ray.stages import DecodeParams, EmbedActor, decode_batch
+from vmae_ray.storage import StorageOptions
+from vmae_ray.tables import Finished, ResultAssembler
+from vmae_ray.writing import OutputStore, ShardWriter, new_run_id
+
+log = logging.getLogger("vmae_ray")
+
+# Bump when the meaning of the output changes, so old and new rows are never mixed.
+OUTPUT_VERSION = 1
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    inputs_listed: int = 0
+    inputs_skipped: int = 0
+    videos_ok: int = 0
+    videos_failed: int = 0
+    clips: int = 0
+    wall_seconds: float = 0.0
+    ray_start_seconds: float = 0.0
+    pipeline_seconds: float = 0.0
+    stage_report: dict[str, Any] = field(default_factory=dict)
+    errors_by_type: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return True  # a run that commits succeeded; failed videos are data, not job failure
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.clips / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
+
+
+def _versions() -> dict[str, str]:
+    import av
+    import ray
+    import torch
+    import transformers
+
+    from vmae_ray import __version__
+
+    return {
+        "vmae_ray": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "av": av.__version__, "ray": ray.__version__,
+        "pyarrow": pa.__version__, "ffmpeg": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
+    }
+
+
+def settings_fingerprint(config: EmbedConfig, spec, num_frames: int, with_labels: bool) -> str:
+    """Hash of everything that changes results: model, sampling, preprocessing, labels."""
+    settings = {
+        "output_version": OUTPUT_VERSION, "model": spec.fingerprint, "sampling": config.sampling,
+        "num_frames": num_frames, "frame_stride": config.frame_stride if config.sampling == "stride" else None,
+        "clips_per_video": config.clips_per_video if config.sampling == "stride" else 1,
+        "interpolation": interpolation_for(config, spec), "labels": with_labels, "top_k": config.top_k if with_labels else None,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def interpolation_for(config: EmbedConfig, spec) -> str:
+    if config.interpolation != "auto":
+        return config.interpolation
+    return SWSCALE_FOR_PIL_RESAMPLE.get(int(spec.resample), "BILINEAR")
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s vmae-ray %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        for name in ("vmae_ray.writing",):
+            logging.getLogger(name).addHandler(handler)
+
+
+@dataclass
+class Plan:
+    """What the driver decided before starting Ray."""
+
+    config: EmbedConfig
+    storage: StorageOptions
+    spec: Any
+    num_frames: int
+    with_labels: bool
+    settings_fingerprint: str
+    store: OutputStore
+    state: Any
+    inputs: dict[str, VideoInput]
+    todo: list[VideoInput]
+    superseded: set[str]
+    passthrough_schema: pa.Schema
+    skipped: int
+
+
+def prepare(config: EmbedConfig) -> Plan:
+    """All checks that need no Ray: checkpoint config, output state, input listing."""
+    from vmae_ray.model import load_model_spec
+
+    storage = StorageOptions(config.storage_options)
+    try:
+        spec = load_model_spec(config.model, storage, config.model_cache_dir)
+    except (ValueError, OSError) as exc:
+        raise ConfigError("--model", str(exc)) from exc
+    num_frames = config.num_frames or spec.num_frames
+    if num_frames != spec.num_frames:
+        raise ConfigError(
+            "--num-frames",
+            f"the checkpoint was trained with num_frames={spec.num_frames} (its position embeddings are "
+            f"fixed to that length); got {num_frames}",
+        )
+    if config.labels == "on" and spec.id2label is None:
+        raise ConfigError(
+            "--labels",
+            f"{config.model} has no trained classifier ({spec.architecture}); labels would come from a random "
+            "head. Use a fine-tuned VideoMAEForVideoClassification checkpoint, or --labels off",
+        )
+    with_labels = spec.id2label is not None and config.labels != "off"
+    fingerprint = settings_fingerprint(config, spec, num_frames, with_labels)
+
+    store = OutputStore(config.output, storage)
+    if config.overwrite:
+        store.wipe()
+    state = store.recover()
+    if state.exists and not config.resume:
+        raise ConfigError("--no-resume", f"{config.output} already holds committed results; use --overwrite or another --output")
+    if state.exists and state.settings_fingerprint != fingerprint:
+        old = state.manifest.get("config", {})
+        raise ConfigError(
+            "--output",
+            f"{config.output} holds results made with other settings (model {old.get('model')!r}, sampling "
+            f"{old.get('sampling')!r}, ...); results of different settings are never mixed in one table. "
+            "Use another --output, or --overwrite to replace them",
+        )
+
+    try:
+        listing = list_inputs(config.input, storage, extensions=config.extensions or VIDEO_EXTENSIONS,
+                              limit=config.limit)
+    except FileNotFoundError as exc:
+        raise ConfigError("--input", f"not found: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError("--input", str(exc).removeprefix("--input: ")) from exc
+    inputs = {item.video_id: item for item in listing.inputs}
+
+    todo, superseded, skipped = list(listing.inputs), set(), 0
+    if state.exists:
+        done: dict[str, tuple[str, str]] = {}
+        for table in (schema.VIDEOS, schema.ERRORS):
+            t = store.read_committed_column_table(state, table, ["video_id", "input_fingerprint"])
+            for vid, fp in zip(t.column("video_id").to_pylist(), t.column("input_fingerprint").to_pylist()):
+                done[vid] = (table, fp)
+        todo = []
+        for item in listing.inputs:
+            previous = done.get(item.video_id)
+            if previous is None:
+                todo.append(item)
+            elif previous[1] != item.fingerprint:
+                todo.append(item)  # the object changed: its old rows are replaced
+                superseded.add(item.video_id)
+            elif previous[0] == schema.ERRORS and config.retry_failed:
+                todo.append(item)
+                superseded.add(item.video_id)
+            else:
+                skipped += 1
+    return Plan(config, storage, spec, num_frames, with_labels, fingerprint, store, state, inputs, todo,
+                superseded, listing.passthrough_schema, skipped)
+
+
+def _init_ray() -> float:
+    import ray
+
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        # With RAY_ADDRESS set (ray job submit, a cluster) this connects; otherwise it
+        # starts a local Ray on this machine.
+        address = os.environ.get("RAY_ADDRESS") or None
+        runtime_env = None
+        if address is None:
+            # A local Ray's workers must import this package even when it runs from a
+            # checkout that is not installed (python jobs/embed_videos.py from anywhere).
+            package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+            runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
+    return time.perf_counter() - started
+
+
+def _resources(config: EmbedConfig) -> dict[str, Any]:
+    import ray
+
+    cluster = ray.cluster_resources()
+    gpus = float(cluster.get("GPU", 0))
+    cpus = float(cluster.get("CPU", 1))
+    gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpus_per_actor > 0 and gpus == 0:
+        raise ConfigError("--gpus-per-actor", f"{gpus_per_actor} GPUs per actor requested but the cluster has none")
+    device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
+    if config.num_actors is not None:
+        num_actors = config.num_actors
+    elif gpus_per_actor > 0:
+        n = max(1, int(gpus // gpus_per_actor))
+        num_actors = (1, n)
+    else:
+        num_actors = (1, 1)
+    batch_size = config.batch_size or (32 if device == "cuda" else 4)
+    actor_cpus = config.cpus_per_actor
+    decode_slots = max(1, int((cpus - actor_cpus * num_actors[1]) // config.decode_cpus)) if cpus > actor_cpus else 1
+    return {"gpus_per_actor": gpus_per_actor, "device": device, "num_actors": num_actors,
+            "batch_size": batch_size, "cluster_cpus": cpus, "cluster_gpus": gpus, "decode_slots": decode_slots}
+
+
+def build_dataset(plan: Plan, res: dict[str, Any]):
+    """The Ray Data graph: from_items -> decode (task pool) -> embed (actor pool)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    config, spec = plan.config, plan.spec
+    params = DecodeParams(
+        sampling=config.sampling, num_frames=plan.num_frames, frame_stride=config.frame_stride,
+        clips_per_video=config.clips_per_video,
+        geometry=FrameGeometry(spec.resize_shortest_edge, spec.crop_height, spec.crop_width,
+                               interpolation_for(config, spec)),
+        limits=DecodeLimits(config.max_frame_pixels, config.max_duration_seconds, config.max_bytes),
+        threads=config.decode_threads,
+    )
+    records = [
+        {"video_id": v.video_id, "uri": v.uri, "size_bytes": v.size_bytes, "input_fingerprint": v.fingerprint}
+        for v in plan.todo
+    ]
+    # Several blocks per decode slot keeps the CPUs busy when videos differ in length.
+    num_blocks = max(1, min(len(records), 4 * res["decode_slots"] * 8, 4096))
+    ds = ray.data.from_items(records, override_num_blocks=num_blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"params": params, "storage": plan.storage},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=config.decode_cpus,
+        # A memory reservation sizes decode concurrency to the node and, being a remote
+        # argument the actor stage does not share, keeps Ray Data from fusing decode into
+        # the model actors: CPU decode and GPU embedding must scale apart.
+        memory=config.decode_memory_mb * 2**20,
+    )
+    ds = ds.map_batches(
+        EmbedActor,
+        fn_constructor_kwargs={
+            "model_ref": config.model, "storage": plan.storage, "cache_root": config.model_cache_dir,
+            "device": res["device"], "dtype": config.dtype, "compile": config.compile,
+            "with_logits": plan.with_labels,
+        },
+        compute=ActorPoolStrategy(min_size=res["num_actors"][0], max_size=res["num_actors"][1]),
+        batch_size=res["batch_size"],
+        batch_format="pyarrow",
+        num_gpus=res["gpus_per_actor"],
+        num_cpus=config.cpus_per_actor,
+    )
+    return ds
+
+
+def run(config: EmbedConfig) -> RunSummary:
+    """Run the job; raises ConfigError for bad input before any Ray work starts."""
+    _setup_logging()
+    started = time.perf_counter()
+    plan = prepare(config)
+    run_id = config.run_id or new_run_id()
+    summary = RunSummary(run_id=run_id, output=config.output, inputs_listed=len(plan.inputs),
+                         inputs_skipped=plan.skipped)
+    log.info("run %s: %d inputs listed, %d already done, %d to process; model %s (%s, D=%d)%s",
+             run_id, len(plan.inputs), plan.skipped, len(plan.todo), config.model, plan.spec.architecture,
+             plan.spec.hidden_size, ", with labels" if plan.with_labels else "")
+
+    dim = plan.spec.hidden_size
+    schemas = {
+        schema.CLIPS: schema.clips_schema(dim, with_labels=plan.with_labels, passthrough=plan.passthrough_schema),
+        schema.VIDEOS: schema.videos_schema(dim, with_labels=plan.with_labels, passthrough=plan.passthrough_schema),
+        schema.ERRORS: schema.errors_schema(passthrough=plan.passthrough_schema),
+    }
+    writer = ShardWriter(plan.store, run_id, schemas, config.rows_per_shard)
+    assembler = ResultAssembler(plan.inputs, id2label=plan.spec.id2label if plan.with_labels else None,
+                                top_k=config.top_k, run_id=run_id, settings_fingerprint=plan.settings_fingerprint)
+    res: dict[str, Any] = {}
+    if plan.todo:
+        summary.ray_start_seconds = _init_ray()
+        res = _resources(config)
+        log.info("ray: %g CPUs, %g GPUs; model actors %s on %s, %g GPU each, batch %d",
+                 res["cluster_cpus"], res["cluster_gpus"], res["num_actors"], res["device"],
+                 res["gpus_per_actor"], res["batch_size"])
+        ds = build_dataset(plan, res)
+        pipeline_started = time.perf_counter()
+        last_report = pipeline_started
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                _write(writer, assembler.add(batch))
+                now = time.perf_counter()
+                if now - last_report >= config.progress_seconds:
+                    last_report = now
+                    elapsed = now - pipeline_started
+                    log.info("progress: %d/%d videos (%d failed), %d clips, %.1f clips/s",
+                             assembler.finished_count, len(plan.todo), assembler.num_errors,
+                             assembler.num_clips, assembler.num_clips / max(elapsed, 1e-9))
+        except Exception as exc:
+            raise RuntimeError(f"run {run_id} failed; nothing was committed ({_short(exc)})") from exc
+        summary.pipeline_seconds = time.perf_counter() - pipeline_started
+        _account_for_lost(plan, assembler, writer)
+        summary.stage_report = _stage_report(assembler, res, summary.pipeline_seconds)
+
+    writer.flush()
+    summary.videos_ok, summary.videos_failed, summary.clips = assembler.num_videos, assembler.num_errors, assembler.num_clips
+    summary.errors_by_type = _count_error_types(writer)
+    summary.wall_seconds = time.perf_counter() - started
+    previous_runs = plan.state.manifest.get("runs", []) if plan.state.exists else []
+    counts = {"inputs_listed": summary.inputs_listed, "inputs_skipped": summary.inputs_skipped,
+              "inputs_processed": len(plan.todo), "videos_ok": summary.videos_ok,
+              "videos_failed": summary.videos_failed, "clips": summary.clips,
+              "errors_by_type": summary.errors_by_type}
+    run_entry = {"run_id": run_id, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "counts": counts, "wall_seconds": round(summary.wall_seconds, 3)}
+    manifest = {
+        "run_id": run_id, "finished_at": run_entry["finished_at"], "counts": counts,
+        "settings_fingerprint": plan.settings_fingerprint, "config": config.to_dict(redact=True),
+        "model": {"ref": config.model, "architecture": plan.spec.architecture, "fingerprint": plan.spec.fingerprint,
+                  "num_frames": plan.num_frames, "embedding_dim": dim, "labels": plan.with_labels},
+        "versions": _versions(), "resources": res, "stage_report": summary.stage_report,
+        "runs": previous_runs + [run_entry],
+    }
+    plan.store.commit(run_id, writer.staged, manifest, plan.state, plan.superseded)
+    _print_summary(summary, plan)
+    return summary
+
+
+def _write(writer: ShardWriter, finished: Finished) -> None:
+    writer.add(schema.CLIPS, finished.clips)
+    writer.add(schema.VIDEOS, finished.videos)
+    writer.add(schema.ERRORS, finished.errors)
+
+
+def _account_for_lost(plan: Plan, assembler: ResultAssembler, writer: ShardWriter) -> None:
+    """Every input ends in videos/ or errors/: anything unaccounted for becomes an error row."""
+    accounted = assembler._finished
+    lost = [v for v in plan.todo if v.video_id not in accounted]
+    if not lost:
+        return
+    log.error("%d inputs produced no result; recording them as errors", len(lost))
+    rows = [{"kind": "error", "video_id": v.video_id, "uri": v.uri, "stage": "embed", "error_type": "unknown",
+             "message": "the pipeline returned no result for this input", "input_fingerprint": v.fingerprint}
+            for v in lost]
+    table = pa.Table.from_pylist(rows)
+    table = table.append_column("embedding", pa.nulls(len(rows), pa.list_(pa.float32(), plan.spec.hidden_size)))
+    _write(writer, assembler.add(table))
+
+
+def _count_error_types(writer: ShardWriter) -> dict[str, int]:
+    # Counted from what was staged, so the manifest agrees with the tables.
+    import pyarrow.parquet as pq
+
+    counts: dict[str, int] = {}
+    for rel in writer.staged[schema.ERRORS]:
+        with writer.store.fs.open(writer.store.path("_staging", writer.run_id, rel), "rb") as f:
+            for t in pq.read_table(f, columns=["error_type"]).column("error_type").to_pylist():
+                counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def _stage_report(assembler: ResultAssembler, res: dict[str, Any], wall: float) -> dict[str, Any]:
+    """Throughput each stage could sustain on its own, and which one bounded the run.
+
+    Busy seconds are measured inside the UDFs; a stage's capacity is its clips per busy
+    second times the number of workers it had.
+    """
+    times = assembler.times
+    if times.clips == 0:
+        return {}
+    decode_rate = times.clips / times.decode_seconds if times.decode_seconds > 0 else float("inf")
+    embed_rate = times.clips / times.embed_seconds if times.embed_seconds > 0 else float("inf")
+    decode_capacity = decode_rate * res["decode_slots"]
+    embed_capacity = embed_rate * res["num_actors"][1]
+    bottleneck = "decode" if decode_capacity < embed_capacity else "embed"
+    # How many decode CPUs one model actor can keep busy: the CPU:GPU ratio to provision.
+    cpus_per_actor_needed = embed_rate / decode_rate if decode_rate > 0 else 0.0
+    return {
+        "clips": times.clips, "pipeline_seconds": round(wall, 3),
+        "end_to_end_clips_per_second": round(times.clips / wall, 3) if wall > 0 else None,
+        "decode_clips_per_second_per_task": round(decode_rate, 3), "decode_slots": res["decode_slots"],
+        "decode_capacity_clips_per_second": round(decode_capacity, 3),
+        "embed_clips_per_second_per_actor": round(embed_rate, 3), "embed_actors": res["num_actors"][1],
+        "embed_capacity_clips_per_second": round(embed_capacity, 3),
+        "bottleneck": bottleneck,
+        "decode_cpus_per_model_actor": round(cpus_per_actor_needed, 2),
+    }
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:500] if text else type(exc).__name__
+
+
+def _print_summary(summary: RunSummary, plan: Plan) -> None:
+    r = summary.stage_report
+    lines = [
+        f"vmae-ray run {summary.run_id} committed to {summary.output}",
+        f"  inputs: {summary.inputs_listed} listed, {summary.inputs_skipped} already done, "
+        f"{len(plan.todo)} processed -> {summary.videos_ok} ok, {summary.videos_failed} failed"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(summary.errors_by_type.items()))})" if summary.errors_by_type else ""),
+        f"  clips: {summary.clips}; wall {summary.wall_seconds:.1f}s (ray start {summary.ray_start_seconds:.1f}s, "
+        f"pipeline {summary.pipeline_seconds:.1f}s); {summary.clips_per_second:.2f} clips/s",
+    ]
+    if r:
+        lines.append(
+            f"  stages: decode {r['decode_clips_per_second_per_task']:.2f} clips/s per task x {r['decode_slots']} "
+            f"= {r['decode_capacity_clips_per_second']:.2f}; embed {r['embed_clips_per_second_per_actor']:.2f} clips/s "
+            f"per actor x {r['embed_actors']} = {r['embed_capacity_clips_per_second']:.2f}; bound by {r['bottleneck']}"
+        )
+        lines.append(
+            f"  hint: one model actor keeps about {r['decode_cpus_per_model_actor']:.1f} decode CPUs busy; "
+            + ("add decode CPUs (CPU workers) to speed up" if r["bottleneck"] == "decode" else "add model actors/GPUs to speed up")
+        )
+    print("\n".join(lines), flush=True)
