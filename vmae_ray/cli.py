@@ -67,6 +67,12 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
     run.add_argument("--max-duration-seconds", type=float, help="refuse longer videos (default 21600)")
     run.add_argument("--max-bytes", type=int, help="refuse larger files (default 64 GiB)")
     run.add_argument("--progress-seconds", type=float, help="seconds between progress lines (default 10)")
+    run.add_argument("--commit-every-seconds", type=float,
+                     help="commit finished videos at least this often, so a crash loses at most this much work (default 600)")
+    run.add_argument("--decode-timeout-seconds", type=float,
+                     help="a video whose decoder makes no progress this long becomes a 'timeout' error (default 300)")
+    run.add_argument("--no-decode-isolation", dest="decode_isolation", action="store_false",
+                     help="decode in the Ray worker itself instead of a child process (a decoder crash then kills the task)")
     return p
 
 

@@ -66,6 +66,9 @@ class EmbedConfig:
     model_cache_dir: str | None = None
     run_id: str | None = None
     progress_seconds: float = 10.0
+    decode_timeout_seconds: float = 300.0
+    decode_isolation: bool = True
+    commit_every_seconds: float = 600.0
 
     def validate(self) -> "EmbedConfig":
         if not self.input:
@@ -91,6 +94,8 @@ class EmbedConfig:
         _positive("--max-duration-seconds", self.max_duration_seconds)
         _positive("--max-bytes", self.max_bytes)
         _positive("--progress-seconds", self.progress_seconds)
+        _positive("--decode-timeout-seconds", self.decode_timeout_seconds)
+        _positive("--commit-every-seconds", self.commit_every_seconds)
         _positive("--cpus-per-actor", self.cpus_per_actor, allow_zero=True)
         _positive("--decode-cpus", self.decode_cpus)
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:

@@ -26,7 +26,7 @@ from vmae_ray.listing import VIDEO_EXTENSIONS, VideoInput, list_inputs
 from vmae_ray.stages import DecodeParams, EmbedActor, decode_batch
 from vmae_ray.storage import StorageOptions
 from vmae_ray.tables import Finished, ResultAssembler
-from vmae_ray.writing import OutputStore, ShardWriter, new_run_id
+from vmae_ray.writing import CommittedState, OutputStore, ShardWriter, new_run_id
 
 log = logging.getLogger("vmae_ray")
 
@@ -148,6 +148,10 @@ def prepare(config: EmbedConfig) -> Plan:
     store = OutputStore(config.output, storage)
     if config.overwrite:
         store.wipe()
+    try:
+        store.check_writable()
+    except (PermissionError, OSError) as exc:
+        raise ConfigError("--output", f"cannot write to {config.output}: {type(exc).__name__}: {exc}") from exc
     state = store.recover()
     if state.exists and not config.resume:
         raise ConfigError("--no-resume", f"{config.output} already holds committed results; use --overwrite or another --output")
@@ -165,6 +169,8 @@ def prepare(config: EmbedConfig) -> Plan:
                               limit=config.limit)
     except FileNotFoundError as exc:
         raise ConfigError("--input", f"not found: {exc}") from exc
+    except PermissionError as exc:
+        raise ConfigError("--input", f"access denied listing {config.input}: {exc}") from exc
     except ValueError as exc:
         raise ConfigError("--input", str(exc).removeprefix("--input: ")) from exc
     inputs = {item.video_id: item for item in listing.inputs}
@@ -249,6 +255,8 @@ def build_dataset(plan: Plan, res: dict[str, Any]):
                                interpolation_for(config, spec)),
         limits=DecodeLimits(config.max_frame_pixels, config.max_duration_seconds, config.max_bytes),
         threads=config.decode_threads,
+        isolate=config.decode_isolation,
+        timeout_seconds=config.decode_timeout_seconds,
     )
     records = [
         {"video_id": v.video_id, "uri": v.uri, "size_bytes": v.size_bytes, "input_fingerprint": v.fingerprint}
@@ -284,6 +292,64 @@ def build_dataset(plan: Plan, res: dict[str, Any]):
     return ds
 
 
+class _Committer:
+    """Commits finished videos: periodically during the run and once at the end.
+
+    Each commit is a consistent state (whole videos only: a video's clip rows and its
+    video row, or its error row, are committed together), so a crash loses at most the
+    work since the last commit and a rerun resumes from there. `_SUCCESS` says whether
+    the run it describes is complete.
+    """
+
+    def __init__(self, plan: Plan, writer: ShardWriter, assembler: ResultAssembler, summary: RunSummary,
+                 started: float):
+        self.plan, self.writer, self.assembler, self.summary = plan, writer, assembler, summary
+        self.started = started
+        self.state = plan.state
+        self.superseded = set(plan.superseded)
+        self.base_runs = plan.state.manifest.get("runs", []) if plan.state.exists else []
+        self.versions = _versions()
+        self.resources: dict[str, Any] = {}
+        self.last_commit = time.perf_counter()
+        self.commits = 0
+
+    def commit(self, *, complete: bool) -> None:
+        plan, summary, a = self.plan, self.summary, self.assembler
+        self.writer.flush()
+        summary.videos_ok, summary.videos_failed, summary.clips = a.num_videos, a.num_errors, a.num_clips
+        summary.errors_by_type = dict(sorted(a.errors_by_type.items()))
+        summary.wall_seconds = time.perf_counter() - self.started
+        counts = {"inputs_listed": summary.inputs_listed, "inputs_skipped": summary.inputs_skipped,
+                  "inputs_processed": len(plan.todo) if complete else a.finished_count,
+                  "videos_ok": summary.videos_ok, "videos_failed": summary.videos_failed, "clips": summary.clips,
+                  "errors_by_type": summary.errors_by_type}
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        run_entry = {"run_id": summary.run_id, "complete": complete, "committed_at": now, "counts": counts,
+                     "wall_seconds": round(summary.wall_seconds, 3)}
+        config = plan.config
+        manifest = {
+            "run_id": summary.run_id, "complete": complete, "committed_at": now, "counts": counts,
+            "settings_fingerprint": plan.settings_fingerprint, "config": config.to_dict(redact=True),
+            "model": {"ref": config.model, "architecture": plan.spec.architecture,
+                      "fingerprint": plan.spec.fingerprint, "num_frames": plan.num_frames,
+                      "embedding_dim": plan.spec.hidden_size, "labels": plan.with_labels},
+            "versions": self.versions, "resources": self.resources, "stage_report": summary.stage_report,
+            "runs": self.base_runs + [run_entry],
+        }
+        success = plan.store.commit(summary.run_id, self.writer.staged, manifest, self.state, self.superseded)
+        self.state = CommittedState(success)
+        self.superseded = set()
+        self.writer.staged = {t: [] for t in schema.TABLES}
+        self.last_commit = time.perf_counter()
+        self.commits += 1
+
+    def maybe_commit(self) -> None:
+        if time.perf_counter() - self.last_commit >= self.plan.config.commit_every_seconds:
+            self.commit(complete=False)
+            log.info("checkpoint: committed %d videos, %d errors so far", self.assembler.num_videos,
+                     self.assembler.num_errors)
+
+
 def run(config: EmbedConfig) -> RunSummary:
     """Run the job; raises ConfigError for bad input before any Ray work starts."""
     _setup_logging()
@@ -305,10 +371,10 @@ def run(config: EmbedConfig) -> RunSummary:
     writer = ShardWriter(plan.store, run_id, schemas, config.rows_per_shard)
     assembler = ResultAssembler(plan.inputs, id2label=plan.spec.id2label if plan.with_labels else None,
                                 top_k=config.top_k, run_id=run_id, settings_fingerprint=plan.settings_fingerprint)
-    res: dict[str, Any] = {}
+    committer = _Committer(plan, writer, assembler, summary, started)
     if plan.todo:
         summary.ray_start_seconds = _init_ray()
-        res = _resources(config)
+        res = committer.resources = _resources(config)
         log.info("ray: %g CPUs, %g GPUs; model actors %s on %s, %g GPU each, batch %d",
                  res["cluster_cpus"], res["cluster_gpus"], res["num_actors"], res["device"],
                  res["gpus_per_actor"], res["batch_size"])
@@ -325,32 +391,14 @@ def run(config: EmbedConfig) -> RunSummary:
                     log.info("progress: %d/%d videos (%d failed), %d clips, %.1f clips/s",
                              assembler.finished_count, len(plan.todo), assembler.num_errors,
                              assembler.num_clips, assembler.num_clips / max(elapsed, 1e-9))
+                committer.maybe_commit()
         except Exception as exc:
-            raise RuntimeError(f"run {run_id} failed; nothing was committed ({_short(exc)})") from exc
+            done = f"{committer.commits} checkpoint(s) committed" if committer.commits else "nothing was committed"
+            raise RuntimeError(f"run {run_id} failed; {done}, rerun to resume ({_short(exc)})") from exc
         summary.pipeline_seconds = time.perf_counter() - pipeline_started
         _account_for_lost(plan, assembler, writer)
         summary.stage_report = _stage_report(assembler, res, summary.pipeline_seconds)
-
-    writer.flush()
-    summary.videos_ok, summary.videos_failed, summary.clips = assembler.num_videos, assembler.num_errors, assembler.num_clips
-    summary.errors_by_type = _count_error_types(writer)
-    summary.wall_seconds = time.perf_counter() - started
-    previous_runs = plan.state.manifest.get("runs", []) if plan.state.exists else []
-    counts = {"inputs_listed": summary.inputs_listed, "inputs_skipped": summary.inputs_skipped,
-              "inputs_processed": len(plan.todo), "videos_ok": summary.videos_ok,
-              "videos_failed": summary.videos_failed, "clips": summary.clips,
-              "errors_by_type": summary.errors_by_type}
-    run_entry = {"run_id": run_id, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "counts": counts, "wall_seconds": round(summary.wall_seconds, 3)}
-    manifest = {
-        "run_id": run_id, "finished_at": run_entry["finished_at"], "counts": counts,
-        "settings_fingerprint": plan.settings_fingerprint, "config": config.to_dict(redact=True),
-        "model": {"ref": config.model, "architecture": plan.spec.architecture, "fingerprint": plan.spec.fingerprint,
-                  "num_frames": plan.num_frames, "embedding_dim": dim, "labels": plan.with_labels},
-        "versions": _versions(), "resources": res, "stage_report": summary.stage_report,
-        "runs": previous_runs + [run_entry],
-    }
-    plan.store.commit(run_id, writer.staged, manifest, plan.state, plan.superseded)
+    committer.commit(complete=True)
     _print_summary(summary, plan)
     return summary
 
@@ -374,18 +422,6 @@ def _account_for_lost(plan: Plan, assembler: ResultAssembler, writer: ShardWrite
     table = pa.Table.from_pylist(rows)
     table = table.append_column("embedding", pa.nulls(len(rows), pa.list_(pa.float32(), plan.spec.hidden_size)))
     _write(writer, assembler.add(table))
-
-
-def _count_error_types(writer: ShardWriter) -> dict[str, int]:
-    # Counted from what was staged, so the manifest agrees with the tables.
-    import pyarrow.parquet as pq
-
-    counts: dict[str, int] = {}
-    for rel in writer.staged[schema.ERRORS]:
-        with writer.store.fs.open(writer.store.path("_staging", writer.run_id, rel), "rb") as f:
-            for t in pq.read_table(f, columns=["error_type"]).column("error_type").to_pylist():
-                counts[t] = counts.get(t, 0) + 1
-    return counts
 
 
 def _stage_report(assembler: ResultAssembler, res: dict[str, Any], wall: float) -> dict[str, Any]:

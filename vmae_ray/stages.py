@@ -14,6 +14,7 @@ Rows between the stages have one schema, `DECODED_SCHEMA`, whatever their kind:
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -22,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from vmae_ray.decoding import DecodeError, DecodeLimits, FrameGeometry, VideoDecoder
+from vmae_ray.isolation import IsolatedDecoder
 from vmae_ray.storage import StorageOptions, classify_storage_error, open_input
 
 KIND_CLIP, KIND_DONE, KIND_ERROR = "clip", "done", "error"
@@ -69,6 +71,12 @@ class DecodeParams:
     geometry: FrameGeometry
     limits: DecodeLimits
     threads: int = 1
+    # Decode each video in a child process (crash/hang isolation); a video that makes no
+    # progress for timeout_seconds becomes a `timeout` error row.
+    isolate: bool = True
+    timeout_seconds: float = 300.0
+    # Transient storage errors (throttling, 5xx, resets) are retried with backoff.
+    transient_retries: int = 3
 
 
 def _row_table(rows: list[dict]) -> pa.Table:
@@ -93,8 +101,25 @@ def decode_video(item: dict, params: DecodeParams, storage: StorageOptions) -> I
     """Decode one input into clip rows and a final done row, or an error row.
 
     Every failure of this video is caught here and becomes its error row, so one broken
-    file never fails the task (and with it the other videos of the block).
+    file never fails the task (and with it the other videos of the block). Transient
+    storage errors are retried with exponential backoff; clip rows a failed attempt
+    already sent are replaced downstream (same clip_index).
     """
+    for attempt in range(params.transient_retries + 1):
+        retry_allowed = attempt < params.transient_retries
+        for table in _decode_attempt(item, params, storage, retrying=retry_allowed):
+            if table is _RETRY:
+                break
+            yield table
+        else:
+            return
+        time.sleep(min(0.5 * 2**attempt, 8.0))
+
+
+_RETRY = object()
+
+
+def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *, retrying: bool) -> Iterator:
     started = time.perf_counter()
     clip_count = 0
     try:
@@ -126,6 +151,9 @@ def decode_video(item: dict, params: DecodeParams, storage: StorageOptions) -> I
         yield _row_table([error_row(item, exc.stage, exc.error_type, exc.message, time.perf_counter() - started)])
     except Exception as exc:  # noqa: BLE001 - storage and unexpected errors: still one row
         kind = classify_storage_error(exc)
+        if kind == "transient" and retrying:
+            yield _RETRY
+            return
         stage = "read" if kind else "decode"
         yield _row_table([error_row(item, stage, kind or "unknown", f"{type(exc).__name__}: {exc}",
                                     time.perf_counter() - started)])
@@ -137,8 +165,35 @@ def decode_batch(batch: pa.Table, *, params: DecodeParams, storage: StorageOptio
     A generator, so Ray Data turns the output into blocks as it comes: a long video with
     hundreds of clips never sits in the task's memory at once.
     """
+    if not params.isolate:
+        for item in batch.to_pylist():
+            yield from decode_video(item, params, storage)
+        return
+    decoder = _isolated_decoder(params, storage)
     for item in batch.to_pylist():
-        yield from decode_video(item, params, storage)
+        yield from decoder.decode(item)
+
+
+_DECODERS: dict[bytes, IsolatedDecoder] = {}
+
+
+def _isolated_decoder(params: DecodeParams, storage: StorageOptions) -> IsolatedDecoder:
+    """One child decoder per Ray worker process and settings, reused across tasks.
+
+    Ray reuses worker processes, so the child's start-up (a Python interpreter importing
+    PyAV) is paid once per worker, not per video or per task.
+    """
+    key = pickle.dumps((params, storage))
+    decoder = _DECODERS.get(key)
+    if decoder is None:
+        for old in _DECODERS.values():
+            old.close()
+        _DECODERS.clear()
+        decoder = _DECODERS[key] = IsolatedDecoder(
+            decode_video, (params, storage), timeout_seconds=params.timeout_seconds,
+            error_table=lambda item, stage, etype, msg: _row_table([error_row(item, stage, etype, msg)]),
+        )
+    return decoder
 
 
 class EmbedActor:

@@ -61,6 +61,7 @@ class ResultAssembler:
         self.num_videos = 0
         self.num_errors = 0
         self.num_clips = 0
+        self.errors_by_type: dict[str, int] = {}
 
     @property
     def finished_count(self) -> int:
@@ -119,6 +120,8 @@ class ResultAssembler:
         return dict(item.passthrough) if item else {}
 
     def _error(self, row: dict) -> dict:
+        error_type = row.get("error_type") or "unknown"
+        self.errors_by_type[error_type] = self.errors_by_type.get(error_type, 0) + 1
         return {
             "video_id": row["video_id"], "uri": row["uri"], "stage": row.get("stage") or "decode",
             "error_type": row.get("error_type") or "unknown", "message": row.get("message") or "",

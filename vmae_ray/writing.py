@@ -42,6 +42,17 @@ STAGING = "_staging"
 JOURNAL = "_COMMIT.json"
 
 
+def failpoint(name: str) -> None:
+    """Crash here when VMAE_RAY_FAILPOINT names this point (crash-consistency tests).
+
+    The commit protocol must leave the previous or the new committed state whatever
+    instant the driver dies at; tests kill it at each named point of the commit, on top
+    of killing it at random times.
+    """
+    if os.environ.get("VMAE_RAY_FAILPOINT") == name:
+        os._exit(86)
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
 
@@ -125,6 +136,15 @@ class OutputStore:
             self.fs.rm(staging, recursive=True)
         return state
 
+    def check_writable(self) -> None:
+        """Fail fast (before any work) when --output cannot be written."""
+        probe = self.path(STAGING, f".write-check-{uuid.uuid4().hex[:8]}")
+        self._write_bytes(probe, b"ok")
+        self.fs.rm(probe)
+        staging = self.path(STAGING)
+        if self.fs.exists(staging) and not self.fs.ls(staging, detail=False):
+            self.fs.rm(staging, recursive=True)
+
     def wipe(self) -> None:
         """--overwrite: remove the tables and manifest (only the job's own names)."""
         for name in (*TABLES, STAGING, SUCCESS_FILE):
@@ -150,7 +170,9 @@ class OutputStore:
                 files[table].append(final)
         success = {**manifest, "format": FORMAT, "files": files}
         plan = {"run_id": run_id, "moves": moves, "success": success, "delete": dropped}
+        failpoint("before_journal")
         self._write_bytes(self.path(STAGING, run_id, JOURNAL), json.dumps(plan).encode())
+        failpoint("after_journal")
         self._apply_commit(plan)
         return success
 
@@ -162,9 +184,12 @@ class OutputStore:
             if self.fs.exists(src):
                 self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
                 self.fs.mv(src, dst)
+                failpoint("after_first_move")
             elif not self.fs.exists(dst):
                 raise RuntimeError(f"commit of run {run_id}: staged file {rel} is missing")
+        failpoint("before_success")
         self._write_bytes(self.path(SUCCESS_FILE), json.dumps(plan["success"], indent=1, default=str).encode())
+        failpoint("after_success")
         # Superseded shards go only after _SUCCESS no longer lists them.
         for rel in plan.get("delete", []):
             p = self.path(rel)

@@ -1,0 +1,73 @@
+"""Decoder isolation: a crash or a hang in the decoder costs one video, not the task."""
+
+import os
+import signal
+import time
+
+import pyarrow as pa
+import pytest
+
+from vmae_ray.isolation import IsolatedDecoder
+from vmae_ray.stages import DECODED_SCHEMA, DecodeParams, _row_table, decode_video, error_row
+
+
+def fake_decode(item, behaviour):
+    """Stands in for a decoder: well-behaved, or crashing/hanging on marked inputs."""
+    kind = behaviour.get(item["uri"], "ok")
+    yield _row_table([{"kind": "clip", "video_id": item["video_id"], "uri": item["uri"], "clip_index": 0}])
+    if kind == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "abort":
+        os.abort()
+    if kind == "hang":
+        time.sleep(3600)
+    yield _row_table([{"kind": "done", "video_id": item["video_id"], "uri": item["uri"], "num_clips": 1}])
+
+
+def error_table(item, stage, etype, msg):
+    return _row_table([error_row(item, stage, etype, msg)])
+
+
+def items(*uris):
+    return [{"video_id": u, "uri": u} for u in uris]
+
+
+def kinds(tables):
+    return [(r["uri"], r["kind"], r["error_type"]) for t in tables for r in t.to_pylist()]
+
+
+def test_crash_and_hang_cost_one_video_each():
+    behaviour = {"b": "segfault", "d": "hang", "e": "abort"}
+    decoder = IsolatedDecoder(fake_decode, (behaviour,), timeout_seconds=3, error_table=error_table)
+    try:
+        out = [t for item in items("a", "b", "c", "d", "e", "f") for t in decoder.decode(item)]
+    finally:
+        decoder.close()
+    rows = kinds(out)
+    assert ("a", "done", None) in rows and ("c", "done", None) in rows and ("f", "done", None) in rows
+    assert ("b", "error", "crashed") in rows
+    assert ("d", "error", "timeout") in rows
+    assert ("e", "error", "crashed") in rows
+    crashed = [r for t in out for r in t.to_pylist() if r["uri"] == "b" and r["kind"] == "error"][0]
+    assert "SIGSEGV" in crashed["message"]
+    assert decoder.restarts == 3
+
+
+def test_real_decoder_in_child(synthetic_corpus, tmp_path):
+    from vmae_ray.decoding import DecodeLimits, FrameGeometry
+    from vmae_ray.storage import StorageOptions
+
+    params = DecodeParams(sampling="uniform", num_frames=4, frame_stride=1, clips_per_video=1,
+                          geometry=FrameGeometry(40, 32, 32), limits=DecodeLimits())
+    missing = str(tmp_path / "missing.mp4")
+    decoder = IsolatedDecoder(decode_video, (params, StorageOptions()), timeout_seconds=60, error_table=error_table)
+    try:
+        out = [t for item in items(synthetic_corpus["a_h264.mp4"], missing) for t in decoder.decode(item)]
+    finally:
+        decoder.close()
+    table = pa.concat_tables(out)
+    assert table.schema == DECODED_SCHEMA
+    rows = table.to_pylist()
+    assert [r["kind"] for r in rows if r["uri"].endswith("a_h264.mp4")] == ["clip", "done"]
+    (err,) = [r for r in rows if r["uri"] == missing]
+    assert err["error_type"] == "not_found"

@@ -1,0 +1,126 @@
+"""Decode in a child process, so a decoder that crashes or hangs costs one video only.
+
+FFmpeg decoders can segfault or spin on hostile input (PyAV has crashed on truncated first
+frames); in-process, that would kill the Ray worker and, after retries, the job. Here a
+long-lived child process (one per Ray worker process, reused across tasks) decodes videos
+one at a time and streams the decoded rows back over a pipe. If the child dies, the video
+it was on becomes an error row ``crashed``; if it makes no progress for
+``timeout_seconds``, it is killed and the video becomes ``timeout``. The next video gets a
+fresh child. Clip rows already streamed for that video are dropped downstream, because
+the error row finishes the video (see `tables.ResultAssembler`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from typing import Callable, Iterator
+
+import pyarrow as pa
+
+DecodeFn = Callable[..., Iterator[pa.Table]]
+
+_DONE = "__vmae_ray_done__"
+
+
+def _child_main(conn, decode_fn: DecodeFn, args: tuple) -> None:
+    # Children ignore SIGINT: the parent decides when they stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            item = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if item is None:
+            return
+        for table in decode_fn(item, *args):
+            conn.send(table)
+        conn.send(_DONE)
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "the decoder process stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"the decoder process was killed by {name}"
+    return f"the decoder process exited with status {exitcode}"
+
+
+class IsolatedDecoder:
+    """Runs ``decode_fn(item, *args)`` in a child process and streams its tables back.
+
+    ``error_row(item, stage, error_type, message) -> dict`` builds the row for a crash or
+    a timeout; ``make_table(rows)`` turns it into a table of the decode schema.
+    """
+
+    def __init__(self, decode_fn: DecodeFn, args: tuple, *, timeout_seconds: float,
+                 error_table: Callable[[dict, str, str, str], pa.Table]):
+        self._decode_fn = decode_fn
+        self._args = args
+        self._timeout = timeout_seconds
+        self._error_table = error_table
+        # spawn, not fork: a Ray worker has threads, and forking a threaded process can
+        # deadlock the child.
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc = None
+        self._conn = None
+        self.restarts = 0
+
+    def _ensure_child(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            return
+        self._discard()
+        parent, child = self._ctx.Pipe(duplex=True)
+        self._proc = self._ctx.Process(target=_child_main, args=(child, self._decode_fn, self._args), daemon=True,
+                                       name="vmae-ray-decoder")
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def _discard(self) -> None:
+        if self._proc is not None:
+            if self._proc.is_alive():
+                self._proc.kill()
+                self.restarts += 1
+            self._proc.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
+        self._proc, self._conn = None, None
+
+    def decode(self, item: dict) -> Iterator[pa.Table]:
+        self._ensure_child()
+        started = time.perf_counter()
+        self._conn.send(item)
+        while True:
+            if not self._conn.poll(self._timeout):
+                self._discard()
+                yield self._error_table(item, "decode", "timeout",
+                                        f"no progress for {self._timeout:g}s; the decoder was stopped")
+                return
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._proc.join(timeout=5)
+                reason = _describe_exit(self._proc.exitcode)
+                self.restarts += 1
+                self._discard()
+                yield self._error_table(item, "decode", "crashed",
+                                        f"{reason} after {time.perf_counter() - started:.1f}s")
+                return
+            if isinstance(message, str) and message == _DONE:
+                return
+            yield message
+
+    def close(self) -> None:
+        if self._conn is not None and self._proc is not None and self._proc.is_alive():
+            try:
+                self._conn.send(None)
+                self._proc.join(timeout=5)
+            except (OSError, BrokenPipeError):
+                pass
+        self._discard()
