@@ -1,0 +1,528 @@
+"""Synthetic media for tests, the demo and benchmarks, made with PyAV only (no ffmpeg CLI, no Ray).
+
+Three kinds of files:
+
+* `make_video`: a real encoded video whose every frame carries its own frame number ``k`` as
+  a black/white block code in the middle of the picture, on top of a moving background. The
+  code survives encoding, resizing to ~1/4 size and a center crop to the short side, so a
+  test can read back *which* frames a decoder returned (`frame_number_from_rgb`) instead of
+  only checking shapes.
+* `make_audio_only`: a file with an audio stream and no video stream.
+* `make_hostile_corpus`: broken inputs derived from a good video, each with the error type a
+  robust job must report for it (including a tiny file whose header claims a frame size that
+  must be refused before decoding).
+
+Frame code layout (the contract between `make_video` and `frame_number_from_rgb`):
+a square of side ``CODE_FRACTION * min(width, height)`` centred in the frame, split into a
+``CODE_GRID x CODE_GRID`` grid of cells, each white (bit 1) or black (bit 0). The four corner
+cells hold a 4-bit check value, the 12 other cells hold ``k mod CODE_PERIOD`` (LSB first, raster
+order). Every code is read as a whole: a wrong read almost always fails the check and raises.
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+
+__all__ = [
+    "CODE_FRACTION",
+    "CODE_GRID",
+    "CODE_PERIOD",
+    "HUGE_WIDTH",
+    "HUGE_HEIGHT",
+    "frame_number_from_rgb",
+    "make_audio_only",
+    "make_hostile_corpus",
+    "make_huge_dims_video",
+    "make_video",
+]
+
+# Side of the code square as a fraction of the frame's short side. 0.6 keeps the whole code
+# inside a center crop of 80% of the short side (the 256 -> 224 style crop) while leaving the
+# moving background visible around it; cells stay >= 3 px when a 120 px short side is resized
+# to 1/4 and cropped.
+CODE_FRACTION = 0.6
+CODE_GRID = 4
+# Corner cells carry the check bits: a read at the wrong scale errs first at the corners (they
+# are the farthest from the centre), so errors there are caught by the check itself.
+_CHECK_CELLS = ((0, 0), (0, CODE_GRID - 1), (CODE_GRID - 1, 0), (CODE_GRID - 1, CODE_GRID - 1))
+_DATA_CELLS = tuple((r, c) for r in range(CODE_GRID) for c in range(CODE_GRID) if (r, c) not in _CHECK_CELLS)
+_DATA_BITS = len(_DATA_CELLS)  # 12
+CODE_PERIOD = 1 << _DATA_BITS  # frame numbers wrap at 4096
+# XOR-ed into the check so that an all-black (or all-white) picture is not a valid code.
+_CHECK_SALT = 0b0101
+
+# Scale hypotheses tried when reading a code, as (code side in the input) / (CODE_FRACTION *
+# input short side). 1.0 is an uncropped or short-side-square-cropped frame; < 1 and > 1 cover
+# crops tighter than the short side (e.g. 224 of 256 -> 1.14) or frames padded around.
+_READ_SCALES = (1.0, 1.07, 0.93, 1.14, 0.87, 1.25, 0.8, 1.4, 0.7, 1.6, 0.6)
+_MIN_MARGIN = 24.0  # a cell read within this many grey levels of the threshold is not trusted
+
+# The size `make_huge_dims_video` claims. 30000x30000 cannot be used: libavcodec's
+# av_image_check_size rejects any frame with (w+128)*(h+128) >= INT_MAX/8 (~16.2k square), and a
+# demuxer's stream with such a size is reset to 0x0 ("no size", i.e. corrupt) rather than
+# reported. 16000x16000 = 256 Mpx is accepted by FFmpeg and is 3.8x the job's default
+# max_frame_pixels (8192*8192), so the only correct answer is a probe-time refusal.
+HUGE_WIDTH = 16000
+HUGE_HEIGHT = 16000
+
+# Container -> default audio codec for `audio=True` / `make_audio_only` (what the container
+# normally carries; Opus is the only common choice WebM allows). AVI gets PCM: AVI cannot store
+# negative timestamps, so an encoder delay (MP3/AAC priming samples) makes the muxer shift every
+# stream, and in 1/fps ticks that shift rounds into a fake dropped video frame.
+_AUDIO_FOR_EXT = {
+    ".mp4": "aac", ".m4v": "aac", ".mov": "aac", ".mkv": "aac", ".m4a": "aac",
+    ".webm": "libopus", ".ogg": "libopus", ".opus": "libopus",
+    ".avi": "pcm_s16le", ".mp3": "libmp3lame",
+    ".wav": "pcm_s16le", ".flac": "flac",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Frame code
+# --------------------------------------------------------------------------------------------
+
+
+def _check_nibble(data: int) -> int:
+    # XOR of the three data nibbles: every single-bit error changes exactly one check bit.
+    return ((data & 0xF) ^ ((data >> 4) & 0xF) ^ ((data >> 8) & 0xF) ^ _CHECK_SALT) & 0xF
+
+
+def _code_bits(k: int) -> np.ndarray:
+    """The CODE_GRID x CODE_GRID bit grid that encodes frame number k."""
+    data = k % CODE_PERIOD
+    check = _check_nibble(data)
+    grid = np.zeros((CODE_GRID, CODE_GRID), dtype=bool)
+    for i, (r, c) in enumerate(_DATA_CELLS):
+        grid[r, c] = bool((data >> i) & 1)
+    for i, (r, c) in enumerate(_CHECK_CELLS):
+        grid[r, c] = bool((check >> i) & 1)
+    return grid
+
+
+def _code_edges(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel boundaries (x edges, y edges) of the code cells in a width x height frame."""
+    side = CODE_FRACTION * min(width, height)
+    steps = np.arange(CODE_GRID + 1) - CODE_GRID / 2
+    xs = np.round(width / 2 + steps * side / CODE_GRID).astype(int)
+    ys = np.round(height / 2 + steps * side / CODE_GRID).astype(int)
+    return xs, ys
+
+
+def _draw_code(rgb: np.ndarray, k: int) -> None:
+    height, width = rgb.shape[:2]
+    xs, ys = _code_edges(width, height)
+    bits = _code_bits(k)
+    for r in range(CODE_GRID):
+        for c in range(CODE_GRID):
+            # Full black / full white: the largest luma gap, and no chroma to smear in 4:2:0.
+            rgb[ys[r] : ys[r + 1], xs[c] : xs[c + 1]] = 255 if bits[r, c] else 0
+
+
+def _read_code(gray: np.ndarray, scale: float) -> tuple[int | None, float]:
+    """(frame number or None if the check fails, margin) for one scale hypothesis."""
+    height, width = gray.shape
+    cell = CODE_FRACTION * min(height, width) * scale / CODE_GRID
+    # Average the middle ~40% of each cell: away from edges blurred by the scaler and the codec,
+    # but more than one pixel so that ringing does not decide a bit.
+    half = max(0.5, 0.2 * cell)
+    values = np.empty((CODE_GRID, CODE_GRID), dtype=np.float64)
+    for r in range(CODE_GRID):
+        cy = height / 2 + (r + 0.5 - CODE_GRID / 2) * cell
+        for c in range(CODE_GRID):
+            cx = width / 2 + (c + 0.5 - CODE_GRID / 2) * cell
+            # Pixel i covers [i, i+1): take the pixels whose centres lie within `half`.
+            y0, y1 = int(np.ceil(cy - half - 0.5)), int(np.floor(cy + half - 0.5)) + 1
+            x0, x1 = int(np.ceil(cx - half - 0.5)), int(np.floor(cx + half - 0.5)) + 1
+            y0, x0 = min(y0, int(cy)), min(x0, int(cx))
+            y1, x1 = max(y1, y0 + 1), max(x1, x0 + 1)
+            if y0 < 0 or x0 < 0 or y1 > height or x1 > width:
+                return None, 0.0
+            values[r, c] = gray[y0:y1, x0:x1].mean()
+    bits = values >= 127.5
+    margin = float(np.abs(values - 127.5).min())
+    data = sum(int(bits[rc]) << i for i, rc in enumerate(_DATA_CELLS))
+    check = sum(int(bits[rc]) << i for i, rc in enumerate(_CHECK_CELLS))
+    return (data if check == _check_nibble(data) else None), margin
+
+
+def frame_number_from_rgb(rgb: np.ndarray) -> int:
+    """Recover the frame number k (mod CODE_PERIOD = 4096) drawn by `make_video` from a frame.
+
+    ``rgb`` is an (H, W, 3) or (H, W, 4) RGB(A) array (uint8, or float in [0, 1] or [0, 255]) or
+    an (H, W) grey image: a decoded frame at full size, or after any sane resize that keeps the
+    aspect ratio (down to ~1/4 of a 120 px short side) and/or a center crop, down to a square
+    of ~80% of the short side. The code sits in the middle of the frame, so center crops keep it;
+    since the scale of a cropped input is not known, a few scales are tried and the reading
+    that passes the check with the clearest black/white separation wins.
+
+    Raises ValueError when no reading passes the check (not a `make_video` frame, or a frame
+    too small or too distorted to read).
+    """
+    a = np.asarray(rgb)
+    if a.ndim == 3:
+        gray = a[..., :3].astype(np.float64).mean(axis=-1)
+    elif a.ndim == 2:
+        gray = a.astype(np.float64)
+    else:
+        raise ValueError(f"expected an (H, W, 3) RGB or (H, W) grey image, got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.floating) and gray.size and gray.max() <= 1.0:
+        gray = gray * 255.0  # normalised float input
+    best_k, best_margin = None, -1.0
+    for scale in _READ_SCALES:
+        k, margin = _read_code(gray, scale)
+        if k is not None and margin > best_margin:
+            best_k, best_margin = k, margin
+    if best_k is None or best_margin < _MIN_MARGIN:
+        raise ValueError(
+            f"no frame code found in a {gray.shape[1]}x{gray.shape[0]} image"
+            + (f" (best margin {best_margin:.1f} < {_MIN_MARGIN})" if best_k is not None else "")
+        )
+    return best_k
+
+
+# --------------------------------------------------------------------------------------------
+# Videos
+# --------------------------------------------------------------------------------------------
+
+
+class _Background:
+    """A cheap moving picture (seeded): drifting diagonal stripes over a gradient and a bouncing
+    square, so that consecutive frames differ everywhere, like real motion, and the encoder has
+    real inter-frame work to do (not just a still image with a changing code)."""
+
+    def __init__(self, width: int, height: int, seed: int):
+        rng = np.random.default_rng(seed)
+        self.width, self.height = width, height
+        yy, xx = np.mgrid[0:height, 0:width]
+        diag = xx * int(rng.integers(1, 4)) + yy * int(rng.integers(1, 4))
+        self.period = int(rng.integers(10, 28))
+        self.speed = int(rng.integers(1, 5))
+        # Stripe membership is a table lookup on (diagonal coordinate + shift): ~4x cheaper per
+        # frame than integer division over the whole picture, which matters for 640x360 demos.
+        self.diag = diag.astype(np.intp)
+        self.stripe_of = (np.arange(int(diag.max()) + 2 * self.period + 1) // self.period) % 2 == 1
+        colors = rng.integers(40, 216, size=(2, 3)).astype(np.int16)
+        ramp = (np.arange(width, dtype=np.int16) * 40 // max(width - 1, 1) - 20)[None, :, None]
+        # Two full-size stripe colourings; a frame is one of them with the other copied in
+        # where the stripe mask is set (np.copyto with `where` beats np.where's broadcasting).
+        self.layers = [np.ascontiguousarray(np.broadcast_to(np.clip(c + ramp, 0, 255).astype(np.uint8),
+                                                            (height, width, 3))) for c in colors]
+        self.square = max(4, min(width, height) // 5)
+        self.square_color = rng.integers(0, 256, size=3).astype(np.uint8)
+        self.velocity = (int(rng.integers(2, 7)), int(rng.integers(2, 7)))
+
+    def frame(self, k: int) -> np.ndarray:
+        stripes = self.stripe_of[self.diag + (k * self.speed) % (2 * self.period)]
+        rgb = self.layers[1].copy()
+        np.copyto(rgb, self.layers[0], where=stripes[..., None])
+        size = self.square
+        # Triangle-wave position: the square bounces off the frame edges.
+        x = _bounce(k * self.velocity[0], self.width - size)
+        y = _bounce(k * self.velocity[1], self.height - size)
+        rgb[y : y + size, x : x + size] = self.square_color
+        return rgb
+
+
+def _bounce(travel: int, span: int) -> int:
+    if span <= 0:
+        return 0
+    t = travel % (2 * span)
+    return t if t <= span else 2 * span - t
+
+
+def _rational(value) -> Fraction:
+    # Fraction(29.97) would be a binary-float monster; go through the decimal string instead.
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, float):
+        return Fraction(str(value)).limit_denominator(1001000)
+    return Fraction(value)
+
+
+def _video_encoder_options(codec_name: str, bit_rate: int | None) -> dict[str, str]:
+    # Fast presets: test media must be cheap to make; the encoders stay real (B-frames for
+    # x264 "veryfast", alt-ref frames for VP9), so decoders see realistic streams.
+    if codec_name == "libx264":
+        options = {"preset": "veryfast"}
+        if bit_rate is None:
+            options["crf"] = "23"
+        return options
+    if codec_name == "libx265":
+        options = {"preset": "ultrafast", "x265-params": "log-level=error"}
+        if bit_rate is None:
+            options["crf"] = "28"
+        return options
+    if codec_name in ("libvpx-vp9", "libvpx"):
+        options = {"deadline": "realtime", "cpu-used": "8"}
+        if bit_rate is None:
+            options["crf"] = "32"
+            options["b"] = "0"  # constant quality mode in libvpx needs bitrate 0
+        return options
+    # Others (mpeg4, mpeg2video, mjpeg, ...): the encoder's default rate control (mpeg4: 200 kb/s),
+    # which keeps the block code readable at test sizes.
+    return {}
+
+
+def _audio_codec_for(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        return _AUDIO_FOR_EXT[ext]
+    except KeyError:
+        raise ValueError(f"no default audio codec for {ext!r}; use one of {sorted(_AUDIO_FOR_EXT)}") from None
+
+
+def _add_audio_stream(container, codec: str, seed: int):
+    # Opus only runs at 48 kHz; 44.1 kHz elsewhere is the common real-world rate.
+    rate = 48000 if codec == "libopus" else 44100
+    stream = container.add_stream(codec, rate=rate)
+    stream.layout = "mono"
+    freq = 220.0 + 40.0 * (seed % 11)
+    return stream, rate, freq
+
+
+def _audio_frames(stream, rate: int, freq: float, start_sample: int, end_sample: int):
+    """Encode samples [start_sample, end_sample) of a sine tone in 1024-sample frames."""
+    # PyAV's encoder converts sample format and re-chunks to the codec's frame size (1152 for
+    # MP3, 960 for Opus) itself, so one frame layout serves every codec.
+    packets = []
+    for s0 in range(start_sample, end_sample, 1024):
+        n = min(1024, end_sample - s0)
+        t = (np.arange(s0, s0 + n) / rate).astype(np.float64)
+        wave = (0.2 * np.sin(2 * np.pi * freq * t)).astype(np.float32)[None, :]
+        frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout="mono")
+        frame.sample_rate = rate
+        frame.pts = s0
+        frame.time_base = Fraction(1, rate)
+        packets.extend(stream.encode(frame))
+    return packets
+
+
+def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=60, gop_size=30,
+               pix_fmt="yuv420p", vfr=False, seed=0, bit_rate=None, audio=False) -> str:
+    """Encode a synthetic video whose frames are distinguishable; return ``path``.
+
+    Frame k shows a moving background (seeded by ``seed``) and, in the centre, a 4x4 black/white
+    block code of k (see the module docstring) that `frame_number_from_rgb` reads back after
+    decoding, resizing to ~1/4 size and/or a center crop to the short side.
+
+    The container comes from the extension (.mp4, .mkv, .webm, .avi, .mov, ...). ``codec`` is a
+    PyAV/FFmpeg encoder name: 'h264' (libx264), 'hevc'/'libx265', 'libvpx-vp9' (for .webm),
+    'mpeg4', ... ``pix_fmt`` must be one the encoder supports (e.g. 'yuv444p', 'yuv420p10le'
+    for x265). ``gop_size`` is the maximum keyframe interval. ``bit_rate`` (bits/s) switches
+    from constant quality to a target bitrate.
+
+    ``vfr=True`` makes a variable-frame-rate stream: time base 1/1000 and frame durations of 20,
+    60 or 33 ms chosen pseudo-randomly from ``seed`` (``fps`` is then only the encoder's rate
+    hint); otherwise frame k has pts k in time base 1/fps. ``audio=True`` adds a sine-tone audio
+    stream as long as the video (AAC in mp4/mkv/mov, Opus in webm, PCM in avi).
+    """
+    path = os.fspath(path)
+    if num_frames < 1:
+        raise ValueError("num_frames must be >= 1")
+    rate = _rational(fps)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    if vfr:
+        rng = np.random.default_rng(seed + 7919)  # offset: independent of the picture's rng
+        durations_ms = rng.choice(np.array([20, 60, 33]), size=num_frames)
+        time_base = Fraction(1, 1000)
+        pts = np.concatenate([[0], np.cumsum(durations_ms)[:-1]]).astype(int).tolist()
+        end_seconds = float(np.sum(durations_ms)) / 1000.0
+    else:
+        time_base = 1 / rate
+        pts = list(range(num_frames))
+        end_seconds = float(num_frames / rate)
+
+    background = _Background(width, height, seed)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = pix_fmt
+        stream.codec_context.gop_size = gop_size
+        stream.codec_context.time_base = time_base
+        if bit_rate is not None:
+            stream.codec_context.bit_rate = int(bit_rate)
+        stream.codec_context.options = _video_encoder_options(stream.codec_context.name, bit_rate)
+        if vfr:
+            stream.time_base = time_base  # mkv/mp4 keep 1 ms ticks: the irregular pts survive
+
+        audio_stream = None
+        if audio:
+            audio_stream, audio_rate, freq = _add_audio_stream(container, _audio_codec_for(path), seed)
+            audio_done = 0
+
+        for k in range(num_frames):
+            rgb = background.frame(k)
+            _draw_code(rgb, k)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
+            frame.pts = pts[k]
+            frame.time_base = time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+            if audio_stream is not None:
+                # Interleave audio up to this frame's time so the file is muxed like a real one.
+                upto = int(round(float(pts[k] * time_base) * audio_rate))
+                if upto > audio_done:
+                    for packet in _audio_frames(audio_stream, audio_rate, freq, audio_done, upto):
+                        container.mux(packet)
+                    audio_done = upto
+        for packet in stream.encode(None):
+            container.mux(packet)
+        if audio_stream is not None:
+            end = int(round(end_seconds * audio_rate))
+            for packet in _audio_frames(audio_stream, audio_rate, freq, audio_done, end):
+                container.mux(packet)
+            for packet in audio_stream.encode(None):
+                container.mux(packet)
+    return path
+
+
+def make_audio_only(path, *, seconds=2.0) -> str:
+    """Write a sine-tone file with an audio stream and no video stream; return ``path``.
+
+    The codec follows the extension: .mp3 (MP3), .m4a (AAC), .ogg/.opus (Opus), .wav (PCM),
+    .flac (FLAC); also .mp4/.mkv/.webm, which makes a video container with no video in it.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with av.open(path, mode="w") as container:
+        stream, rate, freq = _add_audio_stream(container, _audio_codec_for(path), seed=0)
+        for packet in _audio_frames(stream, rate, freq, 0, int(round(seconds * rate))):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile inputs
+# --------------------------------------------------------------------------------------------
+
+
+def make_huge_dims_video(path, *, width=HUGE_WIDTH, height=HUGE_HEIGHT) -> str:
+    """Write a tiny (< 1 KB as .mkv) video whose header claims a ``width`` x ``height`` frame.
+
+    How: a rawvideo (gray) stream declared at that size, muxed with one 64-byte packet written
+    directly (nothing is encoded, so no frame is ever allocated). Rawvideo is chosen because the
+    container header alone gives FFmpeg everything it needs (size, pixel format), so
+    ``av.open`` does not decode a frame during probing: PyAV reports the claimed size right
+    away (``stream.codec_context.width/height``), opening costs microseconds, and decoding the
+    packet fails cleanly ("Invalid data") instead of allocating 256 MB. A codec whose probe
+    decodes a frame (H.264, MJPEG) would either overwrite the claimed size with the bitstream's
+    or allocate the huge frame inside ``av.open``. Use .mkv (smallest), .avi, .mov or .nut.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # bitexact: no random segment UID / muxer version string, so the file is byte-reproducible.
+    with av.open(path, mode="w", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("rawvideo", rate=1)
+        stream.width, stream.height = int(width), int(height)
+        stream.pix_fmt = "gray"
+        stream.time_base = Fraction(1, 1)
+        packet = av.Packet(bytes(64))
+        packet.stream = stream
+        packet.pts = packet.dts = 0
+        packet.duration = 1
+        packet.time_base = Fraction(1, 1)
+        container.mux(packet)
+    return path
+
+
+def _video_packet_ranges(source: str) -> list[tuple[int, int]]:
+    """Byte ranges [pos, pos + size) of the source's video packets (where the demuxer knows)."""
+    ranges = []
+    with av.open(source) as container:
+        for packet in container.demux(video=0):
+            if packet.size and packet.pos is not None and packet.pos >= 0:
+                ranges.append((int(packet.pos), int(packet.pos) + int(packet.size)))
+    return ranges
+
+
+def _opens(path: str) -> bool:
+    try:
+        with av.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - any failure to open is what we are looking for
+        return False
+
+
+def make_hostile_corpus(directory, *, source_video: str, seed=0) -> list[tuple[str, str]]:
+    """Write broken inputs derived from a good ``source_video``; return ``[(path, expected_error_type)]``.
+
+    Expected types: an error type the job must report, or ``'ok_or_corrupt'`` where either a
+    valid (partial) result or a ``'corrupt'`` error row is acceptable:
+
+    * ``zero_bytes.mp4`` -> corrupt
+    * ``random_bytes.mp4`` (32 KiB of seeded noise, checked not to be openable by FFmpeg: noise
+      can, rarely, be probed as an audio format, which would be a different error) -> corrupt
+    * ``truncated_01pct``: the first 1% of the source's bytes, cut before the first video packet
+      so that no frame data at all survives -> corrupt
+    * ``truncated_30pct`` / ``truncated_70pct`` -> ok_or_corrupt (an mp4 whose index is at the
+      end fails to open; a file indexed up front decodes the frames before the cut)
+    * ``bitflip``: ~50 random bits flipped after the first 10% of bytes, only inside video
+      packet payloads, so that the container's metadata (sizes, durations) stays intact and the
+      damage is bit rot in the picture data -> ok_or_corrupt
+    * ``audio_only.mp3`` -> no_video_stream
+    * ``huge_dims.mkv`` (header claims 16000x16000, see `make_huge_dims_video`) -> too_large
+
+    Truncated and bit-flipped files keep the source's extension.
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with open(source_video, "rb") as f:
+        data = f.read()
+    if not data:
+        raise ValueError(f"source video {source_video} is empty")
+    ext = os.path.splitext(source_video)[1] or ".mp4"
+    rng = np.random.default_rng(seed)
+    out: list[tuple[str, str]] = []
+
+    def write(name: str, payload: bytes, expected: str) -> None:
+        p = os.path.join(directory, name)
+        with open(p, "wb") as f:
+            f.write(payload)
+        out.append((p, expected))
+
+    write("zero_bytes.mp4", b"", "corrupt")
+
+    # Noise rarely but possibly probes as e.g. MP3/ADTS (an audio-only "success"); take the first
+    # seeded variant FFmpeg refuses so the expected type holds on every FFmpeg build we meet.
+    noise_path = os.path.join(directory, "random_bytes.mp4")
+    for attempt in range(32):
+        noise = np.random.default_rng([seed, attempt]).integers(0, 256, size=32 * 1024, dtype=np.uint8).tobytes()
+        with open(noise_path, "wb") as f:
+            f.write(noise)
+        if not _opens(noise_path):
+            break
+    else:
+        raise RuntimeError("could not make random bytes that FFmpeg refuses to open")
+    out.append((noise_path, "corrupt"))
+
+    ranges = _video_packet_ranges(source_video)
+    first_packet = min((start for start, _ in ranges), default=len(data))
+    cut_header = max(1, min(len(data) // 100, first_packet))
+    write(f"truncated_01pct{ext}", data[:cut_header], "corrupt")
+    write(f"truncated_30pct{ext}", data[: int(len(data) * 0.30)], "ok_or_corrupt")
+    write(f"truncated_70pct{ext}", data[: int(len(data) * 0.70)], "ok_or_corrupt")
+
+    flipped = bytearray(data)
+    lo = len(data) // 10
+    candidates = [(max(s, lo), e) for s, e in ranges if e > max(s, lo)]
+    if candidates:
+        sizes = np.array([e - s for s, e in candidates], dtype=np.int64)
+        # Pick packets weighted by size so the flips spread like random bit rot would.
+        which = rng.choice(len(candidates), size=50, p=sizes / sizes.sum())
+        offsets = [candidates[i][0] + int(rng.integers(0, candidates[i][1] - candidates[i][0])) for i in which]
+    else:  # no packet positions known: anywhere after the first 10%
+        offsets = rng.integers(lo, len(data), size=50).tolist()
+    for offset in offsets:
+        flipped[offset] ^= 1 << int(rng.integers(0, 8))
+    write(f"bitflip{ext}", bytes(flipped), "ok_or_corrupt")
+
+    out.append((make_audio_only(os.path.join(directory, "audio_only.mp3"), seconds=1.0), "no_video_stream"))
+    out.append((make_huge_dims_video(os.path.join(directory, "huge_dims.mkv")), "too_large"))
+    return out
