@@ -164,11 +164,22 @@ def test_labels_refused_for_pretraining_checkpoint(tiny_pretraining, tmp_path):
                 "--labels", "on")
 
 
-def test_changed_settings_are_not_mixed(manifest_run, tiny_classifier, tmp_path):
+def test_changed_settings_reprocess_and_replace(manifest_run, tiny_classifier, tmp_path):
+    """A changed setting processes every input again; old rows never stay beside new ones."""
     copy = str(tmp_path / "out")
     shutil.copytree(manifest_run["out"], copy)
-    with pytest.raises(ConfigError, match="other settings"):
-        run_job("--input", str(tmp_path), "--output", copy, "--model", tiny_classifier, "--sampling", "stride")
+    old_files = {t: sorted(os.listdir(os.path.join(copy, t))) for t in ("clips", "videos")}
+    manifest = os.path.join(os.path.dirname(manifest_run["out"]), "manifest.csv")
+    summary = run_job("--input", manifest, "--output", copy, "--model", tiny_classifier, "--top-k", "3",
+                      "--sampling", "stride", "--clips-per-video", "2")
+    assert summary.inputs_skipped == 0
+    assert_exactly_once(copy, set(manifest_run["ids"]))
+    clips = read_table(copy, "clips")
+    assert set(clips.column("settings_fingerprint").to_pylist()) == {success(copy)["settings_fingerprint"]}
+    assert clips.num_rows > read_table(manifest_run["out"], "clips").num_rows  # two clips per long video now
+    for table, names in old_files.items():
+        assert not set(names) & set(os.listdir(os.path.join(copy, table)))
+    assert [r["run_id"] for r in success(copy)["runs"]] == [summary.run_id]
 
 
 def test_decode_and_embed_are_separate_operators(ray_session, tiny_classifier, synthetic_corpus, tmp_path):

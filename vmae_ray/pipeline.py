@@ -118,6 +118,7 @@ class Plan:
     superseded: set[str]
     passthrough_schema: pa.Schema
     skipped: int
+    replace_all: bool = False
 
 
 def prepare(config: EmbedConfig) -> Plan:
@@ -155,14 +156,16 @@ def prepare(config: EmbedConfig) -> Plan:
     state = store.recover()
     if state.exists and not config.resume:
         raise ConfigError("--no-resume", f"{config.output} already holds committed results; use --overwrite or another --output")
+    replace_all = False
     if state.exists and state.settings_fingerprint != fingerprint:
+        # Results of different settings are never mixed in one table: everything is
+        # processed again and the first commit of this run drops the old rows.
         old = state.manifest.get("config", {})
-        raise ConfigError(
-            "--output",
-            f"{config.output} holds results made with other settings (model {old.get('model')!r}, sampling "
-            f"{old.get('sampling')!r}, ...); results of different settings are never mixed in one table. "
-            "Use another --output, or --overwrite to replace them",
-        )
+        log.warning(
+            "%s holds results made with other settings (model %r, sampling %r, ...): every input is processed "
+            "again and the committed rows are replaced at this run's first commit",
+            config.output, old.get("model"), old.get("sampling"))
+        replace_all = True
 
     try:
         listing = list_inputs(config.input, storage, extensions=config.extensions or VIDEO_EXTENSIONS,
@@ -176,7 +179,7 @@ def prepare(config: EmbedConfig) -> Plan:
     inputs = {item.video_id: item for item in listing.inputs}
 
     todo, superseded, skipped = list(listing.inputs), set(), 0
-    if state.exists:
+    if state.exists and not replace_all:
         done: dict[str, tuple[str, str]] = {}
         for table in (schema.VIDEOS, schema.ERRORS):
             t = store.read_committed_column_table(state, table, ["video_id", "input_fingerprint"])
@@ -196,7 +199,7 @@ def prepare(config: EmbedConfig) -> Plan:
             else:
                 skipped += 1
     return Plan(config, storage, spec, num_frames, with_labels, fingerprint, store, state, inputs, todo,
-                superseded, listing.passthrough_schema, skipped)
+                superseded, listing.passthrough_schema, skipped, replace_all)
 
 
 def _init_ray() -> float:
@@ -307,7 +310,9 @@ class _Committer:
         self.started = started
         self.state = plan.state
         self.superseded = set(plan.superseded)
-        self.base_runs = plan.state.manifest.get("runs", []) if plan.state.exists else []
+        self.replace_all = plan.replace_all
+        # Keep the history of runs, unless this run replaces results of other settings.
+        self.base_runs = plan.state.manifest.get("runs", []) if plan.state.exists and not plan.replace_all else []
         self.versions = _versions()
         self.resources: dict[str, Any] = {}
         self.last_commit = time.perf_counter()
@@ -336,9 +341,11 @@ class _Committer:
             "versions": self.versions, "resources": self.resources, "stage_report": summary.stage_report,
             "runs": self.base_runs + [run_entry],
         }
-        success = plan.store.commit(summary.run_id, self.writer.staged, manifest, self.state, self.superseded)
+        success = plan.store.commit(summary.run_id, self.writer.staged, manifest, self.state, self.superseded,
+                                    replace_all=self.replace_all)
         self.state = CommittedState(success)
         self.superseded = set()
+        self.replace_all = False
         self.writer.staged = {t: [] for t in schema.TABLES}
         self.last_commit = time.perf_counter()
         self.commits += 1

@@ -154,12 +154,19 @@ class OutputStore:
 
     # -- commit --------------------------------------------------------------------------
     def commit(self, run_id: str, staged: dict[str, list[str]], manifest: dict[str, Any],
-               previous: CommittedState, superseded_ids: set[str]) -> dict[str, Any]:
-        """Make the staged files of ``run_id`` the new committed state; returns _SUCCESS."""
+               previous: CommittedState, superseded_ids: set[str], *, replace_all: bool = False) -> dict[str, Any]:
+        """Make the staged files of ``run_id`` the new committed state; returns _SUCCESS.
+
+        ``replace_all`` drops every previously committed file (the settings changed, so
+        old rows must not stay beside new ones).
+        """
         files = previous.files
         moves: list[tuple[str, str]] = []
         dropped: list[str] = []
-        if superseded_ids:
+        if replace_all:
+            dropped = [rel for rels in files.values() for rel in rels]
+            files = {t: [] for t in TABLES}
+        elif superseded_ids:
             files, rewrites, dropped = self._rewrite_without(run_id, files, superseded_ids)
             for table, rels in rewrites.items():
                 staged.setdefault(table, []).extend(rels)
