@@ -7,6 +7,7 @@ message naming the flag and its allowed values.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -28,7 +29,8 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
     io.add_argument("--input", help="directory/prefix, glob, or manifest (.parquet/.csv/.jsonl with a 'uri' column); any fsspec URI")
     io.add_argument("--output", help="directory/prefix for the tables; any fsspec URI")
     io.add_argument("--config", help="YAML file with the same options (flags win)")
-    io.add_argument("--storage-options", help="JSON object of fsspec options, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'")
+    io.add_argument("--storage-options", help="fsspec options as a JSON object, or @FILE with one (keeps secrets off the "
+                    "command line); default: $VMAE_RAY_STORAGE_OPTIONS")
     io.add_argument("--limit", type=int, help="process at most N inputs (after listing, in URI order)")
     io.add_argument("--extensions", help="comma-separated extensions to take from a directory listing")
 
@@ -94,6 +96,10 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
         if config_path:
             values.update(load_yaml(config_path))
         values.update(args)
+        # Secrets can come from the environment instead of the command line, which Ray
+        # records as the job's entrypoint.
+        if "storage_options" not in values and os.environ.get("VMAE_RAY_STORAGE_OPTIONS"):
+            values["storage_options"] = os.environ["VMAE_RAY_STORAGE_OPTIONS"]
         for name, convert in _CONVERTERS.items():
             if name in values:
                 values[name] = convert(values[name])
@@ -124,7 +130,12 @@ def run_embed(argv: Sequence[str], prog: str) -> int:
     config = config_from_args(argv, prog=prog)
     from vmae_ray.pipeline import run  # heavy imports only after the flags are good
 
-    summary = run(config)
+    try:
+        summary = run(config)
+    except ConfigError as exc:
+        # A bad argument found by the pre-flight checks (checkpoint files, --output state,
+        # --input listing): same contract as a bad flag, exit 2 with the option named.
+        build_parser(prog).error(str(exc))
     return 0 if summary.ok else 1
 
 

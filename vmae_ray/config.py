@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,10 +178,22 @@ def parse_clips_per_video(text: str | int | None) -> int | None:
 
 
 def parse_storage_options(text: str | dict | None) -> dict[str, Any]:
+    """A JSON object, or ``@FILE`` naming a JSON file.
+
+    The file form keeps secrets off the command line, which Ray records as the job's
+    entrypoint and shows in `ray list jobs` and the dashboard (and `ps` shows locally).
+    """
     if text is None or text == "":
         return {}
     if isinstance(text, dict):
         return text
+    if isinstance(text, str) and text.startswith("@"):
+        path = text[1:]
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError("--storage-options", f"cannot read {path}: {exc.strerror}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -125,7 +125,8 @@ def prepare(config: EmbedConfig) -> Plan:
     """All checks that need no Ray: checkpoint config, output state, input listing."""
     from vmae_ray.model import load_model_spec
 
-    storage = StorageOptions(config.storage_options)
+    storage = StorageOptions(config.storage_options).with_driver_environment(
+        [config.input, config.output, config.model])
     try:
         spec = load_model_spec(config.model, storage, config.model_cache_dir)
     except (ValueError, OSError) as exc:

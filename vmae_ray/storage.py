@@ -140,6 +140,37 @@ class StorageOptions:
             raise ValueError(f"--storage-options: expected a JSON object, got a JSON {type(value).__name__}")
         return cls(value)
 
+    def with_driver_environment(self, uris: list[str]) -> "StorageOptions":
+        """Fold the driver's S3 settings from the environment into the options.
+
+        Workers of an existing cluster (``ray job submit``, RAY_ADDRESS) run with their
+        node's environment, not the driver's: key, secret, session token, endpoint and
+        region that the driver has only as AWS_* variables would not reach them. They
+        travel instead inside these options (pickled into task arguments, never printed,
+        never put in a runtime_env that Ray displays). Explicit options win; profiles and
+        instance roles are resolved by each node itself and are left alone.
+        """
+        if not any(_protocol(u) in _S3_PROTOCOLS for u in uris if u):
+            return self
+        options = self.to_fsspec()
+        env = os.environ
+        explicit_key = any(k in options for k in ("key", "secret", "token", "profile", "anon"))
+        if not explicit_key and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+            options["key"] = env["AWS_ACCESS_KEY_ID"]
+            options["secret"] = env["AWS_SECRET_ACCESS_KEY"]
+            if env.get("AWS_SESSION_TOKEN"):
+                options["token"] = env["AWS_SESSION_TOKEN"]
+        client_kwargs = dict(options.get("client_kwargs") or {})
+        endpoint = _env_s3_endpoint()
+        if endpoint and not options.get("endpoint_url") and not client_kwargs.get("endpoint_url"):
+            client_kwargs["endpoint_url"] = endpoint
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+        if region and not client_kwargs.get("region_name"):
+            client_kwargs["region_name"] = region
+        if client_kwargs:
+            options["client_kwargs"] = client_kwargs
+        return StorageOptions(options)
+
     def to_fsspec(self) -> dict:
         """The real options (secrets included) as a fresh dict for fsspec constructors."""
         return copy.deepcopy(self._options)
