@@ -11,6 +11,9 @@ matched to targets by timestamp (`sampling.FrameMatcher`), never by assuming a c
 
 from __future__ import annotations
 
+import bisect
+import errno
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
@@ -24,6 +27,14 @@ from vmae_ray.sampling import ClipPlan, FrameMatcher, plan_clips
 # PIL resample codes (what preprocessor_config.json stores) -> the libswscale filter that
 # comes closest; parity with the PIL resize is tested with a stated tolerance.
 SWSCALE_FOR_PIL_RESAMPLE = {0: "POINT", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "AREA", 5: "BILINEAR"}
+
+
+# Keyframe seeking for sparse plans (see `VideoDecoder.clips`). Plans whose targets are never
+# more than SEEK_MIN_GAP_FRAMES apart decode straight through without looking at the index;
+# otherwise a seek is made when the keyframe before the next target lies more than
+# SEEK_MIN_SKIP_FRAMES frames past the current position (a seek costs about one frame's decode).
+SEEK_MIN_GAP_FRAMES = 32
+SEEK_MIN_SKIP_FRAMES = 16
 
 
 class DecodeError(Exception):
@@ -111,6 +122,12 @@ def center_crop(rgb: np.ndarray, crop_height: int, crop_width: int) -> np.ndarra
 def _error_from_av(exc: BaseException, stage: str) -> DecodeError:
     if isinstance(exc, DecodeError):
         return exc
+    if isinstance(exc, av.error.FFmpegError) and exc.errno == errno.EPERM:
+        # Many libavformat/libavcodec calls fail with a bare -1, which is AVERROR(EPERM):
+        # PyAV raises it as PermissionError "Operation not permitted". From the demuxer or
+        # decoder that means damaged data, not a permission problem (the bytes are read by
+        # Python, whose own PermissionError is not an FFmpegError).
+        return DecodeError("corrupt", stage, f"{type(exc).__name__}: {exc}")
     if isinstance(exc, (FileNotFoundError, av.error.FileNotFoundError)):
         return DecodeError("not_found", "read", str(exc))
     if isinstance(exc, (PermissionError, av.error.PermissionError)):
@@ -131,6 +148,10 @@ class VideoDecoder:
     def __init__(self, file: BinaryIO | str, *, limits: DecodeLimits = DecodeLimits(),
                  size_bytes: int | None = None, threads: int = 1):
         self._limits = limits
+        try:
+            self._seekable = isinstance(file, str) or bool(file.seekable())
+        except Exception:  # noqa: BLE001 - a file object without seekable(): do not seek
+            self._seekable = False
         if size_bytes is not None and size_bytes > limits.max_bytes:
             raise DecodeError("too_large", "probe", f"{size_bytes} bytes exceeds max_bytes={limits.max_bytes}")
         if size_bytes == 0:
@@ -141,9 +162,19 @@ class VideoDecoder:
             raise _error_from_av(exc, "probe") from exc
         try:
             self._stream = self._choose_stream()
+            if self._stream.codec_context is None:
+                raise DecodeError("corrupt", "probe", "the video stream has no decoder (unknown codec id: a damaged "
+                                                      "header, or a codec this FFmpeg build lacks)")
             self._stream.thread_type = "AUTO" if threads != 1 else "SLICE"
             self._stream.codec_context.thread_count = threads
+            self._threads = threads
             self.probe = self._probe()
+        except DecodeError:
+            self._container.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a failed seek in the timing scan
+            self._container.close()
+            raise _error_from_av(exc, "probe") from exc
         except BaseException:
             self._container.close()
             raise
@@ -245,73 +276,359 @@ class VideoDecoder:
         )
 
     def clips(self, plans: list[ClipPlan], geometry: FrameGeometry) -> Iterator[DecodedClip]:
-        """Decode once, straight through, and yield each clip as soon as its frames are in.
+        """Decode what the plans need and yield each clip as soon as its frames are in.
 
         Only frames some target selects are converted (RGB + resize in one swscale call);
         clips leave as soon as complete, so a long video with many clips holds only the
         frames of the clips still open, never the whole video.
+
+        Dense plans decode straight through from the first frame and stop after the last
+        target. Sparse plans (targets further apart than `SEEK_MIN_GAP_FRAMES`, as with
+        uniform sampling or a few stride clips over a long video) scan the stream's packet
+        index (demux only, no decoding) and seek to the keyframe before a target whenever
+        that skips at least `SEEK_MIN_SKIP_FRAMES` frames; see `_clips_seeking`. Both ways
+        give the same frames and the same `frame_indices` (a frame's index is its rank in
+        presentation order, which is its position when decoding straight through).
         """
-        probe = self.probe
-        out_w, out_h = geometry.resized_size(probe.width, probe.height)
-        matcher = FrameMatcher(plans)
-        num_frames = [len(p.target_seconds) for p in plans]
-        chosen: list[list[int | None]] = [[None] * n for n in num_frames]
-        remaining = list(num_frames)
-        converted: dict[int, tuple[np.ndarray, float]] = {}  # index -> (rgb crop, seconds)
-        next_clip = 0
-        prev = None  # (index, frame) not yet known to be needed
-        period = 1.0 / probe.fps if probe.fps > 0 else 0.0
+        if self._should_scan(plans):
+            index = self._packet_index()
+            if index is not None and self._worth_seeking(plans, index):
+                yield from self._clips_seeking(plans, geometry, index)
+                return
+            self._rewind()
+        yield from self._clips_straight(plans, geometry)
 
-        def convert(index: int, frame, seconds: float) -> None:
-            if index not in converted:
-                rgb = frame.reformat(width=out_w, height=out_h, format="rgb24",
-                                     interpolation=geometry.interpolation).to_ndarray()
-                converted[index] = (center_crop(rgb, geometry.crop_height, geometry.crop_width), seconds)
+    # -- straight through --------------------------------------------------------------------
 
-        def fill(slots, frames_by_index) -> None:
-            for clip_pos, frame_pos, owner in slots:
-                convert(owner, *frames_by_index[owner])
-                chosen[clip_pos][frame_pos] = owner
-                remaining[clip_pos] -= 1
-
-        def ready() -> Iterator[DecodedClip]:
-            nonlocal next_clip
-            # Clips complete in order (their last targets are increasing).
-            while next_clip < len(plans) and remaining[next_clip] == 0:
-                indices = [int(i) for i in chosen[next_clip]]
-                pixels = np.stack([converted[i][0] for i in indices])
-                start = converted[indices[0]][1] - probe.start_seconds
-                end = converted[indices[-1]][1] - probe.start_seconds + period
-                yield DecodedClip(next_clip, start, end, indices, pixels)
-                next_clip += 1
-                still_needed = {i for c in chosen[next_clip:] for i in c if i is not None}
-                for i in list(converted):
-                    if i not in still_needed:
-                        del converted[i]
-
+    def _clips_straight(self, plans: list[ClipPlan], geometry: FrameGeometry,
+                        skip_clips: int = 0) -> Iterator[DecodedClip]:
+        asm = _ClipAssembler(plans, geometry, self.probe, self._threads)
         index = -1
         last_time = None
+        period = asm.period
         try:
             for frame in self._container.decode(self._stream):
                 index += 1
                 t = frame.time
                 if t is None:  # no timestamp: continue the previous one at the nominal rate
-                    t = (last_time + period) if last_time is not None else probe.start_seconds
+                    t = (last_time + period) if last_time is not None else self.probe.start_seconds
                 last_time = t
-                frames_by_index = {index: (frame, t)}
-                if prev is not None:
-                    frames_by_index[prev[0]] = prev[1:]
-                fill(matcher.push(index, t), frames_by_index)
-                yield from ready()
-                if matcher.done:
+                for clip in asm.push(index, frame, t):
+                    if clip.clip_index >= skip_clips:
+                        yield clip
+                if asm.done:
                     break
-                prev = (index, frame, t)
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken stream is a per-video error
             raise _error_from_av(exc, "decode") from exc
         if index < 0:
             raise DecodeError("corrupt", "decode", "no frame could be decoded")
-        if not matcher.done and prev is not None:
-            fill(matcher.finish(), {prev[0]: prev[1:]})
-            yield from ready()
+        for clip in asm.finish():
+            if clip.clip_index >= skip_clips:
+                yield clip
+
+    # -- keyframe seeking --------------------------------------------------------------------
+
+    def _should_scan(self, plans: list[ClipPlan]) -> bool:
+        """Cheap test on the plan alone: could any gap between targets hold a GOP to skip?"""
+        fps = self.probe.fps
+        if fps <= 0 or not self._seekable:
+            return False
+        times = sorted({t for p in plans for t in p.target_seconds})
+        if not times:
+            return False
+        gaps = [times[0] - self.probe.start_seconds] + [b - a for a, b in zip(times, times[1:])]
+        return max(gaps) * fps >= SEEK_MIN_GAP_FRAMES
+
+    def _packet_index(self) -> "_PacketIndex | None":
+        """Timestamps and keyframe flags of every packet of the stream (demux, no decoding).
+
+        Returns None (decode straight through) when the index cannot map timestamps to frame
+        numbers one to one: a packet without pts, two packets with the same pts, or no keyframe.
+        Packets marked discard (e.g. before an MP4 edit list's start) produce no frame and are
+        left out, as the decoder leaves them out.
+        """
+        stream = self._stream
+        entries: list[tuple[int, int | None, bool]] = []
+        try:
+            for packet in self._container.demux(stream):
+                if packet.size == 0:
+                    continue  # the flush packet at the end
+                if packet.is_discard:
+                    continue
+                if packet.pts is None:
+                    return None
+                entries.append((int(packet.pts), packet.dts, bool(packet.is_keyframe)))
+        except Exception:  # noqa: BLE001 - an unreadable index: decode straight through
+            return None
+        if not entries:
+            return None
+        entries.sort()
+        pts = [e[0] for e in entries]
+        if any(a == b for a, b in zip(pts, pts[1:])):
+            return None
+        keyframes = [i for i, e in enumerate(entries) if e[2]]
+        if not keyframes:
+            return None
+        # Seek by the keyframe's pts: libavformat's seek (MP4 included) lands on the last
+        # keyframe at or before it. `_start_at_keyframe` checks where it really landed.
+        seek_ts = [entries[i][0] for i in keyframes]
+        tb = float(stream.time_base)
+        return _PacketIndex(pts=pts, seconds=[p * tb for p in pts], keyframes=keyframes, seek_ts=seek_ts,
+                            rank={p: i for i, p in enumerate(pts)})
+
+    def _worth_seeking(self, plans: list[ClipPlan], index: "_PacketIndex") -> bool:
+        """Would following the plan with seeks skip at least one GOP's worth of frames?"""
+        pos = -1
+        for t in sorted({t for p in plans for t in p.target_seconds}):
+            owner = index.owner_floor(t)
+            key = index.keyframe_at_or_before(owner)
+            if key > pos + SEEK_MIN_SKIP_FRAMES:
+                return True
+            pos = max(pos, owner + 1)
+        return False
+
+    def _rewind(self) -> None:
+        try:
+            self._container.seek(0)
+        except Exception as exc:  # noqa: BLE001
+            raise _error_from_av(exc, "decode") from exc
+
+    def _seek_to_keyframe(self, index: "_PacketIndex", key_pos: int) -> None:
+        self._container.seek(index.seek_ts[key_pos], stream=self._stream, backward=True, any_frame=False)
+
+    def _start_at_keyframe(self, index: "_PacketIndex", key_pos: int) -> Iterator:
+        """Decoded frames from the keyframe ``key_pos`` on (or from an earlier one).
+
+        A demuxer may land past the keyframe asked for (it searches its own index, by dts or
+        by cue points); frames would then be skipped, so step back one keyframe and retry. A
+        landing before it only costs decoding a few frames that are then dropped.
+        """
+        floor = index.keyframes[key_pos]
+        for attempt_pos in range(key_pos, max(-1, key_pos - 4), -1):
+            self._seek_to_keyframe(index, attempt_pos)
+            frames = self._container.decode(self._stream)
+            first = next(frames, None)
+            if first is None:
+                raise _IndexMismatch(f"no frame after seeking to frame {index.keyframes[attempt_pos]}")
+            rank = index.rank.get(first.pts) if first.pts is not None else None
+            if rank is not None and rank <= floor:
+                return itertools.chain((first,), frames)
+        raise _IndexMismatch(f"seeking to frame {floor} lands after it")
+
+    def _clips_seeking(self, plans: list[ClipPlan], geometry: FrameGeometry,
+                       index: "_PacketIndex") -> Iterator[DecodedClip]:
+        """Decode forward from the keyframe before each target that is far ahead.
+
+        A frame's index is the rank of its pts among the stream's packets, which is its
+        position when decoding straight through as long as every packet gives one frame. That
+        is checked as frames arrive: two frames decoded one after the other must have
+        consecutive ranks. If not (a decoder that drops or adds frames), the video is decoded
+        again straight through, and the clips already yielded are not repeated.
+        """
+        asm = _ClipAssembler(plans, geometry, self.probe, self._threads)
+        stream = self._stream
+        yielded = 0
+        frames = None  # the decode iterator, None until the first seek
+        pos = -1  # index of the last frame pushed
+        expect = None  # rank the next decoded frame must have (None right after a seek)
+        floor = 0  # after a seek to keyframe k: frames before k are not pushed
+        try:
+            while not asm.done:
+                target = asm.next_target_seconds
+                owner = index.owner_floor(target)
+                key_pos = index.keyframe_pos_at_or_before(owner)
+                key = index.keyframes[key_pos]
+                if frames is None or key > pos + SEEK_MIN_SKIP_FRAMES:
+                    frames = self._start_at_keyframe(index, key_pos)
+                    expect, floor = None, key
+                    asm.forget_previous()
+                # Decode until the next target is filled or the stream ends.
+                goal = asm.filled_count + 1
+                ended = True
+                for frame in frames:
+                    if frame.pts is None:
+                        raise _IndexMismatch("a decoded frame has no pts")
+                    rank = index.rank.get(frame.pts)
+                    if rank is None:
+                        raise _IndexMismatch(f"decoded pts {frame.pts} is not in the packet index")
+                    if rank < floor or rank <= pos:
+                        continue  # before the keyframe we wanted (or already pushed)
+                    if expect is not None and rank != expect:
+                        raise _IndexMismatch(f"frame {rank} decoded after frame {expect - 1}")
+                    expect = rank + 1
+                    pos = rank
+                    for clip in asm.push(rank, frame, frame.time):
+                        yielded += 1
+                        yield clip
+                    if asm.done or asm.filled_count >= goal:
+                        ended = False
+                        break
+                if ended and not asm.done:
+                    # End of stream: the remaining targets take the last frame.
+                    for clip in asm.finish():
+                        yielded += 1
+                        yield clip
+                    break
+        except _IndexMismatch:
+            self._rewind()
+            yield from self._clips_straight(plans, geometry, skip_clips=yielded)
+        except DecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken stream is a per-video error
+            raise _error_from_av(exc, "decode") from exc
+
+
+class _IndexMismatch(Exception):
+    """The packet index does not describe the decoded frames; decode straight through."""
+
+
+@dataclass
+class _PacketIndex:
+    pts: list[int]  # every frame's pts, sorted: position = frame index
+    seconds: list[float]
+    keyframes: list[int]  # frame indices of keyframes, increasing
+    seek_ts: list[int]  # per keyframe, the timestamp to seek to
+    rank: dict[int, int]  # pts -> frame index
+
+    def owner_floor(self, target: float) -> int:
+        """A frame index at or before the frame shown at ``target`` (never after it)."""
+        return max(0, bisect.bisect_right(self.seconds, target - 1e-6) - 1)
+
+    def keyframe_pos_at_or_before(self, frame_index: int) -> int:
+        return max(0, bisect.bisect_right(self.keyframes, frame_index) - 1)
+
+    def keyframe_at_or_before(self, frame_index: int) -> int:
+        return self.keyframes[self.keyframe_pos_at_or_before(frame_index)]
+
+
+class _ClipAssembler:
+    """Matches frames to the plans' targets, converts the chosen ones, assembles clips.
+
+    Frames are pushed in increasing index order (possibly with gaps, where the decoder seeked
+    over frames no target needs). Only selected frames are converted; clips are yielded in
+    order as soon as complete and their frames released.
+    """
+
+    def __init__(self, plans: list[ClipPlan], geometry: FrameGeometry, probe: VideoProbe, threads: int = 1):
+        self.plans, self.geometry, self.probe = plans, geometry, probe
+        # libswscale threads: like libavcodec's, one per decode task by default (PyAV's own
+        # default, 0, starts a thread per CPU in every task).
+        self.threads = threads
+        self._planar = True
+        self.out_w, self.out_h = geometry.resized_size(probe.width, probe.height)
+        self.matcher = FrameMatcher(plans)
+        num_frames = [len(p.target_seconds) for p in plans]
+        self.chosen: list[list[int | None]] = [[None] * n for n in num_frames]
+        self.remaining = list(num_frames)
+        self.total = sum(num_frames)
+        self.filled_count = 0
+        self.converted: dict[int, tuple[np.ndarray, float]] = {}  # index -> (rgb crop, seconds)
+        self.next_clip = 0
+        self.prev = None  # (index, frame, seconds) not yet known to be needed
+        self.period = 1.0 / probe.fps if probe.fps > 0 else 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.matcher.done
+
+    @property
+    def next_target_seconds(self) -> float | None:
+        return self.matcher.next_target_seconds
+
+    def forget_previous(self) -> None:
+        # After a seek the previous frame can no longer own a target (every open target is
+        # at or after the keyframe sought to), so it need not be kept.
+        self.prev = None
+
+    def _convert(self, index: int, frame, seconds: float) -> None:
+        if index not in self.converted:
+            self.converted[index] = (self._rgb_crop(frame), seconds)
+
+    def _rgb_crop(self, frame) -> np.ndarray:
+        """The model's crop of one frame: (crop_h, crop_w, 3) uint8, contiguous.
+
+        From planar RGB the crop is copied plane by plane straight into the output, which
+        saves interleaving the whole resized frame first (as `to_ndarray` would) and then
+        copying the crop again.
+        """
+        g = self.geometry
+        top, left = (self.out_h - g.crop_height) // 2, (self.out_w - g.crop_width) // 2
+        if self._planar and self.threads is not None and top >= 0 and left >= 0:
+            try:
+                planar = frame.reformat(format="gbrp", width=self.out_w, height=self.out_h,
+                                        interpolation=g.interpolation, threads=self.threads)
+                out = np.empty((g.crop_height, g.crop_width, 3), dtype=np.uint8)
+                # gbrp plane order is G, B, R.
+                for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
+                    data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
+                    out[:, :, channel] = data[top:top + g.crop_height, left:left + g.crop_width]
+                return out
+            except (ValueError, TypeError, NotImplementedError, IndexError):
+                pass  # an older PyAV: the generic path below decides what works
+        return np.ascontiguousarray(center_crop(self._rgb(frame), g.crop_height, g.crop_width))
+
+    def _rgb(self, frame) -> np.ndarray:
+        """Resize + convert to RGB in one libswscale call; (out_h, out_w, 3) uint8.
+
+        Planar RGB (gbrp) output, which PyAV returns as an (H, W, 3) RGB array: libswscale's
+        planar writer is 1.5-2.5x faster than its packed rgb24 writer when scaling (measured
+        with libswscale 9: 0.30 vs 0.79 ms for 428x240 -> 413x232, 1.2 vs 1.7 ms from 1080p)
+        and interpolates chroma fully, so on HD input it is closer to the reference (full
+        resolution RGB then PIL bilinear): mean error 2.2 vs 4.4 levels on 720p test video;
+        identical output where both are exact.
+        """
+        kwargs = {"width": self.out_w, "height": self.out_h, "interpolation": self.geometry.interpolation}
+        if self.threads is not None:
+            kwargs["threads"] = self.threads
+        try:
+            if self._planar:
+                try:
+                    rgb = frame.reformat(format="gbrp", **kwargs).to_ndarray()
+                    if rgb.shape == (self.out_h, self.out_w, 3):
+                        return rgb
+                except (ValueError, NotImplementedError):
+                    pass
+                self._planar = False  # a PyAV without gbrp arrays: packed RGB from now on
+            return frame.reformat(format="rgb24", **kwargs).to_ndarray()
+        except TypeError:
+            if self.threads is None:
+                raise
+            self.threads = None  # a PyAV whose reformat() takes no threads argument
+            return self._rgb(frame)
+
+    def _fill(self, slots, frames_by_index) -> None:
+        for clip_pos, frame_pos, owner in slots:
+            self._convert(owner, *frames_by_index[owner])
+            self.chosen[clip_pos][frame_pos] = owner
+            self.remaining[clip_pos] -= 1
+            self.filled_count += 1
+
+    def _ready(self) -> Iterator[DecodedClip]:
+        probe, converted = self.probe, self.converted
+        # Clips complete in order (their last targets are increasing).
+        while self.next_clip < len(self.plans) and self.remaining[self.next_clip] == 0:
+            indices = [int(i) for i in self.chosen[self.next_clip]]
+            pixels = np.stack([converted[i][0] for i in indices])
+            start = converted[indices[0]][1] - probe.start_seconds
+            end = converted[indices[-1]][1] - probe.start_seconds + self.period
+            yield DecodedClip(self.next_clip, start, end, indices, pixels)
+            self.next_clip += 1
+            still_needed = {i for c in self.chosen[self.next_clip:] for i in c if i is not None}
+            for i in list(converted):
+                if i not in still_needed:
+                    del converted[i]
+
+    def push(self, index: int, frame, t: float) -> Iterator[DecodedClip]:
+        frames_by_index = {index: (frame, t)}
+        if self.prev is not None:
+            frames_by_index[self.prev[0]] = self.prev[1:]
+        self._fill(self.matcher.push(index, t), frames_by_index)
+        yield from self._ready()
+        self.prev = (index, frame, t)
+
+    def finish(self) -> Iterator[DecodedClip]:
+        if not self.matcher.done and self.prev is not None:
+            self._fill(self.matcher.finish(), {self.prev[0]: self.prev[1:]})
+        yield from self._ready()

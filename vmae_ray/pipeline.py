@@ -96,9 +96,7 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s vmae-ray %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        log.propagate = False
-        for name in ("vmae_ray.writing",):
-            logging.getLogger(name).addHandler(handler)
+        log.propagate = False  # child loggers (vmae_ray.writing, ...) reach it by propagation
 
 
 @dataclass
@@ -155,6 +153,8 @@ def prepare(config: EmbedConfig) -> Plan:
     except (PermissionError, OSError) as exc:
         raise ConfigError("--output", f"cannot write to {config.output}: {type(exc).__name__}: {exc}") from exc
     state = store.recover()
+    if config.run_id and any(r.get("run_id") == config.run_id for r in state.manifest.get("runs", [])):
+        raise ConfigError("--run-id", f"{config.run_id!r} was already used for {config.output}; run ids name files and must be new")
     if state.exists and not config.resume:
         raise ConfigError("--no-resume", f"{config.output} already holds committed results; use --overwrite or another --output")
     replace_all = False

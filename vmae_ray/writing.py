@@ -259,6 +259,10 @@ class ShardWriter:
         self.rows_per_shard = rows_per_shard
         self._buffers: dict[str, list[dict]] = {t: [] for t in TABLES}
         self.staged: dict[str, list[str]] = {t: [] for t in TABLES}
+        # Shards written by this run so far, per table. Not reset when a periodic commit
+        # empties `staged`: a name must never repeat within a run, or the next commit's
+        # move would overwrite a committed shard (and _SUCCESS would list it twice).
+        self._shards: dict[str, int] = {t: 0 for t in TABLES}
 
     def add(self, table: str, rows: list[dict]) -> None:
         if not rows:
@@ -276,6 +280,7 @@ class ShardWriter:
                 buf.clear()
 
     def _flush(self, table: str, rows: list[dict]) -> None:
-        rel = posixpath.join(table, f"part-{self.run_id}-{len(self.staged[table]):05d}.parquet")
+        rel = posixpath.join(table, f"part-{self.run_id}-{self._shards[table]:05d}.parquet")
+        self._shards[table] += 1
         self.store.write_table(self.run_id, rel, rows_to_table(rows, self.schemas[table]))
         self.staged[table].append(rel)
