@@ -27,6 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.run --workdir bench_out --results BENCHMARKS.md
 
 clean:

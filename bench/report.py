@@ -1,0 +1,492 @@
+"""Render bench results (WORKDIR/results.json) as BENCHMARKS.md.
+
+    python -m bench.report bench_out/results.json > BENCHMARKS.md   # re-render without re-running
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+TARGETS = {
+    "vs_read_videos": 3.0,
+    "vs_model_card": 5.0,
+    "decode_ratio": 1.15,
+    "efficiency": 0.85,
+    "decode_rss_mib": 1536.0,
+    "bench_seconds": 900.0,
+}
+
+# Measured once while changing vmae_ray/decoding.py (not re-measured by `make bench`, which
+# only has the current decoder): the same decode-target comparison (bench.decode_bench,
+# CPU seconds, best of 2) with the decoder before and after, on the small corpora.
+DECODER_CHANGES = """\
+Changes to `vmae_ray/decoding.py` (public API unchanged; `tests/test_decoding.py`,
+`tests/test_sampling.py` and `tests/test_parity.py` pass):
+
+1. **Keyframe seeking for sparse plans.** When targets are more than
+   `SEEK_MIN_GAP_FRAMES` (32) frames apart, the decoder scans the stream's packets (demux
+   only: pts, keyframe flag; about 4 us per packet, 0.4 s for one hour of 1080p) and, for
+   each next target, seeks to the keyframe at or before it when that skips more than
+   `SEEK_MIN_SKIP_FRAMES` (16) frames; otherwise it decodes on. Dense plans decode straight
+   through exactly as before, with no scan. `frame_indices` keep their meaning: a frame's
+   index is the rank of its pts among the stream's packets (discarded packets excluded),
+   which is its position when decoding straight through. This is checked while decoding
+   (consecutive frames must have consecutive ranks; a seek must not land after the keyframe
+   asked for, else it steps back a keyframe); on any mismatch the video is decoded again
+   straight through without repeating clips already yielded. Seeking by pts matters: MP4
+   seeks by dts land one GOP early.
+2. **Faster conversion of the sampled frames.** libswscale writes planar RGB (`gbrp`)
+   instead of packed `rgb24` (1.5-2.6x faster when scaling, and identical output where both
+   are exact; on HD input closer to the full-resolution-RGB + PIL reference: mean error 2.2
+   vs 4.4 levels on the 720p bench video), the crop is copied plane by plane straight into
+   the clip (no full-frame interleave), and libswscale runs single-threaded (`threads=1`,
+   like libavcodec: PyAV's default starts a thread per CPU in every decode task).
+
+Before/after: vmae-ray decoder CPU ms per clip, same corpora and plans (`bench.decode_bench.compare`,
+best of 2; "straight" is the libavcodec baseline measured in the same run; 224x224 crop):
+
+| workload | straight | before | after | before / straight | after / straight | after / seek floor |
+|---|---:|---:|---:|---:|---:|---:|
+| kinetics, stride 4x16, 4 clips/video (24 clips) | 596 | 642 | 313 | 1.08 | **0.52** | 1.08 |
+| kinetics, uniform 16, 1 clip/video (6 clips) | 2369 | 2412 | 1929 | 1.03 | **0.81** | 1.07 |
+| kinetics, stride 4x16, all clips (dense; 4 videos, 45 clips) | 203 | 253 | 224 | 1.24 | **1.11** | 1.13 |
+| ssv2, uniform 16 (60 videos) | 24.9 | 57.5 | 31.7 | 2.20 | **1.33** | 1.34 |
+"""
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _status(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+
+
+def _rate(n: float, s: float | None) -> float | None:
+    return n / s if s else None
+
+
+def _peer_rows(m: dict) -> dict[str, dict]:
+    """Per peer: videos, clips, wall seconds, memory, or an error."""
+    rows: dict[str, dict] = {}
+    card = m.get("model_card")
+    if card:
+        rows["model-card loop (1 process)"] = ({"error": card["error"]} if "error" in card else {
+            "videos": card["out"]["videos"], "clips": card["out"]["clips"], "seconds": card["seconds"],
+            "memory": card["memory"]})
+    rv = m.get("read_videos")
+    if rv:
+        rows["ray.data.read_videos + groupby + actor"] = ({"error": rv["error"]} if "error" in rv else {
+            "videos": rv["out"]["videos"], "clips": rv["out"]["clips"], "seconds": rv["seconds"], "memory": rv["memory"]})
+    vr = m.get("vmae_ray")
+    if vr:
+        rows["vmae-ray (pipeline.run)"] = ({"error": vr["error"]} if "error" in vr else {
+            "videos": vr["summary"]["videos_ok"], "clips": vr["summary"]["clips"], "seconds": vr["seconds"],
+            "memory": vr["memory"]})
+    return rows
+
+
+def _ratios(m: dict) -> dict[str, float | None]:
+    def cps(key: str, clips_path, secs_key="seconds"):
+        r = m.get(key)
+        if not r or "error" in r:
+            return None
+        return _rate(clips_path(r), r[secs_key])
+
+    vm = cps("vmae_ray", lambda r: r["summary"]["clips"])
+    rv = cps("read_videos", lambda r: r["out"]["clips"])
+    mc = cps("model_card", lambda r: r["out"]["clips"])
+    return {"vmae": vm, "read_videos": rv, "model_card": mc,
+            "vs_read_videos": vm / rv if vm and rv else None, "vs_model_card": vm / mc if vm and mc else None}
+
+
+def _efficiency(m: dict, res: dict) -> dict[str, Any] | None:
+    vr, st = m.get("vmae_ray"), m.get("stages_alone")
+    if not vr or "error" in vr or not st or "error" in st:
+        return None
+    report = vr["summary"].get("stage_report") or {}
+    slots = report.get("decode_slots", 1)
+    actors = report.get("embed_actors", res.get("num_actors", 1))
+    decode = st["decode"]["clips_per_second"] * slots
+    model = st["model"]["clips_per_second"] * actors
+    e2e = vr["summary"]["clips"] / vr["seconds"]
+    slowest = min(decode, model)
+    # When both stages run on the same cores (CPU model), the most the machine can do is its
+    # CPUs over the CPU seconds one clip costs in both stages.
+    cpus = res.get("num_cpus") or 1
+    shared = cpus / (1.0 / st["decode"]["clips_per_second"] + 1.0 / st["model"]["clips_per_second"])
+    return {"decode_alone_per_task": st["decode"]["clips_per_second"], "decode_slots": slots,
+            "decode_alone": decode, "model_alone_per_actor": st["model"]["clips_per_second"], "actors": actors,
+            "model_alone": model, "slowest": slowest, "slowest_stage": "decode" if decode <= model else "model",
+            "e2e": e2e, "pipeline_only": vr["summary"]["clips"] / vr["summary"]["pipeline_seconds"]
+            if vr["summary"].get("pipeline_seconds") else None,
+            "efficiency": e2e / slowest if slowest else None, "clips": vr["summary"]["clips"], "report": report,
+            "shared_bound": shared, "vs_shared": e2e / shared if shared else None,
+            "decode_in_process": (st.get("decode_in_process") or {}).get("clips_per_second")}
+
+
+def render(results: dict) -> str:
+    out: list[str] = []
+    w = out.append
+    mach = results["machine"]
+    meas = results.get("measurements", {})
+    res = results.get("resources", {})
+    w("# Benchmarks\n")
+    w(f"Written by `make bench` (`python -m bench.run --workdir bench_out --results BENCHMARKS.md`) on "
+      f"{results.get('started_at')}, preset `{results.get('preset')}` (scale {results.get('scale')}); the whole run "
+      f"took **{_f(results.get('total_seconds'), 0)} s** including corpus generation "
+      f"({'cached' if all(c.get('cached') for c in results.get('corpora', {}).values()) else 'generated in this run'})"
+      f". Raw numbers: `bench_out/results.json`.\n")
+    w("All numbers are from one run on a small shared machine (2 cores, CPU only); other jobs were running "
+      f"on it (load average {mach.get('loadavg_start')} at the start, {mach.get('loadavg_end')} at the end), "
+      "so expect noise of tens of percent on wall-clock figures. Decode-stage ratios use CPU time, "
+      "best of 2 interleaved runs, which other load barely moves.\n")
+
+    # ---------------------------------------------------------------- summary
+    w("## Targets\n")
+    w("| target | workload | measured | status |")
+    w("|---|---|---|---|")
+    eff_rows = []
+    for name, m in meas.items():
+        r = _ratios(m)
+        w(f"| vmae-ray >= {TARGETS['vs_read_videos']:g}x `ray.data.read_videos` (clips/s) | {name} | "
+          + (f"{r['vs_read_videos']:.1f}x" if r["vs_read_videos"] else _err(m.get("read_videos")))
+          + f" | {_status(r['vs_read_videos'] >= TARGETS['vs_read_videos'] if r['vs_read_videos'] else None)} |")
+        w(f"| vmae-ray >= {TARGETS['vs_model_card']:g}x model-card loop (clips/s) | {name} | "
+          + (f"{r['vs_model_card']:.1f}x" if r["vs_model_card"] else _err(m.get("model_card")))
+          + f" | {_status(r['vs_model_card'] >= TARGETS['vs_model_card'] if r['vs_model_card'] else None)} |")
+    for name, m in meas.items():
+        d = m.get("decode_target")
+        if d and "error" not in d:
+            ratio = d["ratio_vs_straight_cpu"]
+            w(f"| decode <= {TARGETS['decode_ratio']}x libavcodec decoding the frames the plan needs (CPU time per clip) "
+              f"| {name} | {ratio:.2f}x | {_status(ratio <= TARGETS['decode_ratio'])} |")
+    for name, m in meas.items():
+        e = _efficiency(m, res)
+        if e:
+            eff_rows.append((name, e))
+            big = e["clips"] >= 200
+            w(f"| end-to-end >= {TARGETS['efficiency']} x slowest stage alone (>= 200 clips) | {name} ({e['clips']} clips) | "
+              f"{e['efficiency']:.2f} | {_status(e['efficiency'] >= TARGETS['efficiency']) if big else 'n/a (< 200 clips)'} |")
+    mem = results.get("memory")
+    if isinstance(mem, list) and mem:
+        peak = max(x["peak_rss_mib"] for x in mem)
+        w(f"| decode task RSS < 1.5 GB on hour-long 1080p (stride clips) | long1080 | peak {peak:.0f} MiB "
+          f"| {_status(peak < TARGETS['decode_rss_mib'])} |")
+    tot = results.get("total_seconds")
+    if tot:
+        w(f"| `make bench` < 15 min on this machine | all | {tot / 60:.1f} min | {_status(tot < TARGETS['bench_seconds'])} |")
+    gpu = results.get("gpu") or {}
+    w(f"| GPU model stage: clips/s and MFU (VideoMAE-B) | - | "
+      + ("not measured: no GPU was lent to this run (CPU smoke mode only)" if not gpu.get("cuda_available")
+         else f"{gpu.get('forward_clips_per_second')} clips/s, MFU {gpu.get('forward_mfu')}") + " | "
+      + ("n/a" if not gpu.get("cuda_available") else "measured") + " |")
+    w("")
+
+    # ---------------------------------------------------------------- machine and commands
+    w("## Machine\n")
+    w(f"- CPU: {mach.get('nproc')} x {mach.get('cpu_model')} (`nproc` = {mach.get('nproc')}); RAM {mach.get('ram_gib')} GiB; "
+      f"GPU: {mach.get('gpu')}")
+    w(f"- {mach.get('os')}; Python {mach.get('python')}")
+    w(f"- ray {mach.get('ray')}, torch {mach.get('torch')}, transformers {mach.get('transformers')}, "
+      f"av (PyAV) {mach.get('av')} with libavcodec {mach.get('libavcodec')} / libswscale {mach.get('libswscale')}, "
+      f"pyarrow {mach.get('pyarrow')}, decord {mach.get('decord')}")
+    w(f"- load average at start / end: {mach.get('loadavg_start')} / {mach.get('loadavg_end')}\n")
+    w("## Commands\n")
+    w("```")
+    w("make bench                      # = .venv/bin/python -m bench.run --workdir bench_out --results BENCHMARKS.md")
+    w("python -m bench.corpus --preset small          # corpora only (cached by spec under bench_out/corpus)")
+    w("python -m bench.gpu_model [--smoke]            # model stage at VideoMAE-B size (needs CUDA without --smoke)")
+    w("python -m bench.report bench_out/results.json  # re-render this file")
+    for name, m in meas.items():
+        vr = m.get("vmae_ray")
+        if vr and "command" in vr:
+            w(f"# vmae-ray peer, {name}:")
+            w(vr["command"].replace(results.get("_root", "") + "/", ""))
+    for x in (mem if isinstance(mem, list) else []):
+        w(x.get("command", "").replace(results.get("_root", "") + "/", ""))
+    w("```")
+    w(f"Resources given to both Ray peers: decode/read tasks {res.get('decode_cpus')} CPU each, "
+      f"{res.get('num_actors')} model actor with {res.get('cpus_per_actor')} CPU, batch {res.get('batch_size')}; "
+      f"Ray started with num_cpus={res.get('num_cpus')}. The model-card loop is one Python process "
+      "(torch uses its default threads).\n")
+
+    # ---------------------------------------------------------------- corpora, model
+    w("## Corpora\n")
+    w("| corpus | videos | shape | duration | frames | size | mean bitrate | generation |")
+    w("|---|---:|---|---:|---:|---:|---:|---|")
+    for name, c in results.get("corpora", {}).items():
+        gen = "cached" if c.get("cached") else f"{_f(c.get('generation_seconds'), 0)} s"
+        w(f"| {name} | {c['videos']} | {c['describe']} | {c['seconds']:.0f} s | {c['frames']} | "
+          f"{c['bytes'] / 2**20:.0f} MiB | {c['mean_bit_rate'] / 1e6:.2f} Mbit/s | {gen} |")
+    w("")
+    w("Made by `bench/corpus.py` with PyAV: synthetic pictures with real encoder work (two textured layers "
+      "moving in different directions, noise, a moving block), x264 `superfast` CRF 23 with a fixed GOP and "
+      "B-frames, libvpx-vp9 realtime at 300 kbit/s for the SSv2-shaped clips. H.264 videos longer than 10 s "
+      "repeat a unique 10 s segment (whole closed GOPs) at the packet level, so the file is a valid stream of the "
+      "stated length whose decode cost per frame is that of the segment. `long1080` is mostly static (CRF 30): "
+      "a one-hour 1080p file generated in seconds.\n")
+    model = results.get("model", {})
+    w("## Model\n")
+    w(f"Randomly initialised VideoMAE (`make_tiny_checkpoint`, `{model.get('checkpoint')}`): {model.get('num_frames')} "
+      f"frames of {model.get('image_size')}x{model.get('image_size')} (resize short side to "
+      f"{model.get('resize_shortest_edge')}, center crop {model.get('crop')}), patch {model.get('patch_size')}, "
+      f"tubelet {model.get('tubelet_size')} (1568 tokens, as VideoMAE-B), hidden {model.get('hidden_size')}, "
+      f"{model.get('num_hidden_layers')} layer: the real clip geometry with a tiny encoder, so that on CPU the "
+      "model stage is cheap next to decoding and the runs measure the decode path (on CPU about two thirds "
+      "of its time is normalising the uint8 clip to float).\n")
+
+    # ---------------------------------------------------------------- ray start
+    ray_info = results.get("ray")
+    if ray_info:
+        w("## Ray start-up (reported apart)\n")
+        w(f"`ray.init` took {ray_info['ray_init_seconds']} s; with a first trivial Ray Data job (worker processes "
+          f"started) {ray_info['ray_start_seconds']} s. Ray was started once; every Ray peer below ran on it, and "
+          "its time excludes this start-up (it includes everything else: planning, actor start and model load, "
+          "and for vmae-ray listing, writing and committing the Parquet tables).\n")
+
+    # ---------------------------------------------------------------- peers
+    w("## Peers, end to end\n")
+    for name, m in meas.items():
+        wl = results.get("workloads", {}).get(name, {})
+        w(f"### {name}: {wl.get('description', '')}\n")
+        w(f"Sampling: {wl.get('sampling')}.\n")
+        w("| peer | videos | clips | wall s | videos/s | clips/s | peak RSS driver | peak RSS largest worker "
+          "| sum of worker RSS | peak object store |")
+        w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for peer, row in _peer_rows(m).items():
+            if "error" in row:
+                w(f"| {peer} | - | - | - | - | - | - | - | - | did not run: {row['error'][:300]} |")
+                continue
+            mm = row["memory"]
+            ray_cols = (f"{mm['worker_rss_max_mib']:.0f} MiB | {mm['worker_rss_sum_mib']:.0f} MiB | "
+                        f"{mm['object_store_peak_mib']:.0f} MiB"
+                        + (f" (+{mm['object_store_spilled_mib']:.0f} spilled)" if mm.get("object_store_spilled_mib") else "")
+                        ) if "model-card" not in peer else "- | - | -"
+            w(f"| {peer} | {row['videos']} | {row['clips']} | {row['seconds']:.1f} | "
+              f"{row['videos'] / row['seconds']:.2f} | {row['clips'] / row['seconds']:.2f} | "
+              f"{mm['driver_rss_mib']:.0f} MiB | {ray_cols} |")
+        r = _ratios(m)
+        w("")
+        w("Worker RSS counts the object-store pages a worker has mapped (shared memory), so for read_videos, "
+          "whose shuffle maps gigabytes of frames, it overstates private memory; the object-store column is the "
+          "store's own count. The model-card loop's RSS is its whole process.")
+        w(f"vmae-ray / read_videos: **{_f(r['vs_read_videos'], 1)}x**; vmae-ray / model-card: "
+          f"**{_f(r['vs_model_card'], 1)}x** (clips/s).")
+        card = m.get("model_card")
+        if card and "error" not in card:
+            o = card["out"]
+            w(f"Model-card loop breakdown: decoding + RGB of all {o['frames_decoded']} frames {o['decode_seconds']:.1f} s, "
+              f"VideoMAEImageProcessorPil {o['preprocess_seconds']:.1f} s, model {o['model_seconds']:.1f} s "
+              f"(torch threads {o['torch_threads']}).")
+        for key, label in (("vmae_ray", "vmae-ray"), ("read_videos", "read_videos")):
+            x = m.get(key)
+            if x and "error" not in x and x["memory"].get("cpu_seconds"):
+                cpu = x["memory"]["cpu_seconds"]
+                total = sum(cpu.values())
+                top = ", ".join(f"{k} {v:.1f}" for k, v in list(cpu.items())[:6])
+                w(f"CPU seconds during the {label} run ({x['seconds']:.1f} s wall, {total:.1f} CPU s = "
+                  f"{total / x['seconds']:.2f} cores busy on average): {top}.")
+        rv = m.get("read_videos")
+        if rv and "error" not in rv:
+            w(f"read_videos ran with `resize={tuple(rv['out']['resize'])}` (its own option; frames at full "
+              "resolution would not fit this machine's object store for this corpus).")
+        w("")
+
+    # ---------------------------------------------------------------- stages alone, efficiency
+    w("## Each stage alone, and pipeline efficiency\n")
+    w("Decode alone: `vmae_ray.stages.decode_batch` (the decode task's UDF: open, probe, plan, decode, "
+      "convert, Arrow rows; with the job's default crash isolation, in a child process) over the corpus, one "
+      "video per call, from one process. Model alone: `VideoMAEEmbedder.embed` on clips "
+      "decoded beforehand, batch and torch threads as in the actor. A stage's capacity alone is its rate times "
+      "the workers the pipeline gives it (decode slots, actors); efficiency is vmae-ray's end-to-end clips/s "
+      "(wall time after Ray start-up) over the slower capacity. The last columns are the job's own stage report "
+      "(busy time measured inside the UDFs during the run).\n")
+    w("| workload | clips | decode alone (per task x slots) | model alone (per actor x actors) | slowest | "
+      "end to end | efficiency | shared-CPU bound | e2e / shared bound | job's report: decode / embed capacity, bottleneck |")
+    w("|---|---:|---|---|---|---:|---:|---:|---:|---|")
+    for name, e in eff_rows:
+        rep = e["report"]
+        w(f"| {name} | {e['clips']} | {e['decode_alone_per_task']:.2f} x {e['decode_slots']} = {e['decode_alone']:.2f} clips/s | "
+          f"{e['model_alone_per_actor']:.2f} x {e['actors']} = {e['model_alone']:.2f} clips/s | {e['slowest_stage']} | "
+          f"{e['e2e']:.2f} clips/s | **{e['efficiency']:.2f}** | {e['shared_bound']:.2f} clips/s | {e['vs_shared']:.2f} | "
+          f"{_f(rep.get('decode_capacity_clips_per_second'))} / {_f(rep.get('embed_capacity_clips_per_second'))} clips/s, "
+          f"{rep.get('bottleneck', '-')} |")
+    w("")
+    w("Decode alone runs `stages.decode_batch` with the job's defaults, i.e. in its crash-isolation child "
+      "process with rows sent back over a pipe; without isolation (the decoding itself, in-process): "
+      + ", ".join(f"{n} {_f(e['decode_in_process'])} clips/s" for n, e in eff_rows) + ". The shared-CPU bound "
+      "is the machine's CPUs over the CPU time one clip costs in both stages (decode and model run on the same "
+      "cores here; with a GPU they would not).\n")
+
+    # ---------------------------------------------------------------- decode target
+    w("## Decode stage against libavcodec\n")
+    w("`bench/decode_bench.py`: per video, the job's clip plan names the frames each clip needs. Baselines "
+      "decode with the same PyAV/libavcodec and the same thread settings as the decoder (1 thread, slice "
+      "threading) and convert nothing: **straight** decodes packets from the start up to the last needed "
+      "frame (the target's definition); **seek floor** seeks to the keyframe before every needed frame that "
+      "is not reachable within the current GOP and decodes forward (the least decoding possible). vmae-ray "
+      "is `VideoDecoder(...).clips(...)` consumed to the end: open, probe, plan, packet scan, seeks, "
+      "conversion of the sampled frames. Best of 2 interleaved runs; CPU seconds (wall in parentheses).\n")
+    w("| workload | videos | clips | straight ms/clip | seek floor ms/clip | vmae-ray ms/clip | vmae-ray / straight | vmae-ray / seek floor |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, m in meas.items():
+        d = m.get("decode_target")
+        if not d:
+            continue
+        if "error" in d:
+            w(f"| {name} | - | - | - | - | - | failed: {d['error'][:200]} | - |")
+            continue
+        w(f"| {name} | {d['videos']} | {d['clips']} | {d['straight_ms_per_clip_cpu']:.1f} ({d['straight_ms_per_clip_wall']:.1f}) | "
+          f"{d['seek_ms_per_clip_cpu']:.1f} ({d['seek_ms_per_clip_wall']:.1f}) | "
+          f"{d['vmae_ms_per_clip_cpu']:.1f} ({d['vmae_ms_per_clip_wall']:.1f}) | **{d['ratio_vs_straight_cpu']:.2f}** "
+          f"({d['ratio_vs_straight_wall']:.2f}) | {d['ratio_vs_seek_cpu']:.2f} ({d['ratio_vs_seek_wall']:.2f}) |")
+    w("")
+    for name, m in meas.items():
+        d = m.get("decode_target")
+        if d and "error" not in d and len(d["rows"]) <= 12:
+            w(f"<details><summary>{name}: per video</summary>\n")
+            w("| video | frames | clips | frames decoded straight / seek floor | straight ms | seek floor ms | vmae-ray ms |")
+            w("|---|---:|---:|---|---:|---:|---:|")
+            for row in d["rows"]:
+                w(f"| {row['path'].rsplit('/', 1)[-1]} | {row['frames_in_file']} | {row['clips']} | "
+                  f"{row['frames_straight']} / {row['frames_seek']} | {1000 * row['straight_cpu']:.0f} | "
+                  f"{1000 * row['seek_cpu']:.0f} | {1000 * row['vmae_cpu']:.0f} |")
+            w("\n</details>\n")
+    w(DECODER_CHANGES)
+
+    # ---------------------------------------------------------------- memory
+    w("## Decode-task memory on long 1080p video\n")
+    if isinstance(mem, list) and mem:
+        w("`bench/memory.py`, a fresh process per case running `vmae_ray.stages.decode_video` (the decode "
+          "task's function; rows dropped as they are produced, as Ray Data hands blocks on). Peak RSS is the "
+          "process's `VmHWM`, interpreter and libraries included; `before` is RSS after imports.\n")
+        w("| file | length | frames | bitrate | sampling | clips | decode s | RSS before | peak RSS | RSS over time (s: MiB) |")
+        w("|---|---:|---:|---:|---|---:|---:|---:|---:|---|")
+        for x in mem:
+            samples = ", ".join(f"{t:g}: {r:.0f}" for t, r in x["rss_samples_mib"][:8])
+            w(f"| {x['name']} | {x['duration_seconds'] / 60:.0f} min | {x['frames']} | {x['bit_rate'] / 1e6:.2f} Mbit/s | "
+              f"{x['sampling']} | {x['clips']} | {x['seconds']:.1f} | {x['rss_before_mib']:.0f} MiB | "
+              f"**{x['peak_rss_mib']:.0f} MiB** | {samples} |")
+        w("")
+        w("What was measured: the one-hour file is a real 108,000-frame 1080p H.264 stream (a 250-frame segment "
+          "repeated at the packet level, mostly static content, so it is small and quick to make); decoding all "
+          "of it would take minutes here, so the hour is decoded with 32 stride clips spread over it (keyframe "
+          "seeks, the packet index of all 108,000 frames held in memory). Decoding every frame (back-to-back "
+          "clips) is measured on the shorter files of the same stream: peak RSS does not grow with length "
+          "(clips leave as they complete; the decoder holds only the frames of open clips), so an hour "
+          "decoded in full stays at the same level.\n")
+    elif isinstance(mem, dict) and "error" in mem:
+        w(f"Failed: {mem['error']}\n")
+
+    # ---------------------------------------------------------------- gpu
+    w("## GPU model stage\n")
+    if gpu and not gpu.get("cuda_available"):
+        w("**No GPU was lent to this run: the GPU numbers were not measured.** `bench/gpu_model.py` ran in its "
+          "CPU smoke mode only (a tiny configuration, to check the code path): "
+          f"`{gpu.get('command', 'python -m bench.gpu_model --smoke')}` "
+          + (f"({gpu.get('forward_clips_per_second')} clips/s forward, {gpu.get('embedder_clips_per_second')} "
+             "clips/s through the embedder, on CPU, meaningless for GPU sizing)." if "error" not in gpu else
+             f"failed: {gpu['error'][:300]}"))
+        w("")
+        w("On a CUDA machine, `python -m bench.gpu_model` measures VideoMAE-Base (random weights; 16x224x224, "
+          "hidden 768, 12 layers; 360.7 GFLOPs per clip counting 2 per multiply-accumulate, i.e. the paper's "
+          "180 GFLOPs) in bf16: clips/s for the model alone and through `VideoMAEEmbedder.embed` from uint8 host "
+          "clips, and MFU against the dense bf16 peak (989 TFLOP/s on H100/H200).\n")
+    elif gpu and "error" not in gpu:
+        w("| device | dtype | batch | GFLOPs/clip | forward clips/s | forward MFU | embedder clips/s | embedder MFU |")
+        w("|---|---|---:|---:|---:|---:|---:|---:|")
+        w(f"| {gpu['device']} | {gpu['dtype']} | {gpu['batch_size']} | {gpu['gflops_per_clip']} | "
+          f"{gpu['forward_clips_per_second']} | {_f(gpu.get('forward_mfu'), 3)} | {gpu['embedder_clips_per_second']} | "
+          f"{_f(gpu.get('embedder_mfu'), 3)} |\n")
+    elif gpu:
+        w(f"Failed: {gpu.get('error', '')[:500]}\n")
+
+    w(_misses(results, meas, res, eff_rows))
+    return "\n".join(out) + "\n"
+
+
+def _cpu_per_clip(x: dict | None, clips: int) -> float | None:
+    if not x or "error" in x or not clips:
+        return None
+    # All processes on the machine during the run (other load included: best effort).
+    cpu = x["memory"].get("cpu_seconds") or {}
+    return sum(cpu.values()) / clips
+
+
+def _misses(results: dict, meas: dict, res: dict, eff_rows: list) -> str:
+    """What missed, and why, with this run's numbers."""
+    lines = ["## What misses, and why\n"]
+    for name, m in meas.items():
+        r = _ratios(m)
+        if r["vs_model_card"] is not None and r["vs_model_card"] < TARGETS["vs_model_card"]:
+            card, vr = m.get("model_card"), m.get("vmae_ray")
+            card_cpu = _cpu_per_clip(card, card["out"]["clips"]) if card and "error" not in card else None
+            vr_cpu = _cpu_per_clip(vr, vr["summary"]["clips"]) if vr and "error" not in vr else None
+            st = m.get("stages_alone") or {}
+            d = st.get("decode", {}).get("clips_per_second")
+            mo = st.get("model", {}).get("clips_per_second")
+            lines.append(
+                f"- **vmae-ray vs model-card on {name}: {r['vs_model_card']:.1f}x (target {TARGETS['vs_model_card']:g}x).** "
+                f"Per clip the model-card loop spent {_f(card_cpu)} CPU s and vmae-ray {_f(vr_cpu)} CPU s (all processes "
+                "on the machine during the run, Ray's included)"
+                + (", so vmae-ray does less work per clip" if card_cpu and vr_cpu and vr_cpu < card_cpu else "")
+                + f"; and this machine has {res.get('num_cpus')} cores: the loop keeps one busy (plus torch's second "
+                "thread), vmae-ray can add at most one more. "
+                + (f"On this workload decoding is cheap (decode alone {d:.1f} clips/s per core) and the model stage "
+                   f"costs as much (model alone {mo:.1f} clips/s, most of it normalising uint8 clips to float on CPU), "
+                   "so both peers are bounded by the same CPU work. " if d and mo and mo < 2 * d else "")
+                + "Each Ray job also pays a fixed cost that a 10-30 s run cannot amortise (the model actor's start: "
+                "importing torch and transformers and loading the checkpoint, several CPU seconds; each decode "
+                "worker's isolation child; Ray Data's ramp-up of task concurrency). With a GPU for the model and "
+                "more cores for decoding, vmae-ray scales with cores while the loop does not; that was not "
+                "measurable here.")
+    for name, e in eff_rows:
+        if e["clips"] >= 200 and e["efficiency"] < TARGETS["efficiency"]:
+            lines.append(
+                f"- **Pipeline efficiency on {name}: {e['efficiency']:.2f} (target {TARGETS['efficiency']}).** "
+                f"The stages alone ran on the whole machine each; in the pipeline they share its "
+                f"{res.get('num_cpus')} cores (the model runs on CPU here), so the reachable rate is the shared-CPU "
+                f"bound ({e['shared_bound']:.1f} clips/s), of which the run got {e['vs_shared']:.2f}. The rest is "
+                "fixed per-job cost (actor start and model load, isolation children, Ray Data's task ramp-up) on a "
+                "run of a few seconds, and the isolated decoders' pipe (every clip crosses it as a 2.4 MB Arrow "
+                "table). On a GPU node the model stage leaves the CPUs to decoding and the comparison becomes "
+                "the one the target means; it could not be measured here.")
+    for name, m in meas.items():
+        d = m.get("decode_target")
+        if d and "error" not in d and d["ratio_vs_straight_cpu"] > TARGETS["decode_ratio"]:
+            lines.append(
+                f"- **Decode vs libavcodec on {name}: {d['ratio_vs_straight_cpu']:.2f}x (target {TARGETS['decode_ratio']}x).** "
+                "Short low-resolution clips with uniform sampling convert a third of their frames (16 of ~48), and "
+                "at 240p converting a frame (bilinear resize to 413x232 and RGB in one libswscale call, ~0.3 ms) "
+                "costs over half of decoding it (~0.5 ms): 16 conversions add about 20-25% to the clip. "
+                "The decoder's own overhead (probe, frame matching, clip assembly and copy) is about 4%. Before this work the "
+                "ratio was 2.2x (packed-RGB conversion was 2.6x slower). On long or HD video the same decoder is "
+                "at or below the baseline (kinetics above).")
+    if len(lines) == 1:
+        lines.append("Every target measured here was met.")
+    return "\n".join(lines) + "\n"
+
+
+def _err(r: dict | None) -> str:
+    if not r:
+        return "not run"
+    return f"did not run ({r.get('error', '?')[:120]})"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0] if argv else "bench_out/results.json") as f:
+        results = json.load(f)
+    sys.stdout.write(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
