@@ -58,17 +58,12 @@ def video_id_for_uri(uri: str) -> str:
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:24]
 
 
-def _protocol_prefix(fs, original: str) -> str:
-    if "://" in original:
-        return original.split("://", 1)[0] + "://"
-    return ""
-
-
-def _full_uri(fs, path: str, original: str) -> str:
-    prefix = _protocol_prefix(fs, original)
-    if prefix and prefix != "file://":
-        return prefix + path.lstrip("/") if not path.startswith(prefix) else path
-    return path if not prefix else "file://" + path
+def _full_uri(path: str, original: str) -> str:
+    """A listed path back as a URI of the same scheme as the input (plain paths stay plain)."""
+    if "://" not in original:
+        return path
+    scheme = original.split("://", 1)[0] + "://"
+    return path if path.startswith(scheme) else scheme + (path if scheme == "file://" else path.lstrip("/"))
 
 
 def _version_of(info: dict) -> str | None:
@@ -137,7 +132,7 @@ def _list_files(uri: str, storage: StorageOptions, extensions: tuple[str, ...]) 
         raise ValueError(f"--input: {uri!r} does not exist")
     inputs = []
     for p, info in entries.items():
-        full = _full_uri(fs, p, uri)
+        full = _full_uri(p, uri)
         inputs.append(
             VideoInput(
                 video_id=video_id_for_uri(full),

@@ -419,8 +419,7 @@ def _write(writer: ShardWriter, finished: Finished) -> None:
 
 def _account_for_lost(plan: Plan, assembler: ResultAssembler, writer: ShardWriter) -> None:
     """Every input ends in videos/ or errors/: anything unaccounted for becomes an error row."""
-    accounted = assembler._finished
-    lost = [v for v in plan.todo if v.video_id not in accounted]
+    lost = [v for v in plan.todo if not assembler.is_finished(v.video_id)]
     if not lost:
         return
     log.error("%d inputs produced no result; recording them as errors", len(lost))

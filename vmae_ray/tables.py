@@ -67,6 +67,9 @@ class ResultAssembler:
     def finished_count(self) -> int:
         return len(self._finished)
 
+    def is_finished(self, video_id: str) -> bool:
+        return video_id in self._finished
+
     def add(self, batch: pa.Table) -> Finished:
         out = Finished()
         cols = {name: batch.column(name) for name in batch.column_names}

@@ -239,7 +239,8 @@ class OutputStore:
 
     def _write_bytes(self, p: str, data: bytes) -> None:
         self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
-        if getattr(self.fs, "protocol", None) in ("file", ("file", "local")) or "file" in getattr(self.fs, "protocol", ()):
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if "file" in protocols:
             tmp = p + f".tmp-{uuid.uuid4().hex[:8]}"
             with self.fs.open(tmp, "wb") as f:
                 f.write(data)
