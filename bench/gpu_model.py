@@ -15,8 +15,8 @@ Two measurements:
 * ``forward``: ``model(pixel_values)`` on normalised bf16 clips already on the device: the
   model alone.
 * ``embedder``: `vmae_ray.model.VideoMAEEmbedder.embed` on uint8 clips in host memory, as the
-  pipeline's actor calls it (pinned host-to-device copy of uint8, normalisation on the device,
-  forward, float32 mean pooling, copy back).
+  pipeline's actor calls it (pinned host-to-device copy of uint8, the patch embedding with the
+  normalisation folded into its weights, the encoder, float32 mean pooling, copy back).
 """
 
 from __future__ import annotations

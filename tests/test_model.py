@@ -291,6 +291,35 @@ def test_pretraining_embed_matches_transformers(pretraining_dir, pretraining_emb
     np.testing.assert_allclose(embeddings, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("preprocessing", [
+    {},
+    {"do_normalize": False},
+    {"do_rescale": False},
+    {"image_mean": [0.1, 0.9, 0.5], "image_std": [0.05, 2.0, 0.7]},
+])
+def test_folded_patch_embedding_equals_model_embeddings(classifier_dir, tmp_path, preprocessing):
+    """embed() never builds the normalised tensor: its folded patch embedding must equal the
+    model's own embeddings module applied to the processor's output, whatever the
+    checkpoint's rescale/mean/std (including normalisation or rescaling switched off)."""
+    from vmae_ray.model import FoldedPatchEmbedding
+
+    model_dir = _copy(classifier_dir, tmp_path)
+    _edit_json(model_dir / "preprocessor_config.json", **preprocessing)
+    embedder = VideoMAEEmbedder(str(model_dir), device="cpu")
+    clips = _random_clips(embedder.spec, batch=2, seed=11)
+    processed = _hf_processor(str(model_dir))([list(c) for c in clips], do_resize=False, do_center_crop=False,
+                                              return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(embedder.pixel_values(clips).numpy(), processed.numpy(), atol=1e-4, rtol=1e-6)
+    owner = embedder.model.videomae
+    with torch.no_grad():
+        expected = owner.embeddings(processed, None)
+    folded = FoldedPatchEmbedding(owner, embedder.spec, torch.device("cpu"), torch.float32)
+    got = folded(torch.from_numpy(clips))
+    assert got.shape == expected.shape == (2, embedder.spec.num_frames // 2 * 16, 64)
+    scale = expected.abs().max().item()
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=2e-5 * max(scale, 1.0), rtol=0)
+
+
 def test_embed_accepts_read_only_arrays_and_checks_shape(classifier_embedder):
     clips = _random_clips(classifier_embedder.spec, batch=1)
     clips.setflags(write=False)  # as Ray hands them out from the object store

@@ -447,8 +447,10 @@ class VideoMAEEmbedder:
     - any missing or shape-mismatched weight, any other unexpected key, and any attention
       q/v bias that differs from the file raises ModelLoadError.
 
-    Normalization runs on the device from uint8, so clips cross the object store at a quarter
-    of the float32 size. The clip embedding is the mean over the encoder's output tokens
+    Clips cross the object store and the host-to-device copy as uint8, a quarter of the float32
+    size, and are never normalised as such: rescale, mean and std are folded into the patch
+    embedding's weights (`FoldedPatchEmbedding`), which is exact and saves three passes over
+    every clip (on CPU, most of the model stage's time with a small encoder). The clip embedding is the mean over the encoder's output tokens
     (VideoMAE has no CLS token), computed in float32, followed by fc_norm when a classifier
     has it: exactly the features its classifier sees. For VideoMAEModel it is
     last_hidden_state.mean(1), including the model's own final layernorm when
@@ -501,13 +503,15 @@ class VideoMAEEmbedder:
         self._encoder_owner = encoder_owner
         self._is_classifier = is_classifier
         # Channels-last constants: clips arrive as (B, T, H, W, 3), so mean/std broadcast on the
-        # last axis before the permute to VideoMAE's (B, T, C, H, W).
+        # last axis before the permute to VideoMAE's (B, T, C, H, W). Only `pixel_values` (the
+        # processor-equivalent reference) uses them; `embed` folds them into the patch embedding.
         self._mean = torch.tensor(self.spec.image_mean, dtype=torch.float32, device=self.device)
         self._std = torch.tensor(self.spec.image_std, dtype=torch.float32, device=self.device)
+        self._patches = FoldedPatchEmbedding(encoder_owner, self.spec, self.device, self.dtype)
         self._forward = torch.compile(self._features) if compile else self._features
 
-    def pixel_values(self, clips: np.ndarray):
-        """The exact normalized tensor the model sees: (B, T, 3, H, W) in the model's dtype."""
+    def _to_device(self, clips: np.ndarray):
+        """uint8 clips (B, T, H, W, 3) as a tensor on the device, still uint8."""
         import torch
 
         clips = self._validate(clips)
@@ -518,7 +522,18 @@ class VideoMAEEmbedder:
         if self.device.type == "cuda":
             # Pinned memory makes the copy asynchronous and faster; uint8 is 4x less to copy.
             host = host.pin_memory()
-        x = host.to(self.device, non_blocking=True).float()
+        return host.to(self.device, non_blocking=True)
+
+    def pixel_values(self, clips: np.ndarray):
+        """The processor's normalized tensor, (B, T, 3, H, W) in the model's dtype.
+
+        This is what `VideoMAEImageProcessor` would hand the model; `embed` computes the same
+        function without materialising it (see `FoldedPatchEmbedding`). Kept as the reference
+        the parity tests compare against.
+        """
+        import torch
+
+        x = self._to_device(clips).float()
         x = (x * self.spec.rescale_factor - self._mean) / self._std
         return x.permute(0, 1, 4, 2, 3).to(self.dtype, memory_format=torch.contiguous_format)
 
@@ -532,10 +547,16 @@ class VideoMAEEmbedder:
             )
         return np.ascontiguousarray(clips)
 
-    def _features(self, pixel_values):
+    def _features(self, clips):
         import torch.nn.functional as F
 
-        hidden = self._encoder_owner(pixel_values=pixel_values).last_hidden_state
+        # VideoMAEModel.forward without its embeddings module: the folded patch embedding
+        # (uint8 in, normalisation inside the weights) + position embeddings, then the encoder
+        # and, for use_mean_pooling=false checkpoints, the final layernorm.
+        owner = self._encoder_owner
+        hidden = owner.encoder(self._patches(clips)).last_hidden_state
+        if owner.layernorm is not None:
+            hidden = owner.layernorm(hidden)
         # Pool in float32: a mean over ~1568 tokens rounded to bf16 would lose precision.
         pooled = hidden.float().mean(dim=1)
         if not self._is_classifier:
@@ -559,10 +580,63 @@ class VideoMAEEmbedder:
         import torch
 
         with torch.inference_mode():
-            embeddings, logits = self._forward(self.pixel_values(clips))
+            embeddings, logits = self._forward(self._to_device(clips))
             embeddings = embeddings.cpu().numpy()
             logits = None if logits is None else logits.cpu().numpy()
         return embeddings, logits
+
+
+class FoldedPatchEmbedding:
+    """VideoMAE's patch embedding with the image processor's normalisation folded in.
+
+    The processor feeds the model x' = (x * rescale - mean[c]) / std[c] and the patch
+    embedding is a Conv3d whose kernel equals its stride (one tubelet x patch x patch block
+    per token, no overlap, no padding). Per channel the normalisation is affine, so
+
+        conv(W, x') + b = conv(W * rescale / std[c], x) + (b - sum W * mean[c] / std[c])
+
+    exactly (up to float summation order). The conv is then a GEMM over non-overlapping
+    blocks, which reads the channels-last uint8 clip (B, T, H, W, 3) directly: one reorder of
+    the uint8 bytes, one conversion to the model's dtype, one matmul. With bf16 weights the
+    input is exact (0..255 are bf16 integers), where the unfolded path rounds the normalised
+    values to bf16.
+
+    The result equals the model's own `embeddings(pixel_values)` (patch projection plus the
+    fixed sinusoid position table, kept on the device here instead of copied each call).
+    """
+
+    def __init__(self, encoder_owner, spec: ModelSpec, device, dtype):
+        import torch
+
+        embeddings = encoder_owner.embeddings
+        proj = embeddings.patch_embeddings.projection
+        tubelet, patch_h, patch_w = proj.kernel_size
+        if tuple(proj.stride) != (tubelet, patch_h, patch_w) or any(proj.padding) or proj.groups != 1:
+            raise ModelLoadError(f"unexpected VideoMAE patch embedding {proj}: kernel must equal stride")
+        weight = proj.weight.detach().to(torch.float64)  # (D, C, tubelet, ph, pw)
+        bias = proj.bias.detach().to(torch.float64) if proj.bias is not None else torch.zeros(weight.shape[0],
+                                                                                             dtype=torch.float64)
+        mean = torch.tensor(spec.image_mean, dtype=torch.float64, device=weight.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(spec.image_std, dtype=torch.float64, device=weight.device).view(1, -1, 1, 1, 1)
+        folded_w = weight * (spec.rescale_factor / std)
+        folded_b = bias - (weight * (mean / std)).sum(dim=(1, 2, 3, 4))
+        # GEMM layout: one row per output channel over (tubelet, ph, pw, C), the order in which
+        # a channels-last block is laid out after the reorder in __call__.
+        self.weight = folded_w.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1).to(device, dtype)
+        self.bias = folded_b.to(device, dtype)
+        self.position = embeddings.position_embeddings.detach().to(device, dtype)  # (1, N, D)
+        self.tubelet, self.patch_h, self.patch_w = tubelet, patch_h, patch_w
+        self.dtype = dtype
+
+    def __call__(self, clips):
+        """uint8 (B, T, H, W, C) on the device -> tokens (B, N, D) in the model's dtype."""
+        import torch.nn.functional as F
+
+        b, t, h, w, c = clips.shape
+        tt, ph, pw = self.tubelet, self.patch_h, self.patch_w
+        blocks = clips.view(b, t // tt, tt, h // ph, ph, w // pw, pw, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+        blocks = blocks.reshape(b, (t // tt) * (h // ph) * (w // pw), tt * ph * pw * c).to(self.dtype)
+        return F.linear(blocks, self.weight, self.bias) + self.position
 
 
 def top_k_labels(
