@@ -3,7 +3,7 @@
 FFmpeg decoders can segfault or spin on hostile input (PyAV has crashed on truncated first
 frames); in-process, that would kill the Ray worker and, after retries, the job. Here a
 long-lived child process (one per Ray worker process, reused across tasks) decodes videos
-one at a time and streams the decoded rows back over a pipe. If the child dies, the video
+one at a time and streams the decoded rows back over a pipe (as Arrow IPC messages). If the child dies, the video
 it was on becomes an error row ``crashed``; if it makes no progress for
 ``timeout_seconds``, it is killed and the video becomes ``timeout``. The next video gets a
 fresh child. Clip rows already streamed for that video are dropped downstream, because
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 DecodeFn = Callable[..., Iterator[pa.Table]]
 
-_DONE = "__vmae_ray_done__"
+_DONE = b""  # end of one item's tables (an IPC stream is never empty)
 
 
 def _child_main(conn, decode_fn: DecodeFn, args: tuple) -> None:
@@ -35,8 +35,21 @@ def _child_main(conn, decode_fn: DecodeFn, args: tuple) -> None:
         if item is None:
             return
         for table in decode_fn(item, *args):
-            conn.send(table)
-        conn.send(_DONE)
+            conn.send_bytes(_to_ipc(table))
+        conn.send_bytes(_DONE)
+
+
+def _to_ipc(table: pa.Table) -> pa.Buffer:
+    # Arrow's IPC format: one copy of the buffers into the message, read back zero-copy. A
+    # pickled table costs several more copies per clip (about 3x the CPU for 2.4 MB clips).
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def _from_ipc(message: bytes) -> pa.Table:
+    return pa.ipc.open_stream(message).read_all()
 
 
 def _describe_exit(exitcode: int | None) -> str:
@@ -103,7 +116,7 @@ class IsolatedDecoder:
                                         f"no progress for {self._timeout:g}s; the decoder was stopped")
                 return
             try:
-                message = self._conn.recv()
+                message = self._conn.recv_bytes()
             except (EOFError, OSError):
                 self._proc.join(timeout=5)
                 reason = _describe_exit(self._proc.exitcode)
@@ -112,9 +125,9 @@ class IsolatedDecoder:
                 yield self._error_table(item, "decode", "crashed",
                                         f"{reason} after {time.perf_counter() - started:.1f}s")
                 return
-            if isinstance(message, str) and message == _DONE:
+            if message == _DONE:
                 return
-            yield message
+            yield _from_ipc(message)
 
     def close(self) -> None:
         if self._conn is not None and self._proc is not None and self._proc.is_alive():
