@@ -194,3 +194,20 @@ def test_decode_and_embed_are_separate_operators(ray_session, tiny_classifier, s
     stats = ds.stats()
     assert "MapBatches(decode_batch)" in stats and "MapBatches(EmbedActor)" in stats
     assert "MapBatches(decode_batch)->MapBatches(EmbedActor)" not in stats
+
+
+@pytest.mark.parametrize("user_value", [None, "RATE_BASED"])
+def test_cluster_autoscaler_default_and_user_override(ray_session, tiny_classifier, synthetic_corpus, tmp_path,
+                                                      monkeypatch, user_value):
+    """Ray Data's RATE_BASED autoscaler leaves fractional CPUs of a fixed cluster unused (see
+    pipeline.DEFAULT_CLUSTER_AUTOSCALER); the job picks V2 unless the user chose one."""
+    from vmae_ray.pipeline import CLUSTER_AUTOSCALER_ENV, _resources, build_dataset, prepare
+
+    if user_value is None:
+        monkeypatch.delenv(CLUSTER_AUTOSCALER_ENV, raising=False)
+    else:
+        monkeypatch.setenv(CLUSTER_AUTOSCALER_ENV, user_value)
+    config = config_from_args(["--input", synthetic_corpus["a_h264.mp4"], "--output", str(tmp_path / "o"),
+                               "--model", tiny_classifier])
+    build_dataset(prepare(config), _resources(config))
+    assert os.environ[CLUSTER_AUTOSCALER_ENV] == (user_value or "V2")
