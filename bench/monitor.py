@@ -10,7 +10,9 @@ A sampling thread polls every ``interval`` seconds:
   same source as ``ray memory --stats-only``);
 * CPU seconds spent during the run by every process on the machine, grouped: this process,
   Ray workers (by task/actor title), Ray's own daemons, and everything else (other jobs on a
-  shared machine), so a slow run can be told apart from a busy machine.
+  shared machine), so a slow run can be told apart from a busy machine. A worker is named by
+  the last task or actor it ran (its title reads ``ray::IDLE`` between tasks); "IDLE" is left
+  only for workers that never ran one while sampled (e.g. started, then not used).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import time
 from dataclasses import dataclass, field
 
 import psutil
+
+
+IDLE = "ray worker: IDLE"
 
 
 def _ray_store_stats() -> tuple[int, int] | None:
@@ -104,7 +109,13 @@ class ResourceMonitor:
             key = (info.get("create_time") or 0.0)
             if first:
                 self._cpu_first[p.pid] = (key, cpu)
-            self._cpu_last[p.pid] = (key, cpu, self._group(p.pid, info.get("cmdline") or []))
+            group = self._group(p.pid, info.get("cmdline") or [])
+            previous = self._cpu_last.get(p.pid)
+            # A Ray worker's title is ray::IDLE between tasks: keep the task it last ran, so a
+            # decode worker's CPU is not reported as idle time.
+            if group == IDLE and previous is not None and previous[0] == key:
+                group = previous[2]
+            self._cpu_last[p.pid] = (key, cpu, group)
 
     def _cpu_totals(self) -> dict[str, float]:
         out: dict[str, float] = {}
