@@ -211,3 +211,17 @@ def test_cluster_autoscaler_default_and_user_override(ray_session, tiny_classifi
                                "--model", tiny_classifier])
     build_dataset(prepare(config), _resources(config))
     assert os.environ[CLUSTER_AUTOSCALER_ENV] == (user_value or "V2")
+
+
+def test_stage_report_times_start_up_apart(manifest_run):
+    """The job reports when the first embedded clip arrived and the rate after it, counting
+    only clips decoded after that moment (not the backlog decoded during start-up)."""
+    summary = manifest_run["summary"]
+    report = summary.stage_report
+    assert 0 < report["first_clip_seconds"] <= summary.pipeline_seconds
+    assert report["bottleneck"] in ("decode", "embed")
+    if "after_startup_clips_per_second" in report:  # absent only if every clip arrived in one batch
+        assert 0 < report["after_startup_clips"] < summary.clips
+        assert report["after_startup_clips_per_second"] > 0
+    manifest = success(manifest_run["out"])
+    assert manifest["stage_report"]["first_clip_seconds"] == report["first_clip_seconds"]

@@ -403,10 +403,12 @@ def run(config: EmbedConfig) -> RunSummary:
         ds = build_dataset(plan, res)
         pipeline_started = time.perf_counter()
         last_report = pipeline_started
+        flow = _Flow(pipeline_started)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
                 _write(writer, assembler.add(batch))
                 now = time.perf_counter()
+                flow.saw(batch)
                 if now - last_report >= config.progress_seconds:
                     last_report = now
                     elapsed = now - pipeline_started
@@ -420,6 +422,7 @@ def run(config: EmbedConfig) -> RunSummary:
         summary.pipeline_seconds = time.perf_counter() - pipeline_started
         _account_for_lost(plan, assembler, writer)
         summary.stage_report = _stage_report(assembler, res, summary.pipeline_seconds)
+        summary.stage_report.update(flow.report())
     committer.commit(complete=True)
     _print_summary(summary, plan)
     return summary
@@ -443,6 +446,47 @@ def _account_for_lost(plan: Plan, assembler: ResultAssembler, writer: ShardWrite
     table = pa.Table.from_pylist(rows)
     table = table.append_column("embedding", pa.nulls(len(rows), pa.list_(pa.float32(), plan.spec.hidden_size)))
     _write(writer, assembler.add(table))
+
+
+class _Flow:
+    """Throughput after start-up: from the first embedded clip to the last.
+
+    The first clip reaches the driver once the first model actor has started (imports,
+    checkpoint load); meanwhile decoding has run ahead, and that backlog then drains at the
+    model's speed, which would flatter the rate. So the rate counts only clips decoded after
+    the first clip arrived (each clip row carries the time it was decoded), over the time
+    from then to the last clip: what a long run converges to.
+    """
+
+    def __init__(self, started: float):
+        self.started = started  # perf_counter at the start of the pipeline
+        self.first_wall: float | None = None  # time.time() when the first clip arrived
+        self.first_seconds = 0.0
+        self.last_wall: float | None = None
+        self.after = 0  # clips decoded after first_wall
+
+    def saw(self, batch: pa.Table) -> None:
+        if "decoded_at" not in batch.column_names:
+            return
+        decoded_at = [t for t, k in zip(batch.column("decoded_at").to_pylist(), batch.column("kind").to_pylist())
+                      if k == "clip" and t is not None]
+        if not decoded_at:
+            return
+        now = time.time()
+        if self.first_wall is None:
+            self.first_wall, self.first_seconds = now, time.perf_counter() - self.started
+            return
+        self.after += sum(1 for t in decoded_at if t >= self.first_wall)
+        self.last_wall = now
+
+    def report(self) -> dict[str, Any]:
+        if self.first_wall is None:
+            return {}
+        out: dict[str, Any] = {"first_clip_seconds": round(self.first_seconds, 3)}
+        if self.last_wall is not None and self.last_wall > self.first_wall and self.after:
+            out["after_startup_clips_per_second"] = round(self.after / (self.last_wall - self.first_wall), 3)
+            out["after_startup_clips"] = self.after
+        return out
 
 
 def _stage_report(assembler: ResultAssembler, res: dict[str, Any], wall: float) -> dict[str, Any]:
@@ -488,6 +532,10 @@ def _print_summary(summary: RunSummary, plan: Plan) -> None:
         f"  clips: {summary.clips}; wall {summary.wall_seconds:.1f}s (ray start {summary.ray_start_seconds:.1f}s, "
         f"pipeline {summary.pipeline_seconds:.1f}s); {summary.clips_per_second:.2f} clips/s",
     ]
+    if r.get("after_startup_clips_per_second"):
+        lines.append(f"  first clip after {r['first_clip_seconds']:.1f}s (model actor start-up); "
+                     f"{r['after_startup_clips_per_second']:.2f} clips/s from then on "
+                     f"({r['after_startup_clips']} clips decoded after it)")
     if r:
         lines.append(
             f"  stages: decode {r['decode_clips_per_second_per_task']:.2f} clips/s per task x {r['decode_slots']} "

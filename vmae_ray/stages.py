@@ -56,6 +56,9 @@ DECODED_SCHEMA = pa.schema(
         # each stage's throughput and which one bounded the run.
         ("decode_seconds", pa.float64()),
         ("embed_seconds", pa.float64()),
+        # Wall-clock time (Unix seconds) a clip finished decoding: lets the driver tell clips
+        # decoded after start-up from the backlog decoded while the model actors started.
+        ("decoded_at", pa.float64()),
     ]
 )
 
@@ -152,7 +155,7 @@ def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *
                         **_base(item), "kind": KIND_CLIP, "clip_index": clip.clip_index,
                         "start_seconds": clip.start_seconds, "end_seconds": clip.end_seconds,
                         "frame_indices": clip.frame_indices, "pixels_shape": list(clip.pixels.shape),
-                        "decode_seconds": now - last,
+                        "decode_seconds": now - last, "decoded_at": time.time(),
                     }, clip.pixels)
                     clip_count += 1
                     last = time.perf_counter()
