@@ -71,3 +71,36 @@ def test_real_decoder_in_child(synthetic_corpus, tmp_path):
     assert [r["kind"] for r in rows if r["uri"].endswith("a_h264.mp4")] == ["clip", "done"]
     (err,) = [r for r in rows if r["uri"] == missing]
     assert err["error_type"] == "not_found"
+
+
+def sized_tables(item, sizes):
+    """Clip rows whose pixels are `size` bytes of a pattern derived from the size."""
+    import numpy as np
+
+    from vmae_ray.stages import _clip_table
+
+    for i, size in enumerate(sizes):
+        pixels = (np.arange(size, dtype=np.int64) * 7 + size).astype(np.uint8)
+        yield _clip_table({"kind": "clip", "video_id": item["video_id"], "uri": item["uri"], "clip_index": i}, pixels)
+
+
+def test_tables_cross_the_pipe_intact():
+    """Sizes around the socket buffer and the 16 KiB framing threshold, and a large clip, come
+    back byte for byte, in order, with the schema the stages use."""
+    import numpy as np
+
+    sizes = [0, 1, 16_383, 16_384, 200_000, 5 * 2**20]
+    decoder = IsolatedDecoder(sized_tables, (sizes,), timeout_seconds=60, error_table=error_table)
+    try:
+        for round_ in range(2):  # the same child serves the next item
+            tables = list(decoder.decode({"video_id": f"v{round_}", "uri": "u"}))
+            assert [t.num_rows for t in tables] == [1] * len(sizes)
+            for size, table in zip(sizes, tables):
+                assert table.schema == DECODED_SCHEMA
+                got = np.frombuffer(table.column("pixels")[0].as_buffer(), dtype=np.uint8)
+                expected = (np.arange(size, dtype=np.int64) * 7 + size).astype(np.uint8)
+                assert np.array_equal(got, expected)
+                assert table.column("video_id")[0].as_py() == f"v{round_}"
+        assert decoder.restarts == 0
+    finally:
+        decoder.close()
