@@ -344,6 +344,24 @@ def test_bfloat16_close_to_float32(classifier_dir, classifier_embedder):
     assert cosine.min() > 0.99
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_folded_half_precision_no_worse_than_unfolded(classifier_dir, classifier_embedder, dtype):
+    """In bf16/fp16 the folded patch embedding (exact uint8 input; fp16 GEMM in float32) is at
+    least as close to the float32 embedding as feeding the model the normalised clip."""
+    clips = _random_clips(classifier_embedder.spec, batch=2, seed=12)
+    reference, _ = classifier_embedder.embed(clips)
+    half = VideoMAEEmbedder(classifier_dir, device="cpu", dtype=dtype)
+    folded, _ = half.embed(clips)
+    with torch.inference_mode():
+        hidden = half.model.videomae(pixel_values=half.pixel_values(clips)).last_hidden_state.float().mean(1)
+        fc = half.model.fc_norm
+        unfolded = torch.nn.functional.layer_norm(hidden, fc.normalized_shape, fc.weight.float(), fc.bias.float(),
+                                                  fc.eps).numpy()
+    err_folded = np.abs(folded - reference).max()
+    err_unfolded = np.abs(unfolded - reference).max()
+    assert err_folded <= 1.25 * err_unfolded, (err_folded, err_unfolded)
+
+
 def test_bad_dtype_is_rejected(classifier_dir):
     with pytest.raises(ValueError, match="allowed: auto, float32, bfloat16, float16"):
         VideoMAEEmbedder(classifier_dir, device="cpu", dtype="int8")

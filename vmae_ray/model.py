@@ -601,8 +601,10 @@ class FoldedPatchEmbedding:
     input is exact (0..255 are bf16 integers), where the unfolded path rounds the normalised
     values to bf16.
 
-    The result equals the model's own `embeddings(pixel_values)` (patch projection plus the
-    fixed sinusoid position table, kept on the device here instead of copied each call).
+    The input is centred on whole pixel values near the mean first (see __init__), which
+    keeps half-precision results as close to float32 as the unfolded path's. The result
+    equals the model's own `embeddings(pixel_values)` (patch projection plus the fixed sinusoid
+    position table, kept on the device here instead of copied each call).
     """
 
     def __init__(self, encoder_owner, spec: ModelSpec, device, dtype):
@@ -618,15 +620,29 @@ class FoldedPatchEmbedding:
                                                                                              dtype=torch.float64)
         mean = torch.tensor(spec.image_mean, dtype=torch.float64, device=weight.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(spec.image_std, dtype=torch.float64, device=weight.device).view(1, -1, 1, 1, 1)
+        # The input is centred on the whole pixel value nearest the mean, x - c (exact in any
+        # dtype: integers within +-255), so that it stays about zero-mean as the processor's
+        # output is. Folding the whole mean into the bias instead would feed 0..255 and turn the
+        # half-precision rounding of every weight into an error common to all tokens, which
+        # mean pooling does not average away (measured: 3x the bf16 error of the unfolded path).
+        center = torch.round(mean / spec.rescale_factor)
         folded_w = weight * (spec.rescale_factor / std)
-        folded_b = bias - (weight * (mean / std)).sum(dim=(1, 2, 3, 4))
+        folded_b = bias + (weight * ((center * spec.rescale_factor - mean) / std)).sum(dim=(1, 2, 3, 4))
         # GEMM layout: one row per output channel over (tubelet, ph, pw, C), the order in which
         # a channels-last block is laid out after the reorder in __call__.
-        self.weight = folded_w.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1).to(device, dtype)
-        self.bias = folded_b.to(device, dtype)
+        # float16 cannot hold the folded weights well: W * rescale / std is ~1/60 of W, and the
+        # small ones fall below fp16's normal range (6e-5) and lose precision. That one GEMM runs
+        # in float32 then (about 1% of VideoMAE-B's FLOPs); bf16 has float32's range.
+        self.compute_dtype = torch.float32 if dtype == torch.float16 else dtype
+        self.weight = folded_w.permute(0, 2, 3, 4, 1).reshape(weight.shape[0], -1).to(device, self.compute_dtype)
+        self.bias = folded_b.to(device, self.compute_dtype)
         self.position = embeddings.position_embeddings.detach().to(device, dtype)  # (1, N, D)
         self.tubelet, self.patch_h, self.patch_w = tubelet, patch_h, patch_w
         self.dtype = dtype
+        # Per element of a block (tubelet, ph, pw, C), C innermost; None when nothing to subtract.
+        channels = center.view(-1)
+        self.center = (channels.repeat(tubelet * patch_h * patch_w).to(device, self.compute_dtype)
+                       if bool((channels != 0).any()) else None)
 
     def __call__(self, clips):
         """uint8 (B, T, H, W, C) on the device -> tokens (B, N, D) in the model's dtype."""
@@ -635,8 +651,11 @@ class FoldedPatchEmbedding:
         b, t, h, w, c = clips.shape
         tt, ph, pw = self.tubelet, self.patch_h, self.patch_w
         blocks = clips.view(b, t // tt, tt, h // ph, ph, w // pw, pw, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
-        blocks = blocks.reshape(b, (t // tt) * (h // ph) * (w // pw), tt * ph * pw * c).to(self.dtype)
-        return F.linear(blocks, self.weight, self.bias) + self.position
+        blocks = blocks.reshape(b, (t // tt) * (h // ph) * (w // pw), tt * ph * pw * c).to(self.compute_dtype)
+        if self.center is not None:
+            blocks = blocks.sub_(self.center)
+        # As the model: the projection in its dtype, then the position table added in it.
+        return F.linear(blocks, self.weight, self.bias).to(self.dtype) + self.position
 
 
 def top_k_labels(
