@@ -67,6 +67,8 @@ def long_videos(tmp_path_factory):
         "h264.mkv": dict(codec="h264", width=160, height=120, fps=25, num_frames=400, gop_size=40),
         "vp9.webm": dict(codec="libvpx-vp9", width=160, height=120, fps=12, num_frames=300, gop_size=24),
         "vfr.mkv": dict(codec="h264", width=160, height=120, fps=30, num_frames=400, gop_size=40, vfr=True),
+        # Long GOPs with B-frames: the pre-roll after a seek skips non-reference frames.
+        "h264_longgop.mp4": dict(codec="h264", width=160, height=120, fps=30, num_frames=480, gop_size=200),
     }
     return {name: make_video(str(root / name), seed=i, **kw) for i, (name, kw) in enumerate(recipes.items())}
 
@@ -94,7 +96,7 @@ def _decode(path, plan, *, straight: bool, monkeypatch):
     return out, seeks
 
 
-@pytest.mark.parametrize("name", ["h264_bframes.mp4", "h264.mkv", "vp9.webm", "vfr.mkv"])
+@pytest.mark.parametrize("name", ["h264_bframes.mp4", "h264.mkv", "vp9.webm", "vfr.mkv", "h264_longgop.mp4"])
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p[0]}-{p[1]}x{p[2]}-{p[3]}")
 def test_seeking_equals_straight_decoding(long_videos, name, plan, monkeypatch):
     from vmae_ray.synthetic import frame_number_from_rgb
@@ -111,6 +113,37 @@ def test_seeking_equals_straight_decoding(long_videos, name, plan, monkeypatch):
         assert np.array_equal(a.pixels, b.pixels)
         # And they are the frames the indices name (frame numbers are drawn in the pixels).
         assert [frame_number_from_rgb(f) for f in b.pixels] == b.frame_indices
+
+
+def test_preroll_skips_nonreference_frames_exactly(long_videos, monkeypatch):
+    """After a seek into a long GOP, B-frames before the needed frames are not decoded, the
+    decoder never falls back to decoding straight through, and the clips are the right frames."""
+    import av
+
+    from vmae_ray.synthetic import frame_number_from_rgb
+
+    path = long_videos["h264_longgop.mp4"]
+    with av.open(path) as c:
+        assert any(f.pict_type == av.video.frame.PictureType.B for f in c.decode(video=0)), "needs B-frames"
+    decoded, fallbacks = [], []
+    original_push = decoding._ClipAssembler.push
+    monkeypatch.setattr(decoding._ClipAssembler, "push",
+                        lambda self, index, frame, t: (decoded.append(index), original_push(self, index, frame, t))[1])
+    monkeypatch.setattr(VideoDecoder, "_rewind", lambda self: fallbacks.append(1))
+    with VideoDecoder(path) as decoder:
+        plans = decoder.plan(sampling="stride", num_frames=4, frame_stride=2, clips_per_video=3)
+        clips = list(decoder.clips(plans, GEOMETRY))
+    assert not fallbacks
+    assert len(clips) == 3
+    for clip in clips:
+        assert [frame_number_from_rgb(f) for f in clip.pixels] == clip.frame_indices
+    # Frames pushed after a seek skip some ranks (the non-reference frames of the pre-roll),
+    # and from a few frames before each clip on every frame is there.
+    gaps = [b - a for a, b in zip(decoded, decoded[1:]) if b > a + 1]
+    assert gaps, "no frame was skipped in the pre-roll"
+    for clip in clips:
+        first = clip.frame_indices[0]
+        assert all(i in decoded for i in range(max(0, first - 4), clip.frame_indices[-1] + 1))
 
 
 def test_dense_plans_do_not_scan(long_videos, monkeypatch):

@@ -35,6 +35,13 @@ SWSCALE_FOR_PIL_RESAMPLE = {0: "POINT", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC
 # SEEK_MIN_SKIP_FRAMES frames past the current position (a seek costs about one frame's decode).
 SEEK_MIN_GAP_FRAMES = 32
 SEEK_MIN_SKIP_FRAMES = 16
+# After a seek, the frames between the keyframe and the next needed one are decoded only as
+# references for what follows: frames no other frame references (most B-frames) are skipped
+# there (libavcodec's skip_frame=NONREF), until PREROLL_MARGIN_FRAMES before the needed frame,
+# which leaves room for the decoder's reordering delay. From PREROLL_CHECK_FRAMES after that
+# switch on, decoded frames must again be consecutive, so a needed frame is never missed.
+PREROLL_MARGIN_FRAMES = 24
+PREROLL_CHECK_FRAMES = 16
 
 
 class DecodeError(Exception):
@@ -148,6 +155,7 @@ class VideoDecoder:
     def __init__(self, file: BinaryIO | str, *, limits: DecodeLimits = DecodeLimits(),
                  size_bytes: int | None = None, threads: int = 1):
         self._limits = limits
+        self._skipping = False
         try:
             self._seekable = isinstance(file, str) or bool(file.seekable())
         except Exception:  # noqa: BLE001 - a file object without seekable(): do not seek
@@ -434,6 +442,8 @@ class VideoDecoder:
         pos = -1  # index of the last frame pushed
         expect = None  # rank the next decoded frame must have (None right after a seek)
         floor = 0  # after a seek to keyframe k: frames before k are not pushed
+        skip_until = -1  # while skipping non-reference frames: the rank at which to stop
+        check_from = -1  # ranks up to this one may have gaps (skipped frames)
         try:
             while not asm.done:
                 target = asm.next_target_seconds
@@ -441,9 +451,15 @@ class VideoDecoder:
                 key_pos = index.keyframe_pos_at_or_before(owner)
                 key = index.keyframes[key_pos]
                 if frames is None or key > pos + SEEK_MIN_SKIP_FRAMES:
+                    self._skip_nonref(False)
                     frames = self._start_at_keyframe(index, key_pos)
                     expect, floor = None, key
                     asm.forget_previous()
+                    skip_until = owner - PREROLL_MARGIN_FRAMES
+                    if skip_until > key and self._skip_nonref(True):
+                        check_from = skip_until + PREROLL_CHECK_FRAMES
+                    else:
+                        skip_until = -1
                 # Decode until the next target is filled or the stream ends.
                 goal = asm.filled_count + 1
                 ended = True
@@ -453,9 +469,12 @@ class VideoDecoder:
                     rank = index.rank.get(frame.pts)
                     if rank is None:
                         raise _IndexMismatch(f"decoded pts {frame.pts} is not in the packet index")
+                    if skip_until >= 0 and rank >= skip_until:
+                        self._skip_nonref(False)
+                        skip_until = -1
                     if rank < floor or rank <= pos:
                         continue  # before the keyframe we wanted (or already pushed)
-                    if expect is not None and rank != expect:
+                    if expect is not None and rank != expect and rank > check_from:
                         raise _IndexMismatch(f"frame {rank} decoded after frame {expect - 1}")
                     expect = rank + 1
                     pos = rank
@@ -472,12 +491,31 @@ class VideoDecoder:
                         yield clip
                     break
         except _IndexMismatch:
+            self._skip_nonref(False)
             self._rewind()
             yield from self._clips_straight(plans, geometry, skip_clips=yielded)
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken stream is a per-video error
             raise _error_from_av(exc, "decode") from exc
+        finally:
+            self._skip_nonref(False)
+
+    def _skip_nonref(self, on: bool) -> bool:
+        """Have libavcodec skip (or stop skipping) frames no other frame references.
+
+        Returns whether skipping is on. A PyAV without the setting just decodes everything.
+        """
+        ctx = self._stream.codec_context
+        try:
+            if on:
+                ctx.skip_frame = "NONREF"
+            elif self._skipping:
+                ctx.skip_frame = "DEFAULT"
+        except (AttributeError, ValueError, TypeError):
+            return False
+        self._skipping = on
+        return on
 
 
 class _IndexMismatch(Exception):
