@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 import traceback
+
+import numpy as np
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCH_MODEL = dict(classifier=False, num_frames=16, image_size=224, patch_size=16, tubelet_size=2,
                    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, seed=0)
 
-STEPS = ("model_card", "read_videos", "vmae_ray", "stages", "decode_target", "memory", "gpu")
+STEPS = ("model_card", "read_videos", "vmae_ray", "stages", "decode_target", "ablations", "memory", "gpu")
 
 
 def log(msg: str) -> None:
@@ -369,8 +371,27 @@ def main(argv=None) -> int:
         bench_workload(wl, checkpoint, spec, res, workdir, steps, measurements, args.decode_repeats,
                        decode_target_videos=None if wl.name != "ssv2" else 60)
 
+    # Ablations without Ray: each throughput change on and off.
+    by_name = {w.name: w for w in workloads}
+    ablations: dict[str, Any] = {}
+    if "ablations" in steps:
+        from bench import ablation
+        from bench.peers import decode_params
+
+        log("ablations: model folding, isolation transport, pre-roll skipping")
+        rng = np.random.default_rng(0)
+        clips = [rng.integers(0, 256, spec.clip_shape, dtype=np.uint8) for _ in range(8)]
+        _guard(ablations, "model_folding", ablation.model_folding, checkpoint, clips, batch_size=res.batch_size,
+               threads=res.torch_threads())
+        if "ssv2" in by_name:
+            _guard(ablations, "isolation", ablation.isolation, by_name["ssv2"].paths[:60], spec, by_name["ssv2"])
+        if "kinetics" in by_name:
+            wl = by_name["kinetics"]
+            _guard(ablations, "preroll_skip", ablation.preroll_skip, wl.paths, wl, decode_params(spec, wl).geometry)
+        results["ablations"] = ablations
+
     # 3./4. Ray
-    if steps & {"vmae_ray", "read_videos"} and workloads:
+    if steps & {"vmae_ray", "read_videos", "ablations"} and workloads:
         log("starting Ray")
         import ray
 
@@ -386,6 +407,13 @@ def main(argv=None) -> int:
                         log(f"workload {wl.name}: {', '.join(sorted(peer_steps))}")
                     bench_workload_ray(wl, checkpoint, spec, res, workdir, peer_steps, measurements,
                                        read_videos_partitions=min(len(wl.paths), 2 * args.num_cpus))
+                # After vmae-ray's own runs (which must not find warm workers), before read_videos.
+                if "ablations" in steps and "ssv2" in by_name and "cluster_autoscaler" not in ablations:
+                    log("ablations: Ray Data cluster autoscaler (ssv2, end to end)")
+                    from bench import ablation
+
+                    _guard(ablations, "cluster_autoscaler", ablation.cluster_autoscaler, by_name["ssv2"],
+                           checkpoint, res, os.path.join(workdir, "out", "autoscaler"))
         finally:
             if owns_ray:
                 ray.shutdown()

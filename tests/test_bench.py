@@ -244,9 +244,9 @@ def test_gpu_model_smoke_and_flops():
 
 @pytest.mark.slow
 def test_bench_runs_end_to_end(ray_session, tmp_path):
-    """`make bench`'s driver on the tiny preset (3 clips): corpora, peers, stages, report.
+    """`make bench`'s driver on the tiny preset (3 clips): corpora, peers, stages, ablations, report.
 
-    About 40 s, nearly all of it Ray Data's fixed cost per job (actor start, model load).
+    About a minute, nearly all of it Ray Data's fixed cost per job (actor start, model load).
     """
     from bench import run
 
@@ -262,6 +262,11 @@ def test_bench_runs_end_to_end(ray_session, tmp_path):
     # read_videos either ran or says why it could not (decord missing).
     rv = ssv2["read_videos"]
     assert rv.get("out", {}).get("clips") == 3 or "decord" in rv.get("error", "")
+    ab = results["ablations"]
+    assert ab["model_folding"]["max_abs_embedding_diff"] < 1e-4 and ab["model_folding"]["speedup"] > 0
+    assert ab["isolation"]["clips"] == 3 and ab["isolation"]["isolated_ms_per_clip"] > 0
+    assert [ab["cluster_autoscaler"][v]["clips"] for v in ("RATE_BASED", "V2")] == [3, 3]
     text = results_md.read_text()
-    for heading in ("## Targets", "## Machine", "## Commands", "## Peers, end to end", "## Decode stage against libavcodec"):
+    for heading in ("## Targets", "## Machine", "## Commands", "## Peers, end to end", "## Decode stage against libavcodec",
+                    "## Ablations: each change off and on"):
         assert heading in text
