@@ -532,10 +532,12 @@ def _print_summary(summary: RunSummary, plan: Plan) -> None:
         f"  clips: {summary.clips}; wall {summary.wall_seconds:.1f}s (ray start {summary.ray_start_seconds:.1f}s, "
         f"pipeline {summary.pipeline_seconds:.1f}s); {summary.clips_per_second:.2f} clips/s",
     ]
-    if r.get("after_startup_clips_per_second"):
-        lines.append(f"  first clip after {r['first_clip_seconds']:.1f}s (model actor start-up); "
-                     f"{r['after_startup_clips_per_second']:.2f} clips/s from then on "
+    if r.get("first_clip_seconds") is not None:
+        line = f"  first clip after {r['first_clip_seconds']:.1f}s (model actor start-up)"
+        if r.get("after_startup_clips_per_second"):
+            line += (f"; {r['after_startup_clips_per_second']:.2f} clips/s from then on "
                      f"({r['after_startup_clips']} clips decoded after it)")
+        lines.append(line)
     if r:
         lines.append(
             f"  stages: decode {r['decode_clips_per_second_per_task']:.2f} clips/s per task x {r['decode_slots']} "
