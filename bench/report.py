@@ -445,30 +445,32 @@ def _ablations(ab: dict) -> str:
              "`bench/ablation.py`, same run, same corpora and model; best of interleaved repeats. Each row switches "
              "one change off (the code path it replaced) and on.\n",
              "| change | workload | off | on | gain |", "|---|---|---:|---:|---:|"]
-    m = ab.get("model_folding") or {}
-    if "error" not in m and m:
-        lines.append(f"| normalisation folded into the patch embedding (uint8 clips in; `model.FoldedPatchEmbedding`) | "
-                     f"model stage, CPU, batch {m['batch_size']}, {m['torch_threads']} thread(s) | "
-                     f"{m['unfolded_ms_per_clip']:.1f} CPU ms/clip | {m['folded_ms_per_clip']:.1f} CPU ms/clip | "
-                     f"**{m['speedup']:.2f}x** (max embedding difference {m['max_abs_embedding_diff']:.1e}) |")
-    i = ab.get("isolation") or {}
-    if "error" not in i and i:
-        lines.append(f"| crash isolation: decoding in a child process, rows back as Arrow IPC read into place | "
-                     f"ssv2, {i['videos']} videos, decode UDF, CPU of both processes | "
-                     f"{i['in_process_ms_per_clip']:.1f} CPU ms/clip (in process) | "
-                     f"{i['isolated_ms_per_clip']:.1f} CPU ms/clip (isolated) | "
-                     f"cost {i['overhead_ms_per_clip']:+.1f} ms/clip ({100 * i['overhead_fraction']:+.0f}%) |")
-    k = ab.get("preroll_skip") or {}
-    if "error" not in k and k:
-        lines.append(f"| non-reference frames skipped in the pre-roll after a keyframe seek | kinetics, {k['clips']} "
-                     f"stride clips, decoder | {k['no_skip_ms_per_clip']:.1f} CPU ms/clip | "
-                     f"{k['skip_ms_per_clip']:.1f} CPU ms/clip | **{k['speedup']:.2f}x** |")
-    c = ab.get("cluster_autoscaler") or {}
-    if "error" not in c and c:
-        lines.append(f"| Ray Data cluster autoscaler V2 instead of Ray 2.60's default RATE_BASED | ssv2, "
-                     f"{c['V2']['clips']} clips, whole job on a running Ray | "
-                     f"{c['RATE_BASED']['clips_per_second']:.2f} clips/s | {c['V2']['clips_per_second']:.2f} clips/s | "
-                     f"**{c['speedup']:.2f}x** |")
+    rows = {
+        "model_folding": lambda m: (
+            f"| normalisation folded into the patch embedding (uint8 clips in; `model.FoldedPatchEmbedding`) | "
+            f"model stage, CPU, batch {m['batch_size']}, {m['torch_threads']} thread(s) | "
+            f"{m['unfolded_ms_per_clip']:.1f} CPU ms/clip | {m['folded_ms_per_clip']:.1f} CPU ms/clip | "
+            f"**{m['speedup']:.2f}x** (max embedding difference {m['max_abs_embedding_diff']:.1e}) |"),
+        "isolation": lambda i: (
+            f"| crash isolation: decoding in a child process, rows back as Arrow IPC read into place | "
+            f"ssv2, {i['videos']} videos, decode UDF, CPU of both processes | "
+            f"{i['in_process_ms_per_clip']:.1f} CPU ms/clip (in process) | "
+            f"{i['isolated_ms_per_clip']:.1f} CPU ms/clip (isolated) | "
+            f"cost {i['overhead_ms_per_clip']:+.1f} ms/clip ({100 * i['overhead_fraction']:+.0f}%) |"),
+        "preroll_skip": lambda k: (
+            f"| non-reference frames skipped in the pre-roll after a keyframe seek | kinetics, {k['clips']} "
+            f"stride clips, decoder | {k['no_skip_ms_per_clip']:.1f} CPU ms/clip | "
+            f"{k['skip_ms_per_clip']:.1f} CPU ms/clip | **{k['speedup']:.2f}x** |"),
+        "cluster_autoscaler": lambda c: (
+            f"| Ray Data cluster autoscaler V2 instead of Ray 2.60's default RATE_BASED | ssv2, "
+            f"{c['V2']['clips']} clips, whole job on a running Ray | "
+            f"{c['RATE_BASED']['clips_per_second']:.2f} clips/s | {c['V2']['clips_per_second']:.2f} clips/s | "
+            f"**{c['speedup']:.2f}x** |"),
+    }
+    for key, render_row in rows.items():
+        entry = ab.get(key)
+        if entry and "error" not in entry:
+            lines.append(render_row(entry))
     for key, value in ab.items():
         if isinstance(value, dict) and "error" in value:
             lines.append(f"| {key} | - | failed: {value['error'][:200]} | | |")
