@@ -202,10 +202,7 @@ class VideoDecoder:
             raise DecodeError("no_video_stream", "probe", "the file has no video stream")
         # libavformat's av_find_best_stream: the default/most suitable stream, so a file
         # with several video streams gets the one a player would show; we record which.
-        try:
-            return self._container.streams.best("video") or videos[0]
-        except Exception:  # noqa: BLE001 - older PyAV without best(): take the first
-            return videos[0]
+        return self._container.streams.best("video") or videos[0]
 
     def _probe(self) -> VideoProbe:
         stream, limits = self._stream, self._limits
@@ -456,7 +453,8 @@ class VideoDecoder:
                     expect, floor = None, key
                     asm.forget_previous()
                     skip_until = owner - PREROLL_MARGIN_FRAMES
-                    if skip_until > key and self._skip_nonref(True):
+                    if skip_until > key:
+                        self._skip_nonref(True)
                         check_from = skip_until + PREROLL_CHECK_FRAMES
                     else:
                         skip_until = -1
@@ -501,21 +499,11 @@ class VideoDecoder:
         finally:
             self._skip_nonref(False)
 
-    def _skip_nonref(self, on: bool) -> bool:
-        """Have libavcodec skip (or stop skipping) frames no other frame references.
-
-        Returns whether skipping is on. A PyAV without the setting just decodes everything.
-        """
-        ctx = self._stream.codec_context
-        try:
-            if on:
-                ctx.skip_frame = "NONREF"
-            elif self._skipping:
-                ctx.skip_frame = "DEFAULT"
-        except (AttributeError, ValueError, TypeError):
-            return False
+    def _skip_nonref(self, on: bool) -> None:
+        """Have libavcodec skip (or stop skipping) frames no other frame references."""
+        if on or self._skipping:
+            self._stream.codec_context.skip_frame = "NONREF" if on else "DEFAULT"
         self._skipping = on
-        return on
 
 
 class _IndexMismatch(Exception):
@@ -554,7 +542,6 @@ class _ClipAssembler:
         # libswscale threads: like libavcodec's, one per decode task by default (PyAV's own
         # default, 0, starts a thread per CPU in every task).
         self.threads = threads
-        self._planar = True
         self.out_w, self.out_h = geometry.resized_size(probe.width, probe.height)
         self.matcher = FrameMatcher(plans)
         num_frames = [len(p.target_seconds) for p in plans]
@@ -587,54 +574,28 @@ class _ClipAssembler:
     def _rgb_crop(self, frame) -> np.ndarray:
         """The model's crop of one frame: (crop_h, crop_w, 3) uint8, contiguous.
 
-        From planar RGB the crop is copied plane by plane straight into the output, which
-        saves interleaving the whole resized frame first (as `to_ndarray` would) and then
-        copying the crop again.
+        Resize + convert in one libswscale call to planar RGB (gbrp): libswscale's planar
+        writer is 1.5-2.5x faster than its packed rgb24 writer when scaling (measured with
+        libswscale 9: 0.30 vs 0.79 ms for 428x240 -> 413x232, 1.2 vs 1.7 ms from 1080p) and
+        interpolates chroma fully, so on HD input it is closer to the reference (full
+        resolution RGB then PIL bilinear): mean error 2.2 vs 4.4 levels on 720p test video;
+        identical output where both are exact. The crop is then copied plane by plane
+        straight into the output, which saves interleaving the whole resized frame first (as
+        `to_ndarray` would) and then copying the crop again.
         """
         g = self.geometry
         top, left = (self.out_h - g.crop_height) // 2, (self.out_w - g.crop_width) // 2
-        if self._planar and self.threads is not None and top >= 0 and left >= 0:
-            try:
-                planar = frame.reformat(format="gbrp", width=self.out_w, height=self.out_h,
-                                        interpolation=g.interpolation, threads=self.threads)
-                out = np.empty((g.crop_height, g.crop_width, 3), dtype=np.uint8)
-                # gbrp plane order is G, B, R.
-                for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
-                    data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-                    out[:, :, channel] = data[top:top + g.crop_height, left:left + g.crop_width]
-                return out
-            except (ValueError, TypeError, NotImplementedError, IndexError):
-                pass  # an older PyAV: the generic path below decides what works
-        return np.ascontiguousarray(center_crop(self._rgb(frame), g.crop_height, g.crop_width))
-
-    def _rgb(self, frame) -> np.ndarray:
-        """Resize + convert to RGB in one libswscale call; (out_h, out_w, 3) uint8.
-
-        Planar RGB (gbrp) output, which PyAV returns as an (H, W, 3) RGB array: libswscale's
-        planar writer is 1.5-2.5x faster than its packed rgb24 writer when scaling (measured
-        with libswscale 9: 0.30 vs 0.79 ms for 428x240 -> 413x232, 1.2 vs 1.7 ms from 1080p)
-        and interpolates chroma fully, so on HD input it is closer to the reference (full
-        resolution RGB then PIL bilinear): mean error 2.2 vs 4.4 levels on 720p test video;
-        identical output where both are exact.
-        """
-        kwargs = {"width": self.out_w, "height": self.out_h, "interpolation": self.geometry.interpolation}
-        if self.threads is not None:
-            kwargs["threads"] = self.threads
-        try:
-            if self._planar:
-                try:
-                    rgb = frame.reformat(format="gbrp", **kwargs).to_ndarray()
-                    if rgb.shape == (self.out_h, self.out_w, 3):
-                        return rgb
-                except (ValueError, NotImplementedError):
-                    pass
-                self._planar = False  # a PyAV without gbrp arrays: packed RGB from now on
-            return frame.reformat(format="rgb24", **kwargs).to_ndarray()
-        except TypeError:
-            if self.threads is None:
-                raise
-            self.threads = None  # a PyAV whose reformat() takes no threads argument
-            return self._rgb(frame)
+        planar = frame.reformat(format="gbrp", width=self.out_w, height=self.out_h,
+                                interpolation=g.interpolation, threads=self.threads)
+        if top < 0 or left < 0:
+            # Resized smaller than the crop (an odd preprocessor config): transformers zero-pads.
+            return np.ascontiguousarray(center_crop(planar.to_ndarray(), g.crop_height, g.crop_width))
+        out = np.empty((g.crop_height, g.crop_width, 3), dtype=np.uint8)
+        # gbrp plane order is G, B, R.
+        for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
+            data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
+            out[:, :, channel] = data[top:top + g.crop_height, left:left + g.crop_width]
+        return out
 
     def _fill(self, slots, frames_by_index) -> None:
         for clip_pos, frame_pos, owner in slots:
