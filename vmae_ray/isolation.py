@@ -3,9 +3,9 @@
 FFmpeg decoders can segfault or spin on hostile input (PyAV has crashed on truncated first
 frames); in-process, that would kill the Ray worker and, after retries, the job. Here a
 long-lived child process (one per Ray worker process, reused across tasks) decodes videos
-one at a time and streams the decoded rows back over a pipe (as Arrow IPC messages). If the child dies, the video
-it was on becomes an error row ``crashed``; if it makes no progress for
-``timeout_seconds``, it is killed and the video becomes ``timeout``. The next video gets a
+one at a time and streams the decoded rows back over a pipe as Arrow IPC messages. If the
+child dies, the video it was on becomes an error row ``crashed``; if it makes no progress
+for ``timeout_seconds``, it is killed and the video becomes ``timeout``. The next video gets a
 fresh child. Clip rows already streamed for that video are dropped downstream, because
 the error row finishes the video (see `tables.ResultAssembler`).
 """
