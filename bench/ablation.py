@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import psutil
@@ -43,7 +44,7 @@ def model_folding(checkpoint: str, clips: list[np.ndarray], *, batch_size: int, 
                   repeats: int = 3) -> dict[str, Any]:
     import torch
 
-    from vmae_ray.model import VideoMAEEmbedder
+    from vmae_ray.embedder import VideoMAEEmbedder
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -82,7 +83,8 @@ def _decode_cpu(paths: list[str], params, storage) -> tuple[float, int]:
     """CPU seconds of this process and its children while `decode_batch` runs over ``paths``."""
     import pyarrow as pa
 
-    from vmae_ray.stages import KIND_CLIP, decode_batch
+    from vmae_ray.schema import KIND_CLIP
+    from vmae_ray.stages import decode_batch
 
     me = psutil.Process()
 

@@ -14,7 +14,7 @@ Two measurements:
 
 * ``forward``: ``model(pixel_values)`` on normalised bf16 clips already on the device: the
   model alone.
-* ``embedder``: `vmae_ray.model.VideoMAEEmbedder.embed` on uint8 clips in host memory, as the
+* ``embedder``: `vmae_ray.embedder.VideoMAEEmbedder.embed` on uint8 clips in host memory, as the
   pipeline's actor calls it (pinned host-to-device copy of uint8, the patch embedding with the
   normalisation folded into its weights, the encoder, float32 mean pooling, copy back).
 """
@@ -79,7 +79,8 @@ def run(*, smoke: bool, batch_size: int, steps: int, warmup: int, dtype: str, pe
     import torch
     from transformers import VideoMAEConfig, VideoMAEModel
 
-    from vmae_ray.model import VideoMAEEmbedder, make_tiny_checkpoint
+    from vmae_ray.embedder import VideoMAEEmbedder
+    from vmae_ray.synthetic import make_tiny_checkpoint
 
     cuda = torch.cuda.is_available() and not smoke
     device = torch.device("cuda" if cuda else "cpu")

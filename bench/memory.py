@@ -37,8 +37,9 @@ def _peak_rss() -> int:
 
 def measure(path: str, checkpoint: str, sampling: str, frame_stride: int, clips_per_video: int | None) -> dict:
     from bench.peers import Workload, decode_params
-    from vmae_ray.model import load_model_spec
-    from vmae_ray.stages import KIND_CLIP, KIND_ERROR, decode_video
+    from vmae_ray.checkpoint import load_model_spec
+    from vmae_ray.schema import KIND_CLIP, KIND_ERROR
+    from vmae_ray.stages import decode_video
     from vmae_ray.storage import StorageOptions
 
     spec = load_model_spec(checkpoint)

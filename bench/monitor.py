@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import psutil
 
-
 IDLE = "ray worker: IDLE"
 
 
@@ -167,7 +166,7 @@ class ResourceMonitor:
             self.sample()
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "ResourceMonitor":
+    def __enter__(self) -> ResourceMonitor:
         self._cpu_snapshot(first=True)
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="bench-monitor", daemon=True)

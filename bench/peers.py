@@ -20,7 +20,7 @@ Stages alone:
 * decode alone: `vmae_ray.stages.decode_batch` (the decode task's UDF: open, probe, plan,
   decode, convert, Arrow rows; by default in its crash-isolation child process) over the
   corpus from this process, one video per call, one core.
-* model alone: `vmae_ray.model.VideoMAEEmbedder.embed` on clips decoded beforehand, with the
+* model alone: `vmae_ray.embedder.VideoMAEEmbedder.embed` on clips decoded beforehand, with the
   batch size and torch thread count the pipeline's actor gets.
 """
 
@@ -170,7 +170,7 @@ class _EmbedClips:
     """Actor for the read_videos peer: the same embedder (model + normalisation) as vmae-ray."""
 
     def __init__(self, checkpoint: str):
-        from vmae_ray.model import VideoMAEEmbedder
+        from vmae_ray.embedder import VideoMAEEmbedder
 
         self.embedder = VideoMAEEmbedder(checkpoint, device="cpu", dtype="float32")
 
@@ -274,7 +274,8 @@ def decode_alone(paths: list[str], spec, wl: Workload, *, keep: int = 48,
     """
     import pyarrow as pa
 
-    from vmae_ray.stages import KIND_CLIP, KIND_ERROR, decode_batch
+    from vmae_ray.schema import KIND_CLIP, KIND_ERROR
+    from vmae_ray.stages import decode_batch
     from vmae_ray.storage import StorageOptions
 
     params = decode_params(spec, wl, isolate=isolate)
@@ -306,7 +307,7 @@ def model_alone(checkpoint: str, clips: list[np.ndarray], *, batch_size: int, th
     """`VideoMAEEmbedder.embed` on decoded clips (cycled up to ``min_clips``), after one warm-up batch."""
     import torch
 
-    from vmae_ray.model import VideoMAEEmbedder
+    from vmae_ray.embedder import VideoMAEEmbedder
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -194,7 +194,7 @@ def render(results: dict) -> str:
     if tot:
         w(f"| `make bench` < 15 min on this machine | all | {tot / 60:.1f} min | {_status(tot < TARGETS['bench_seconds'])} |")
     gpu = results.get("gpu") or {}
-    w(f"| GPU model stage: clips/s and MFU (VideoMAE-B) | - | "
+    w("| GPU model stage: clips/s and MFU (VideoMAE-B) | - | "
       + ("not measured: no GPU was lent to this run (CPU smoke mode only)" if not gpu.get("cuda_available")
          else f"{gpu.get('forward_clips_per_second')} clips/s, MFU {gpu.get('forward_mfu')}") + " | "
       + ("n/a" if not gpu.get("cuda_available") else "measured") + " |")
@@ -350,7 +350,8 @@ def render(results: dict) -> str:
       "is not reachable within the current GOP and decodes forward (the least decoding possible). vmae-ray "
       "is `VideoDecoder(...).clips(...)` consumed to the end: open, probe, plan, packet scan, seeks, "
       "conversion of the sampled frames. Best of 2 interleaved runs; CPU seconds (wall in parentheses).\n")
-    w("| workload | videos | clips | straight ms/clip | seek floor ms/clip | vmae-ray ms/clip | vmae-ray / straight | vmae-ray / seek floor |")
+    w("| workload | videos | clips | straight ms/clip | seek floor ms/clip | vmae-ray ms/clip | vmae-ray / straight "
+      "| vmae-ray / seek floor |")
     w("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, m in meas.items():
         d = m.get("decode_target")
@@ -359,7 +360,8 @@ def render(results: dict) -> str:
         if "error" in d:
             w(f"| {name} | - | - | - | - | - | failed: {d['error'][:200]} | - |")
             continue
-        w(f"| {name} | {d['videos']} | {d['clips']} | {d['straight_ms_per_clip_cpu']:.1f} ({d['straight_ms_per_clip_wall']:.1f}) | "
+        w(f"| {name} | {d['videos']} | {d['clips']} | "
+          f"{d['straight_ms_per_clip_cpu']:.1f} ({d['straight_ms_per_clip_wall']:.1f}) | "
           f"{d['seek_ms_per_clip_cpu']:.1f} ({d['seek_ms_per_clip_wall']:.1f}) | "
           f"{d['vmae_ms_per_clip_cpu']:.1f} ({d['vmae_ms_per_clip_wall']:.1f}) | **{d['ratio_vs_straight_cpu']:.2f}** "
           f"({d['ratio_vs_straight_wall']:.2f}) | {d['ratio_vs_seek_cpu']:.2f} ({d['ratio_vs_seek_wall']:.2f}) |")

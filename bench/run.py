@@ -27,9 +27,9 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import Any
 
 import numpy as np
-from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +118,7 @@ def _loadavg() -> str:
 
 
 def ensure_checkpoint(workdir: str) -> str:
-    from vmae_ray.model import make_tiny_checkpoint
+    from vmae_ray.synthetic import make_tiny_checkpoint
 
     path = os.path.join(workdir, "checkpoint")
     stamp = os.path.join(path, "bench_model.json")
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
             "generation_seconds": gen_s, "cached": existed, "files": c.files if len(c.files) <= 12 else None,
         }
     checkpoint = ensure_checkpoint(workdir)
-    from vmae_ray.model import load_model_spec
+    from vmae_ray.checkpoint import load_model_spec
 
     spec = load_model_spec(checkpoint)
     results["model"] = {"checkpoint": os.path.relpath(checkpoint, ROOT), **BENCH_MODEL,

@@ -7,8 +7,11 @@ visible reason when the folder is missing) and synthetic videos made with PyAV b
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -76,7 +79,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory) -> str:
     """A fine-tuned-style checkpoint: classifier head with id2label, non-default preprocessing."""
-    from vmae_ray.model import make_tiny_checkpoint
+    from vmae_ray.synthetic import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "classifier"), classifier=True,
                                 num_frames=8, image_size=32, patch_size=16, num_labels=5, seed=1)
@@ -85,7 +88,7 @@ def tiny_classifier(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_pretraining(tmp_path_factory) -> str:
     """Laid out like videomae-base-short-ssv2: encoder + decoder, no classifier."""
-    from vmae_ray.model import make_tiny_checkpoint
+    from vmae_ray.synthetic import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "pretraining"), classifier=False,
                                 pretraining_layout=True, num_frames=8, image_size=32, patch_size=16, seed=2)
@@ -102,5 +105,57 @@ def synthetic_corpus(tmp_path_factory) -> dict[str, str]:
         "b_vp9.webm": dict(codec="libvpx-vp9", width=128, height=96, fps=12, num_frames=24, gop_size=12),
         "c_short.mp4": dict(codec="h264", width=96, height=64, fps=30, num_frames=5, gop_size=5),
         "d_vfr.mkv": dict(codec="h264", width=128, height=72, fps=30, num_frames=40, gop_size=20, vfr=True),
+    }
+    return {name: make_video(str(root / name), seed=i, **kw) for i, (name, kw) in enumerate(recipes.items())}
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory) -> str:
+    """make_tiny_checkpoint's defaults: 8 frames of 64x64, resize short side to 72, crop 64,
+    ImageNet mean/std (so nothing passes with hard-coded library defaults); a classifier head."""
+    from vmae_ray.synthetic import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "classifier64", classifier=True)
+
+
+@pytest.fixture(scope="session")
+def pretraining_dir(tmp_path_factory) -> str:
+    """As `classifier_dir`, laid out as a pretraining checkpoint (encoder + decoder)."""
+    from vmae_ray.synthetic import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "pretraining64", pretraining_layout=True)
+
+
+def copy_checkpoint(src: str, tmp_path: Path) -> Path:
+    """A copy of a checkpoint directory, to edit in a test."""
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    """Set keys of a JSON file; a value of None removes the key."""
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="session")
+def long_videos(tmp_path_factory):
+    """Frame-coded videos long enough for sparse plans to seek (GOP << gaps between targets)."""
+    from vmae_ray.synthetic import make_video
+
+    root = tmp_path_factory.mktemp("seek")
+    recipes = {
+        "h264_bframes.mp4": dict(codec="h264", width=160, height=120, fps=30, num_frames=480, gop_size=30),
+        "h264.mkv": dict(codec="h264", width=160, height=120, fps=25, num_frames=400, gop_size=40),
+        "vp9.webm": dict(codec="libvpx-vp9", width=160, height=120, fps=12, num_frames=300, gop_size=24),
+        "vfr.mkv": dict(codec="h264", width=160, height=120, fps=30, num_frames=400, gop_size=40, vfr=True),
+        # Long GOPs with B-frames: the pre-roll after a seek skips non-reference frames.
+        "h264_longgop.mp4": dict(codec="h264", width=160, height=120, fps=30, num_frames=480, gop_size=200),
     }
     return {name: make_video(str(root / name), seed=i, **kw) for i, (name, kw) in enumerate(recipes.items())}

@@ -125,7 +125,7 @@ def _no_proxy_with_localhost(value: str) -> str:
     return ",".join(hosts)
 
 
-def _clear_s3fs_instances() -> None:
+def clear_s3fs_instances() -> None:
     # fsspec caches filesystem instances by their options; an instance keeps its listing
     # cache (dircache) between tests. Clearing makes each test see the bucket as it is.
     try:
@@ -163,7 +163,7 @@ def s3_server():
     try:
         yield info
     finally:
-        _clear_s3fs_instances()
+        clear_s3fs_instances()
         server.stop()
         wlogger.removeHandler(access_log)
         wlogger.setLevel(saved_level)
@@ -172,7 +172,7 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server):
     """A fresh, uniquely named, empty bucket for one test."""
-    _clear_s3fs_instances()
+    clear_s3fs_instances()
     name = s3_server.make_bucket()
     yield name
-    _clear_s3fs_instances()
+    clear_s3fs_instances()

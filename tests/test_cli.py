@@ -76,3 +76,58 @@ def test_script_rejects_bad_flag_without_starting_ray():
     assert proc.returncode == 2
     assert "--sampling" in proc.stderr and "uniform" in proc.stderr
     assert "Started a local Ray" not in proc.stderr + proc.stdout
+
+
+def test_plan_resources_defaults_come_from_one_place():
+    from vmae_ray.config import DEFAULT_BATCH_SIZE_CPU, DEFAULT_BATCH_SIZE_GPU, ConfigError, plan_resources
+
+    cpu = plan_resources(parse(), {"CPU": 8.0})
+    assert (cpu.device, cpu.gpus_per_actor, cpu.num_actors, cpu.batch_size) == ("cpu", 0.0, (1, 1), DEFAULT_BATCH_SIZE_CPU)
+    assert cpu.decode_slots == 7  # 8 CPUs less one for the model actor
+    gpu = plan_resources(parse(), {"CPU": 64.0, "GPU": 4.0})
+    assert (gpu.device, gpu.gpus_per_actor, gpu.num_actors, gpu.batch_size) == ("cuda", 1.0, (1, 4), DEFAULT_BATCH_SIZE_GPU)
+    assert gpu.decode_slots == 60
+    explicit = plan_resources(parse("--batch-size", "5", "--num-actors", "2", "--decode-cpus", "0.5"), {"CPU": 4.0})
+    assert (explicit.batch_size, explicit.num_actors, explicit.decode_slots) == (5, (2, 2), 4)
+    with pytest.raises(ConfigError, match="--gpus-per-actor"):
+        plan_resources(parse("--gpus-per-actor", "1"), {"CPU": 4.0})
+    help_text = __import__("vmae_ray.cli", fromlist=["build_parser"]).build_parser().format_help()
+    assert f"default {DEFAULT_BATCH_SIZE_GPU} on GPU, {DEFAULT_BATCH_SIZE_CPU} on CPU" in " ".join(help_text.split())
+
+
+def test_main_lists_commands_and_refuses_unknown(capsys):
+    from vmae_ray.cli import main
+
+    assert main(["--help"]) == 0
+    assert "embed" in capsys.readouterr().out
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["--input", "--model"])
+def test_bad_path_reported_fast_without_torch(tmp_path, classifier_dir, bad):
+    """A missing --input or a --model typo is reported before torch or transformers are
+    imported (about a second), naming the flag once."""
+    paths = {"--input": str(tmp_path), "--model": classifier_dir}
+    paths[bad] = str(tmp_path / "missing") if bad == "--input" else "./x"
+    (tmp_path / "a.mp4").write_bytes(b"")
+    code = ("import sys\nfrom vmae_ray.cli import main\ntry:\n    main(['embed', '--input', sys.argv[1], "
+            "'--output', sys.argv[2], '--model', sys.argv[3]])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, paths["--input"], str(tmp_path / "out"), paths["--model"]],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["exit", "2", "False", "False"], proc.stderr
+    error_line = proc.stderr.strip().splitlines()[-1]
+    assert error_line.count(bad) == 1, error_line
+    assert ("does not exist" if bad == "--input" else "no such local directory") in error_line
+
+
+def test_config_round_trips_through_success_dict():
+    from vmae_ray.config import EmbedConfig
+
+    c = parse("--sampling", "stride", "--clips-per-video", "all", "--num-actors", "1,3", "--extensions", "mp4,mkv",
+              "--storage-options", '{"secret": "s3cr3t"}')
+    again = EmbedConfig.from_dict({**c.to_dict(redact=True), "a_key_from_a_newer_release": 1})
+    assert again.num_actors == (1, 3) and again.extensions == (".mp4", ".mkv") and again.clips_per_video is None
+    assert again.storage_options == {}  # redacted secrets are never read back as values
+    assert {**again.to_dict(), "storage_options": None} == {**c.to_dict(), "storage_options": None}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHARED_FILES, require_shared_media
-from vmae_ray.decoding import DecodeError, DecodeLimits, FrameGeometry, VideoDecoder, center_crop
+from vmae_ray.decoding import DecodeError, DecodeLimits, FrameGeometry, VideoDecoder, center_crop, model_crop
 from vmae_ray.sampling import select_frame_indices
 
 GEOMETRY = FrameGeometry(resize_shortest_edge=40, crop_height=32, crop_width=32)
@@ -108,3 +108,126 @@ def test_resized_size_and_crop_follow_transformers():
     assert g.resized_size(720, 1280) == (224, 398)
     rgb = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
     assert np.array_equal(center_crop(rgb, 3, 3), rgb[1:4, 2:5])
+
+
+# --------------------------------------------------------------------------------------
+# Keyframe seeking: sparse plans give exactly the frames of decoding straight through
+
+SEEK_GEOMETRY = FrameGeometry(resize_shortest_edge=96, crop_height=96, crop_width=96)
+
+
+PLANS = [("uniform", 8, 1, 1), ("stride", 8, 2, 3), ("stride", 4, 1, 5)]
+
+
+def _decode(path, plan, *, straight: bool):
+    """(clips, the decoder's stats) for a plan (sampling, num_frames, frame_stride, clips_per_video)."""
+    sampling, num_frames, stride, clips = plan
+    with VideoDecoder(path, record_frames=True) as decoder:
+        plans = decoder.plan(sampling=sampling, num_frames=num_frames, frame_stride=stride, clips_per_video=clips)
+        out = list(decoder.clips(plans, SEEK_GEOMETRY, seek=not straight))
+    return out, decoder.stats
+
+
+@pytest.mark.parametrize("name", ["h264_bframes.mp4", "h264.mkv", "vp9.webm", "vfr.mkv", "h264_longgop.mp4"])
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p[0]}-{p[1]}x{p[2]}-{p[3]}")
+def test_seeking_equals_straight_decoding(long_videos, name, plan):
+    from vmae_ray.synthetic import frame_number_from_rgb
+
+    path = long_videos[name]
+    straight, straight_stats = _decode(path, plan, straight=True)
+    seeking, stats = _decode(path, plan, straight=False)
+    assert not straight_stats.seeks
+    assert len(stats.seeks) >= 2, "a sparse plan over a long video should seek"
+    assert stats.fallbacks == 0 and stats.frames_decoded < straight_stats.frames_decoded
+    assert [c.clip_index for c in seeking] == [c.clip_index for c in straight]
+    for a, b in zip(straight, seeking):
+        assert a.frame_indices == b.frame_indices
+        assert (a.start_seconds, a.end_seconds) == (b.start_seconds, b.end_seconds)
+        assert np.array_equal(a.pixels, b.pixels)
+        # And they are the frames the indices name (frame numbers are drawn in the pixels).
+        assert [frame_number_from_rgb(f) for f in b.pixels] == b.frame_indices
+
+
+def test_preroll_skips_nonreference_frames_exactly(long_videos):
+    """After a seek into a long GOP, B-frames before the needed frames are not decoded, the
+    decoder never falls back to decoding straight through, and the clips are the right frames."""
+    import av
+
+    from vmae_ray.synthetic import frame_number_from_rgb
+
+    path = long_videos["h264_longgop.mp4"]
+    with av.open(path) as c:
+        assert any(f.pict_type == av.video.frame.PictureType.B for f in c.decode(video=0)), "needs B-frames"
+    clips, stats = _decode(path, ("stride", 4, 2, 3), straight=False)
+    decoded = stats.decoded_indices
+    assert stats.fallbacks == 0 and stats.seeks
+    assert len(clips) == 3
+    for clip in clips:
+        assert [frame_number_from_rgb(f) for f in clip.pixels] == clip.frame_indices
+    # Frames pushed after a seek skip some ranks (the non-reference frames of the pre-roll),
+    # and from a few frames before each clip on every frame is there.
+    gaps = [b - a for a, b in zip(decoded, decoded[1:]) if b > a + 1]
+    assert gaps, "no frame was skipped in the pre-roll"
+    for clip in clips:
+        first = clip.frame_indices[0]
+        assert all(i in decoded for i in range(max(0, first - 4), clip.frame_indices[-1] + 1))
+
+
+def test_dense_plans_do_not_scan(long_videos, monkeypatch):
+    calls = []
+    monkeypatch.setattr(VideoDecoder, "packet_index", lambda self: calls.append(1))
+    with VideoDecoder(long_videos["h264_bframes.mp4"]) as decoder:
+        plans = decoder.plan(sampling="stride", num_frames=8, frame_stride=2, clips_per_video=None)
+        assert len(list(decoder.clips(plans, SEEK_GEOMETRY))) == len(plans)
+    assert not calls
+
+
+def test_index_mismatch_falls_back_to_straight(long_videos, monkeypatch):
+    """A packet index that does not describe the decoded frames: same clips, each once."""
+    path = long_videos["h264_bframes.mp4"]
+    plan = ("stride", 8, 2, 3)
+    expected, _ = _decode(path, plan, straight=True)
+    original = VideoDecoder.packet_index
+
+    def broken(self):
+        index = original(self)
+        # From frame 5 on, every rank one too high, as if a packet before it had made no
+        # frame: the first clip (frames 0..14) is decoded across the gap, which is detected.
+        index.rank = {p: (r if r < 5 else r + 1) for p, r in index.rank.items()}
+        return index
+
+    monkeypatch.setattr(VideoDecoder, "packet_index", broken)
+    with VideoDecoder(path) as decoder:
+        plans = decoder.plan(sampling=plan[0], num_frames=plan[1], frame_stride=plan[2], clips_per_video=plan[3])
+        got = list(decoder.clips(plans, SEEK_GEOMETRY))
+    assert decoder.stats.fallbacks == 1, "the broken index should have been detected"
+    assert [c.clip_index for c in got] == list(range(len(plans)))
+    for a, b in zip(expected, got):
+        assert a.frame_indices == b.frame_indices and np.array_equal(a.pixels, b.pixels)
+
+
+@pytest.mark.parametrize("name", ["h264_bframes.mp4", "vp9.webm"])
+def test_planar_conversion_is_as_close_to_the_reference(long_videos, name):
+    """The gbrp fast path is at least as close as packed rgb24 to the preprocessing reference
+    (full-resolution RGB, then PIL bilinear resize and center crop, as transformers does)."""
+    import av
+    from PIL import Image
+
+    path = long_videos[name]
+    with VideoDecoder(path) as decoder:
+        probe = decoder.probe
+    w, h = SEEK_GEOMETRY.resized_size(probe.width, probe.height)
+    crop = lambda a: center_crop(a, SEEK_GEOMETRY.crop_height, SEEK_GEOMETRY.crop_width).astype(int)  # noqa: E731
+    errors = {"planar": [], "packed": []}
+    with av.open(path) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            if i % 50:
+                continue
+            fast = model_crop(frame, SEEK_GEOMETRY, (w, h))
+            assert fast.shape == (96, 96, 3) and fast.dtype == np.uint8 and fast.flags.c_contiguous
+            packed = frame.reformat(width=w, height=h, format="rgb24", interpolation="BILINEAR").to_ndarray()
+            ref = np.asarray(Image.fromarray(frame.to_ndarray(format="rgb24")).resize((w, h), Image.BILINEAR))
+            errors["planar"].append(np.abs(fast.astype(int) - crop(ref)).mean())
+            errors["packed"].append(np.abs(crop(packed) - crop(ref)).mean())
+    planar, packed = np.mean(errors["planar"]), np.mean(errors["packed"])
+    assert planar <= packed + 0.1, (planar, packed)

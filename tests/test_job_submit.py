@@ -357,7 +357,7 @@ def _wait_for_dashboard(cluster: Cluster, timeout: float) -> None:
 
 @pytest.fixture(scope="module")
 def job_inputs(tmp_path_factory):
-    from vmae_ray.model import make_tiny_checkpoint
+    from vmae_ray.synthetic import make_tiny_checkpoint
 
     work = tmp_path_factory.mktemp("job_submit")
     ckpt = make_tiny_checkpoint(str(work / "ckpt"), classifier=True, num_frames=8, image_size=32,

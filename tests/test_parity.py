@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from tests.conftest import SHARED_MEDIA
+from vmae_ray.checkpoint import load_model_spec
 from vmae_ray.decoding import FrameGeometry, VideoDecoder
-from vmae_ray.model import VideoMAEEmbedder, load_model_spec
+from vmae_ray.embedder import VideoMAEEmbedder
 
 
 def reference_frames(path: str, indices: list[int], stream_index: int) -> list[np.ndarray]:

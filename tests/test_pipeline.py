@@ -183,14 +183,15 @@ def test_changed_settings_reprocess_and_replace(manifest_run, tiny_classifier, t
 
 
 def test_decode_and_embed_are_separate_operators(ray_session, tiny_classifier, synthetic_corpus, tmp_path):
-    from vmae_ray.pipeline import _resources, build_dataset, prepare
+    from vmae_ray.config import plan_resources
+    from vmae_ray.pipeline import build_dataset, prepare
 
     config = config_from_args(["--input", synthetic_corpus["a_h264.mp4"], "--output", str(tmp_path / "o"),
                                "--model", tiny_classifier])
     plan = prepare(config)
-    ds = build_dataset(plan, _resources(config))
+    ds = build_dataset(plan, plan_resources(config, ray_session.cluster_resources()))
     rows = ds.take_all()
-    assert {r["kind"] for r in rows} == {"clip", "done"}
+    assert {r["kind"] for r in rows} == {"clip"}
     stats = ds.stats()
     assert "MapBatches(decode_batch)" in stats and "MapBatches(EmbedActor)" in stats
     assert "MapBatches(decode_batch)->MapBatches(EmbedActor)" not in stats
@@ -201,7 +202,8 @@ def test_cluster_autoscaler_default_and_user_override(ray_session, tiny_classifi
                                                       monkeypatch, user_value):
     """Ray Data's RATE_BASED autoscaler leaves fractional CPUs of a fixed cluster unused (see
     pipeline.DEFAULT_CLUSTER_AUTOSCALER); the job picks V2 unless the user chose one."""
-    from vmae_ray.pipeline import CLUSTER_AUTOSCALER_ENV, _resources, build_dataset, prepare
+    from vmae_ray.config import plan_resources
+    from vmae_ray.pipeline import CLUSTER_AUTOSCALER_ENV, build_dataset, prepare
 
     if user_value is None:
         monkeypatch.delenv(CLUSTER_AUTOSCALER_ENV, raising=False)
@@ -209,7 +211,7 @@ def test_cluster_autoscaler_default_and_user_override(ray_session, tiny_classifi
         monkeypatch.setenv(CLUSTER_AUTOSCALER_ENV, user_value)
     config = config_from_args(["--input", synthetic_corpus["a_h264.mp4"], "--output", str(tmp_path / "o"),
                                "--model", tiny_classifier])
-    build_dataset(prepare(config), _resources(config))
+    build_dataset(prepare(config), plan_resources(config, ray_session.cluster_resources()))
     assert os.environ[CLUSTER_AUTOSCALER_ENV] == (user_value or "V2")
 
 
@@ -225,3 +227,24 @@ def test_stage_report_times_start_up_apart(manifest_run):
         assert report["after_startup_clips_per_second"] > 0
     manifest = success(manifest_run["out"])
     assert manifest["stage_report"]["first_clip_seconds"] == report["first_clip_seconds"]
+
+
+def test_model_calls_get_full_batches(ray_session, tiny_classifier, tmp_path):
+    """--batch-size is clips per model call: every call but the last embeds exactly that many.
+
+    Five videos of three clips each and a batch of four: the decode tasks' blocks (three clips
+    each) do not add up to batches by themselves. Each model actor tags the rows of a call with
+    the number of clips it handed the model; the driver counts calls by their id
+    (`stage_report["model_call_sizes"]`)."""
+    from vmae_ray.synthetic import make_video
+
+    corpus = tmp_path / "corpus"
+    for i in range(5):
+        make_video(str(corpus / f"v{i}.mp4"), width=64, height=48, num_frames=48, gop_size=12, seed=i)
+    summary = run_job("--input", str(corpus), "--output", str(tmp_path / "out"), "--model", tiny_classifier,
+                      "--sampling", "stride", "--clips-per-video", "3", "--batch-size", "4")
+    report = summary.stage_report
+    sizes = {int(k): v for k, v in report["model_call_sizes"].items()}
+    assert summary.clips == 15 and summary.videos_failed == 0
+    assert sum(size * calls for size, calls in sizes.items()) == summary.clips
+    assert sizes == {4: 3, 3: 1}, sizes

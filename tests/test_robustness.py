@@ -32,11 +32,11 @@ import pytest
 from tests.conftest import ROOT, SHARED_FILES, SHARED_MEDIA
 from vmae_ray.cli import config_from_args
 from vmae_ray.pipeline import run
+from vmae_ray.writing import FAILPOINTS
 
 JOB = os.path.join(ROOT, "jobs", "embed_videos.py")
 TABLES = ("clips", "videos", "errors")
 EXIT_FAILPOINT = 86
-FAILPOINTS = ("before_journal", "after_journal", "after_first_move", "before_success", "after_success")
 
 # The settings every crash/kill run shares with its undisturbed baseline: stride sampling
 # (three clips a video), small model batches and shards, and a commit every 50 ms so that

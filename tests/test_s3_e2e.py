@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import ROOT, SHARED_FILES, SHARED_MEDIA, MediaFile
-from tests.s3_server import _clear_s3fs_instances
+from tests.s3_server import clear_s3fs_instances
 from vmae_ray.cli import config_from_args
 from vmae_ray.pipeline import run
 
@@ -66,7 +66,7 @@ def _key(uri: str) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def s3_world(s3_server, tiny_classifier, synthetic_corpus) -> S3World:
-    _clear_s3fs_instances()
+    clear_s3fs_instances()
     client = s3_server.client
     world = S3World(data=s3_server.make_bucket(), models=s3_server.make_bucket(), out=s3_server.make_bucket())
     local = {f"videos/{name}": (path, None) for name, path in synthetic_corpus.items()}
@@ -256,7 +256,7 @@ def test_listing_cost_does_not_grow_with_objects(s3_server, s3_bucket):
             s3_server.client.put_object(Bucket=s3_bucket, Key=f"{prefix}/sub{i % 3}/v{i:03d}.mp4", Body=b"x" * (i + 1))
     costs = {}
     for prefix, n in (("few", 3), ("many", 60)):
-        _clear_s3fs_instances()
+        clear_s3fs_instances()
         mark = len(s3_server.requests)
         listing = list_inputs(f"s3://{s3_bucket}/{prefix}/", storage)
         time.sleep(0.1)

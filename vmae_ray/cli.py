@@ -1,19 +1,34 @@
-"""Command line: `vmae-ray embed ...` and `python jobs/embed_videos.py ...` (the same parser).
+"""Command line: `vmae-ray COMMAND ...`, and the `embed` command's flags.
 
-Parses and validates everything before Ray starts: a bad flag exits with status 2 and a
-message naming the flag and its allowed values.
+`vmae-ray embed ...` and `python jobs/embed_videos.py ...` are the same parser. It parses and
+validates everything before Ray starts: a bad flag exits with status 2 and a message naming
+the flag and its allowed values. Other commands live in their own modules (see `COMMANDS`)
+and are imported only when run, so every command starts fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from vmae_ray.config import (
-    DEFAULT_MODEL, DEVICES, DTYPES, INTERPOLATIONS, LABEL_MODES, ConfigError, EmbedConfig,
-    load_yaml, parse_clips_per_video, parse_num_actors, parse_storage_options,
+    DEFAULT_BATCH_SIZE_CPU,
+    DEFAULT_BATCH_SIZE_GPU,
+    DEFAULT_MODEL,
+    DEFAULT_STRIDE_CLIPS_PER_VIDEO,
+    DEVICES,
+    DTYPES,
+    INTERPOLATIONS,
+    LABEL_MODES,
+    ConfigError,
+    EmbedConfig,
+    load_yaml,
+    parse_clips_per_video,
+    parse_num_actors,
+    parse_storage_options,
 )
 from vmae_ray.sampling import SAMPLING_POLICIES
 
@@ -26,7 +41,8 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # so we can tell given flags from defaults
     )
     io = p.add_argument_group("input and output")
-    io.add_argument("--input", help="directory/prefix, glob, or manifest (.parquet/.csv/.jsonl with a 'uri' column); any fsspec URI")
+    io.add_argument("--input",
+                    help="directory/prefix, glob, or manifest (.parquet/.csv/.jsonl with a 'uri' column); any fsspec URI")
     io.add_argument("--output", help="directory/prefix for the tables; any fsspec URI")
     io.add_argument("--config", help="YAML file with the same options (flags win)")
     io.add_argument("--storage-options", help="fsspec options as a JSON object, or @FILE with one (keeps secrets off the "
@@ -44,14 +60,18 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
     model.add_argument("--model-cache-dir", help="node-local cache for remote checkpoints")
 
     sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--sampling", choices=SAMPLING_POLICIES, help="uniform: SSv2 segments, one clip; stride: Kinetics dense clips")
+    sampling.add_argument("--sampling", choices=SAMPLING_POLICIES,
+                          help="uniform: SSv2 segments, one clip; stride: Kinetics dense clips")
     sampling.add_argument("--num-frames", type=int, help="frames per clip (default: the checkpoint's num_frames)")
     sampling.add_argument("--frame-stride", type=int, help="stride sampling: frames between sampled frames (default 4)")
-    sampling.add_argument("--clips-per-video", help="stride sampling: N evenly spaced clips, or 'all' to cover the video")
-    sampling.add_argument("--interpolation", choices=INTERPOLATIONS, help="libswscale resize filter (default auto: the one matching the checkpoint's resample)")
+    sampling.add_argument("--clips-per-video", help="stride sampling: N evenly spaced clips "
+                          f"(default {DEFAULT_STRIDE_CLIPS_PER_VIDEO}), or 'all' to cover the video")
+    sampling.add_argument("--interpolation", choices=INTERPOLATIONS,
+                          help="libswscale resize filter (default auto: the one matching the checkpoint's resample)")
 
     res = p.add_argument_group("resources")
-    res.add_argument("--batch-size", type=int, help="clips per model call (default 32 on GPU, 4 on CPU)")
+    res.add_argument("--batch-size", type=int,
+                     help=f"clips per model call (default {DEFAULT_BATCH_SIZE_GPU} on GPU, {DEFAULT_BATCH_SIZE_CPU} on CPU)")
     res.add_argument("--num-actors", help="model actors: N or MIN,MAX (default: one per GPU, or 1)")
     res.add_argument("--gpus-per-actor", type=float, help="default 1 when the cluster has GPUs, else 0")
     res.add_argument("--cpus-per-actor", type=float)
@@ -105,7 +125,7 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
                 values[name] = convert(values[name])
         # Uniform sampling means one clip; only stride takes the default of several.
         if values.get("sampling") == "stride" and "clips_per_video" not in values:
-            values["clips_per_video"] = 4
+            values["clips_per_video"] = DEFAULT_STRIDE_CLIPS_PER_VIDEO
         return EmbedConfig(**values).validate()
     except ConfigError as exc:
         parser.error(str(exc))
@@ -114,29 +134,46 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
     raise AssertionError("unreachable")
 
 
+# name -> (module, function, one-line description). A command's function takes (argv, prog)
+# and returns the exit status.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "embed": ("vmae_ray.cli", "run_embed", "embed a video corpus with VideoMAE on Ray (the job)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"  {name:<{width}}  {description}" for name, (_, _, description) in COMMANDS.items()]
+    return ("usage: vmae-ray COMMAND [options]   (vmae-ray COMMAND --help for a command's options)\n\n"
+            "commands:\n" + "\n".join(lines))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """`vmae-ray COMMAND ...`: dispatch to the command's module; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: vmae-ray embed --input IN --output OUT [options]\n\n"
-              "commands:\n  embed    embed a video corpus (vmae-ray embed --help for options)")
+        print(_usage())
         return 0 if argv else 2
-    if argv[0] != "embed":
-        print(f"vmae-ray: unknown command {argv[0]!r}; expected 'embed'", file=sys.stderr)
+    if argv[0] not in COMMANDS:
+        print(f"vmae-ray: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}\n\n{_usage()}",
+              file=sys.stderr)
         return 2
-    return run_embed(argv[1:], prog="vmae-ray embed")
+    module, function, _ = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module), function)(argv[1:], prog=f"vmae-ray {argv[0]}")
 
 
-def run_embed(argv: Sequence[str], prog: str) -> int:
+def run_embed(argv: Sequence[str], prog: str = "vmae-ray embed") -> int:
+    """The embed command: parse, validate, run the job; exit status 0, or 2 for a bad argument."""
     config = config_from_args(argv, prog=prog)
     from vmae_ray.pipeline import run  # heavy imports only after the flags are good
 
     try:
-        summary = run(config)
+        run(config)
     except ConfigError as exc:
         # A bad argument found by the pre-flight checks (checkpoint files, --output state,
         # --input listing): same contract as a bad flag, exit 2 with the option named.
         build_parser(prog).error(str(exc))
-    return 0 if summary.ok else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,13 +13,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmae_ray.model import DTYPES  # noqa: F401 - re-exported for the CLI
+from vmae_ray.embedder import DTYPES
 from vmae_ray.sampling import SAMPLING_POLICIES
 
 DEFAULT_MODEL = "MCG-NJU/videomae-base-short-ssv2"
 DEVICES = ("auto", "cpu", "cuda")
 LABEL_MODES = ("auto", "on", "off")
 INTERPOLATIONS = ("auto", "BILINEAR", "AREA", "BICUBIC", "FAST_BILINEAR", "LANCZOS", "POINT")
+
+# Defaults that depend on the cluster, stated once (the help text and `plan_resources` read
+# them): clips per model call, and clips per video for stride sampling.
+DEFAULT_BATCH_SIZE_GPU = 32
+DEFAULT_BATCH_SIZE_CPU = 4
+DEFAULT_STRIDE_CLIPS_PER_VIDEO = 4
 
 
 class ConfigError(ValueError):
@@ -40,10 +46,13 @@ class EmbedConfig:
     sampling: str = "uniform"
     num_frames: int | None = None  # None: the checkpoint's config.num_frames
     frame_stride: int = 4
-    clips_per_video: int | None = 1  # None: clips covering the whole video (stride only)
-    batch_size: int | None = None  # None: 32 on GPU, 4 on CPU
-    num_actors: tuple[int, int] | None = None  # None: one per GPU, or 1 on CPU
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    # None: clips covering the whole video (stride only); the CLI gives stride sampling
+    # DEFAULT_STRIDE_CLIPS_PER_VIDEO when the flag is absent.
+    clips_per_video: int | None = 1
+    # None: decided from the cluster by `plan_resources`.
+    batch_size: int | None = None
+    num_actors: tuple[int, int] | None = None
+    gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
     decode_cpus: float = 1.0
     decode_threads: int = 1
@@ -71,7 +80,7 @@ class EmbedConfig:
     decode_isolation: bool = True
     commit_every_seconds: float = 600.0
 
-    def validate(self) -> "EmbedConfig":
+    def validate(self) -> EmbedConfig:
         if not self.input:
             raise ConfigError("--input", "required: a directory, prefix, glob or manifest (.parquet/.csv/.jsonl) URI")
         if not self.output:
@@ -130,6 +139,59 @@ class EmbedConfig:
         if out["extensions"] is not None:
             out["extensions"] = list(out["extensions"])
         return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EmbedConfig:
+        """The config a `to_dict` (e.g. the `config` of `_SUCCESS`) describes; unknown keys are
+        ignored (a newer job may record more), redacted storage options are dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in values.items() if k in names}
+        if kept.get("num_actors") is not None:
+            kept["num_actors"] = tuple(kept["num_actors"])
+        if kept.get("extensions") is not None:
+            kept["extensions"] = tuple(kept["extensions"])
+        kept["storage_options"] = {}
+        return cls(**kept)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How the job uses the cluster: decided once on the driver by `plan_resources`."""
+
+    device: str  # "cuda" or "cpu": where the model runs
+    gpus_per_actor: float
+    num_actors: tuple[int, int]  # (min, max) model actors
+    batch_size: int  # clips per model call
+    decode_slots: int  # decode tasks that fit beside the model actors
+    cluster_cpus: float
+    cluster_gpus: float
+
+
+def plan_resources(config: EmbedConfig, cluster: dict[str, float]) -> Resources:
+    """Resources for a run on a cluster with ``cluster`` (Ray's `cluster_resources()`).
+
+    Defaults: one GPU per actor when the cluster has GPUs (else the model runs on CPU); an
+    autoscaling pool of 1 to (GPUs / GPUs per actor) actors, or 1 on CPU; DEFAULT_BATCH_SIZE_GPU
+    clips per call on GPU, DEFAULT_BATCH_SIZE_CPU on CPU; as many decode tasks as the CPUs left
+    beside the largest actor pool hold. Raises ConfigError for GPUs asked of a GPU-less cluster.
+    """
+    gpus = float(cluster.get("GPU", 0))
+    cpus = float(cluster.get("CPU", 1))
+    gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpus_per_actor > 0 and gpus == 0:
+        raise ConfigError("--gpus-per-actor", f"{gpus_per_actor:g} GPUs per actor requested but the cluster has none")
+    device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
+    if config.num_actors is not None:
+        num_actors = config.num_actors
+    elif gpus_per_actor > 0:
+        num_actors = (1, max(1, int(gpus // gpus_per_actor)))
+    else:
+        num_actors = (1, 1)
+    batch_size = config.batch_size or (DEFAULT_BATCH_SIZE_GPU if device == "cuda" else DEFAULT_BATCH_SIZE_CPU)
+    actor_cpus = config.cpus_per_actor * num_actors[1]
+    decode_slots = max(1, int((cpus - actor_cpus) // config.decode_cpus)) if cpus > actor_cpus else 1
+    return Resources(device=device, gpus_per_actor=gpus_per_actor, num_actors=num_actors, batch_size=batch_size,
+                     decode_slots=decode_slots, cluster_cpus=cpus, cluster_gpus=gpus)
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:

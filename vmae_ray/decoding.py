@@ -14,15 +14,15 @@ from __future__ import annotations
 import bisect
 import errno
 import itertools
-import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import av
 import numpy as np
 
 from vmae_ray.sampling import ClipPlan, FrameMatcher, plan_clips
-
+from vmae_ray.schema import check_error_code
 
 # PIL resample codes (what preprocessor_config.json stores) -> the libswscale filter that
 # comes closest; parity with the PIL resize is tested with a stated tolerance.
@@ -45,9 +45,13 @@ PREROLL_CHECK_FRAMES = 16
 
 
 class DecodeError(Exception):
-    """A video that cannot be turned into clips; becomes one row of `errors/`."""
+    """A video that cannot be turned into clips; becomes one row of `errors/`.
+
+    ``error_type`` and ``stage`` must be in `schema.ERROR_TYPES` / `schema.STAGES` (else ValueError).
+    """
 
     def __init__(self, error_type: str, stage: str, message: str):
+        check_error_code(stage=stage, error_type=error_type)
         super().__init__(message)
         self.error_type = error_type
         self.stage = stage
@@ -105,6 +109,20 @@ class VideoProbe:
 
 
 @dataclass
+class DecodeStats:
+    """What a `VideoDecoder` did, for benchmarks, logs and tests.
+
+    ``decoded_indices`` (the index of every frame examined, in order) is recorded only when
+    the decoder was made with ``record_frames=True``: long videos have many frames.
+    """
+
+    frames_decoded: int = 0  # frames libavcodec returned
+    seeks: list[int] = field(default_factory=list)  # frame index of each keyframe sought to
+    fallbacks: int = 0  # sparse plans decoded straight through after the packet index disagreed
+    decoded_indices: list[int] | None = None
+
+
+@dataclass
 class DecodedClip:
     clip_index: int
     start_seconds: float
@@ -124,6 +142,34 @@ def center_crop(rgb: np.ndarray, crop_height: int, crop_width: int) -> np.ndarra
     top = (height - crop_height) // 2
     left = (width - crop_width) // 2
     return rgb[top : top + crop_height, left : left + crop_width]
+
+
+def model_crop(frame, geometry: FrameGeometry, resized: tuple[int, int], *, threads: int = 1) -> np.ndarray:
+    """The model's crop of one decoded frame: (crop_height, crop_width, 3) uint8 RGB, contiguous.
+
+    ``resized`` is the (width, height) the frame is resized to before the center crop
+    (`FrameGeometry.resized_size`). Resize + convert in one libswscale call to planar RGB
+    (gbrp): libswscale's planar writer is 1.5-2.5x faster than its packed rgb24 writer when
+    scaling (measured with libswscale 9: 0.30 vs 0.79 ms for 428x240 -> 413x232, 1.2 vs 1.7 ms
+    from 1080p) and interpolates chroma fully, so on HD input it is closer to the reference
+    (full resolution RGB then PIL bilinear): mean error 2.2 vs 4.4 levels on 720p test video;
+    identical output where both are exact. The crop is then copied plane by plane straight
+    into the output, which saves interleaving the whole resized frame first (as `to_ndarray`
+    would) and then copying the crop again.
+    """
+    g = geometry
+    out_w, out_h = resized
+    top, left = (out_h - g.crop_height) // 2, (out_w - g.crop_width) // 2
+    planar = frame.reformat(format="gbrp", width=out_w, height=out_h, interpolation=g.interpolation, threads=threads)
+    if top < 0 or left < 0:
+        # Resized smaller than the crop (an odd preprocessor config): transformers zero-pads.
+        return np.ascontiguousarray(center_crop(planar.to_ndarray(), g.crop_height, g.crop_width))
+    out = np.empty((g.crop_height, g.crop_width, 3), dtype=np.uint8)
+    # gbrp plane order is G, B, R.
+    for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
+        data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
+        out[:, :, channel] = data[top:top + g.crop_height, left:left + g.crop_width]
+    return out
 
 
 def _error_from_av(exc: BaseException, stage: str) -> DecodeError:
@@ -150,12 +196,14 @@ class VideoDecoder:
     """Probe and decode one video. Use as a context manager; errors raise `DecodeError`.
 
     ``threads`` is libavcodec's thread count per decode (1 keeps one Ray task on one core).
+    ``stats`` says what it did (`DecodeStats`; frame indices too with ``record_frames``).
     """
 
     def __init__(self, file: BinaryIO | str, *, limits: DecodeLimits = DecodeLimits(),
-                 size_bytes: int | None = None, threads: int = 1):
+                 size_bytes: int | None = None, threads: int = 1, record_frames: bool = False):
         self._limits = limits
         self._skipping = False
+        self.stats = DecodeStats(decoded_indices=[] if record_frames else None)
         try:
             self._seekable = isinstance(file, str) or bool(file.seekable())
         except Exception:  # noqa: BLE001 - a file object without seekable(): do not seek
@@ -187,7 +235,7 @@ class VideoDecoder:
             self._container.close()
             raise
 
-    def __enter__(self) -> "VideoDecoder":
+    def __enter__(self) -> VideoDecoder:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -280,7 +328,7 @@ class VideoDecoder:
             start_seconds=p.start_seconds,
         )
 
-    def clips(self, plans: list[ClipPlan], geometry: FrameGeometry) -> Iterator[DecodedClip]:
+    def clips(self, plans: list[ClipPlan], geometry: FrameGeometry, *, seek: bool = True) -> Iterator[DecodedClip]:
         """Decode what the plans need and yield each clip as soon as its frames are in.
 
         Only frames some target selects are converted (RGB + resize in one swscale call);
@@ -294,9 +342,10 @@ class VideoDecoder:
         that skips at least `SEEK_MIN_SKIP_FRAMES` frames; see `_clips_seeking`. Both ways
         give the same frames and the same `frame_indices` (a frame's index is its rank in
         presentation order, which is its position when decoding straight through).
+        ``seek=False`` always decodes straight through.
         """
-        if self._should_scan(plans):
-            index = self._packet_index()
+        if seek and self._should_scan(plans):
+            index = self.packet_index()
             if index is not None and self._worth_seeking(plans, index):
                 yield from self._clips_seeking(plans, geometry, index)
                 return
@@ -314,6 +363,8 @@ class VideoDecoder:
         try:
             for frame in self._container.decode(self._stream):
                 index += 1
+                self.stats.frames_decoded += 1
+                self._record(index)
                 t = frame.time
                 if t is None:  # no timestamp: continue the previous one at the nominal rate
                     t = (last_time + period) if last_time is not None else self.probe.start_seconds
@@ -346,7 +397,7 @@ class VideoDecoder:
         gaps = [times[0] - self.probe.start_seconds] + [b - a for a, b in zip(times, times[1:])]
         return max(gaps) * fps >= SEEK_MIN_GAP_FRAMES
 
-    def _packet_index(self) -> "_PacketIndex | None":
+    def packet_index(self) -> PacketIndex | None:
         """Timestamps and keyframe flags of every packet of the stream (demux, no decoding).
 
         Returns None (decode straight through) when the index cannot map timestamps to frame
@@ -380,10 +431,10 @@ class VideoDecoder:
         # keyframe at or before it. `_start_at_keyframe` checks where it really landed.
         seek_ts = [entries[i][0] for i in keyframes]
         tb = float(stream.time_base)
-        return _PacketIndex(pts=pts, seconds=[p * tb for p in pts], keyframes=keyframes, seek_ts=seek_ts,
+        return PacketIndex(pts=pts, seconds=[p * tb for p in pts], keyframes=keyframes, seek_ts=seek_ts,
                             rank={p: i for i, p in enumerate(pts)})
 
-    def _worth_seeking(self, plans: list[ClipPlan], index: "_PacketIndex") -> bool:
+    def _worth_seeking(self, plans: list[ClipPlan], index: PacketIndex) -> bool:
         """Would following the plan with seeks skip at least one GOP's worth of frames?"""
         pos = -1
         for t in sorted({t for p in plans for t in p.target_seconds}):
@@ -394,16 +445,21 @@ class VideoDecoder:
             pos = max(pos, owner + 1)
         return False
 
+    def _record(self, index: int) -> None:
+        if self.stats.decoded_indices is not None:
+            self.stats.decoded_indices.append(index)
+
     def _rewind(self) -> None:
         try:
             self._container.seek(0)
         except Exception as exc:  # noqa: BLE001
             raise _error_from_av(exc, "decode") from exc
 
-    def _seek_to_keyframe(self, index: "_PacketIndex", key_pos: int) -> None:
+    def _seek_to_keyframe(self, index: PacketIndex, key_pos: int) -> None:
+        self.stats.seeks.append(index.keyframes[key_pos])
         self._container.seek(index.seek_ts[key_pos], stream=self._stream, backward=True, any_frame=False)
 
-    def _start_at_keyframe(self, index: "_PacketIndex", key_pos: int) -> Iterator:
+    def _start_at_keyframe(self, index: PacketIndex, key_pos: int) -> Iterator:
         """Decoded frames from the keyframe ``key_pos`` on (or from an earlier one).
 
         A demuxer may land past the keyframe asked for (it searches its own index, by dts or
@@ -423,7 +479,7 @@ class VideoDecoder:
         raise _IndexMismatch(f"seeking to frame {floor} lands after it")
 
     def _clips_seeking(self, plans: list[ClipPlan], geometry: FrameGeometry,
-                       index: "_PacketIndex") -> Iterator[DecodedClip]:
+                       index: PacketIndex) -> Iterator[DecodedClip]:
         """Decode forward from the keyframe before each target that is far ahead.
 
         A frame's index is the rank of its pts among the stream's packets, which is its
@@ -433,7 +489,6 @@ class VideoDecoder:
         again straight through, and the clips already yielded are not repeated.
         """
         asm = _ClipAssembler(plans, geometry, self.probe, self._threads)
-        stream = self._stream
         yielded = 0
         frames = None  # the decode iterator, None until the first seek
         pos = -1  # index of the last frame pushed
@@ -462,6 +517,7 @@ class VideoDecoder:
                 goal = asm.filled_count + 1
                 ended = True
                 for frame in frames:
+                    self.stats.frames_decoded += 1
                     if frame.pts is None:
                         raise _IndexMismatch("a decoded frame has no pts")
                     rank = index.rank.get(frame.pts)
@@ -476,6 +532,7 @@ class VideoDecoder:
                         raise _IndexMismatch(f"frame {rank} decoded after frame {expect - 1}")
                     expect = rank + 1
                     pos = rank
+                    self._record(rank)
                     for clip in asm.push(rank, frame, frame.time):
                         yielded += 1
                         yield clip
@@ -490,6 +547,7 @@ class VideoDecoder:
                     break
         except _IndexMismatch:
             self._skip_nonref(False)
+            self.stats.fallbacks += 1
             self._rewind()
             yield from self._clips_straight(plans, geometry, skip_clips=yielded)
         except DecodeError:
@@ -511,7 +569,7 @@ class _IndexMismatch(Exception):
 
 
 @dataclass
-class _PacketIndex:
+class PacketIndex:
     pts: list[int]  # every frame's pts, sorted: position = frame index
     seconds: list[float]
     keyframes: list[int]  # frame indices of keyframes, increasing
@@ -572,30 +630,7 @@ class _ClipAssembler:
             self.converted[index] = (self._rgb_crop(frame), seconds)
 
     def _rgb_crop(self, frame) -> np.ndarray:
-        """The model's crop of one frame: (crop_h, crop_w, 3) uint8, contiguous.
-
-        Resize + convert in one libswscale call to planar RGB (gbrp): libswscale's planar
-        writer is 1.5-2.5x faster than its packed rgb24 writer when scaling (measured with
-        libswscale 9: 0.30 vs 0.79 ms for 428x240 -> 413x232, 1.2 vs 1.7 ms from 1080p) and
-        interpolates chroma fully, so on HD input it is closer to the reference (full
-        resolution RGB then PIL bilinear): mean error 2.2 vs 4.4 levels on 720p test video;
-        identical output where both are exact. The crop is then copied plane by plane
-        straight into the output, which saves interleaving the whole resized frame first (as
-        `to_ndarray` would) and then copying the crop again.
-        """
-        g = self.geometry
-        top, left = (self.out_h - g.crop_height) // 2, (self.out_w - g.crop_width) // 2
-        planar = frame.reformat(format="gbrp", width=self.out_w, height=self.out_h,
-                                interpolation=g.interpolation, threads=self.threads)
-        if top < 0 or left < 0:
-            # Resized smaller than the crop (an odd preprocessor config): transformers zero-pads.
-            return np.ascontiguousarray(center_crop(planar.to_ndarray(), g.crop_height, g.crop_width))
-        out = np.empty((g.crop_height, g.crop_width, 3), dtype=np.uint8)
-        # gbrp plane order is G, B, R.
-        for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
-            data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-            out[:, :, channel] = data[top:top + g.crop_height, left:left + g.crop_width]
-        return out
+        return model_crop(frame, self.geometry, (self.out_w, self.out_h), threads=self.threads)
 
     def _fill(self, slots, frames_by_index) -> None:
         for clip_pos, frame_pos, owner in slots:

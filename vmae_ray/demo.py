@@ -47,7 +47,7 @@ def build_corpus(workdir: str) -> str:
     media = os.path.abspath(SHARED_MEDIA)
     if os.path.isdir(media):
         for name in sorted(os.listdir(media)):
-            if name.endswith(".md"):
+            if name.endswith(".md") or not os.path.isfile(os.path.join(media, name)):
                 continue
             uris.append(os.path.join(media, name))
             sources.append("shared/media")
@@ -59,7 +59,7 @@ def build_corpus(workdir: str) -> str:
 
 
 def build_checkpoint(workdir: str) -> str:
-    from vmae_ray.model import make_tiny_checkpoint
+    from vmae_ray.synthetic import make_tiny_checkpoint
 
     path = os.path.join(workdir, "checkpoint")
     if not os.path.exists(os.path.join(path, "config.json")):

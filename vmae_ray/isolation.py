@@ -17,7 +17,7 @@ import os
 import signal
 import struct
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 

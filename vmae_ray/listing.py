@@ -93,7 +93,7 @@ def list_inputs(
     for item in listing.inputs:
         if item.video_id in seen and seen[item.video_id] != item.uri:
             raise ValueError(
-                f"--input: video_id {item.video_id!r} is given to two inputs ({seen[item.video_id]} and {item.uri})"
+                f"video_id {item.video_id!r} is given to two inputs ({seen[item.video_id]} and {item.uri})"
             )
         seen[item.video_id] = item.uri
     # Duplicate rows for the same video would be processed twice: keep the first.
@@ -112,7 +112,7 @@ def _list_files(uri: str, storage: StorageOptions, extensions: tuple[str, ...]) 
         found = fs.glob(path, detail=True)
         entries = {p: info for p, info in found.items() if info.get("type", "file") == "file"}
         if not entries:
-            raise ValueError(f"--input: the glob {uri!r} matches no file")
+            raise ValueError(f"the glob {uri!r} matches no file")
     elif fs.isdir(path):
         found = fs.find(path, detail=True)
         lower_ext = tuple(e.lower() for e in extensions)
@@ -123,13 +123,13 @@ def _list_files(uri: str, storage: StorageOptions, extensions: tuple[str, ...]) 
         }
         if not entries:
             raise ValueError(
-                f"--input: no video files under {uri!r} (looked for {', '.join(extensions)}; "
+                f"no video files under {uri!r} (looked for {', '.join(extensions)}; "
                 "use a glob or a manifest for other names)"
             )
     elif fs.exists(path):
         entries = {path: fs.info(path)}
     else:
-        raise ValueError(f"--input: {uri!r} does not exist")
+        raise ValueError(f"{uri!r} does not exist")
     inputs = []
     for p, info in entries.items():
         full = _full_uri(p, uri)
@@ -152,7 +152,7 @@ def read_manifest(uri: str, storage: StorageOptions) -> InputListing:
 
     fs, path = url_to_fs(uri, storage)
     if not fs.exists(path):
-        raise ValueError(f"--input: manifest {uri!r} does not exist")
+        raise ValueError(f"manifest {uri!r} does not exist")
     lower = uri.lower()
     with fs.open(path, "rb") as f:
         if lower.endswith(".parquet"):
@@ -162,11 +162,11 @@ def read_manifest(uri: str, storage: StorageOptions) -> InputListing:
         else:
             table = pajson.read_json(f)
     if "uri" not in table.column_names:
-        raise ValueError(f"--input: manifest {uri!r} has no 'uri' column (columns: {', '.join(table.column_names)})")
+        raise ValueError(f"manifest {uri!r} has no 'uri' column (columns: {', '.join(table.column_names)})")
     clashes = [c for c in table.column_names if c in RESERVED_COLUMNS and c not in ("uri", "video_id")]
     if clashes:
         raise ValueError(
-            f"--input: manifest columns {clashes} clash with output columns; rename them to pass them through"
+            f"manifest columns {clashes} clash with output columns; rename them to pass them through"
         )
     passthrough_names = [c for c in table.column_names if c not in ("uri", "video_id")]
     passthrough_schema = pa.schema([table.schema.field(c) for c in passthrough_names])
@@ -175,7 +175,7 @@ def read_manifest(uri: str, storage: StorageOptions) -> InputListing:
     for i, row in enumerate(rows):
         video_uri = row.get("uri")
         if not video_uri:
-            raise ValueError(f"--input: manifest {uri!r} row {i} has an empty uri")
+            raise ValueError(f"manifest {uri!r} row {i} has an empty uri")
         video_uri = str(video_uri)
         given = row.get("video_id")
         inputs.append(

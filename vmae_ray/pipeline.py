@@ -7,6 +7,7 @@ first, so bad input fails before a cluster is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,12 +21,13 @@ from typing import Any
 import pyarrow as pa
 
 from vmae_ray import schema
-from vmae_ray.config import ConfigError, EmbedConfig
+from vmae_ray.assembly import Finished, ResultAssembler
+from vmae_ray.checkpoint import CheckpointError, ModelSpec, load_model_spec
+from vmae_ray.config import ConfigError, EmbedConfig, Resources, plan_resources
 from vmae_ray.decoding import SWSCALE_FOR_PIL_RESAMPLE, DecodeLimits, FrameGeometry
 from vmae_ray.listing import VIDEO_EXTENSIONS, VideoInput, list_inputs
 from vmae_ray.stages import DecodeParams, EmbedActor, decode_batch
 from vmae_ray.storage import StorageOptions
-from vmae_ray.tables import Finished, ResultAssembler
 from vmae_ray.writing import CommittedState, OutputStore, ShardWriter, new_run_id
 
 log = logging.getLogger("vmae_ray")
@@ -50,10 +52,6 @@ class RunSummary:
     errors_by_type: dict[str, int] = field(default_factory=dict)
 
     @property
-    def ok(self) -> bool:
-        return True  # a run that commits succeeded; failed videos are data, not job failure
-
-    @property
     def clips_per_second(self) -> float:
         return self.clips / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
 
@@ -73,7 +71,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def settings_fingerprint(config: EmbedConfig, spec, num_frames: int, with_labels: bool) -> str:
+def settings_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int, with_labels: bool) -> str:
     """Hash of everything that changes results: model, sampling, preprocessing, labels."""
     settings = {
         "output_version": OUTPUT_VERSION, "model": spec.fingerprint, "sampling": config.sampling,
@@ -84,10 +82,25 @@ def settings_fingerprint(config: EmbedConfig, spec, num_frames: int, with_labels
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def interpolation_for(config: EmbedConfig, spec) -> str:
+def interpolation_for(config: EmbedConfig, spec: ModelSpec) -> str:
     if config.interpolation != "auto":
         return config.interpolation
     return SWSCALE_FOR_PIL_RESAMPLE.get(int(spec.resample), "BILINEAR")
+
+
+def decode_params(config: EmbedConfig, spec: ModelSpec, num_frames: int) -> DecodeParams:
+    """What the decode step needs for these settings and this checkpoint (also used to decode a
+    single video the way a committed run did, e.g. a search query)."""
+    return DecodeParams(
+        sampling=config.sampling, num_frames=num_frames, frame_stride=config.frame_stride,
+        clips_per_video=config.clips_per_video,
+        geometry=FrameGeometry(spec.resize_shortest_edge, spec.crop_height, spec.crop_width,
+                               interpolation_for(config, spec)),
+        limits=DecodeLimits(config.max_frame_pixels, config.max_duration_seconds, config.max_bytes),
+        threads=config.decode_threads,
+        isolate=config.decode_isolation,
+        timeout_seconds=config.decode_timeout_seconds,
+    )
 
 
 def _setup_logging() -> None:
@@ -105,12 +118,12 @@ class Plan:
 
     config: EmbedConfig
     storage: StorageOptions
-    spec: Any
+    spec: ModelSpec
     num_frames: int
     with_labels: bool
     settings_fingerprint: str
     store: OutputStore
-    state: Any
+    state: CommittedState
     inputs: dict[str, VideoInput]
     todo: list[VideoInput]
     superseded: set[str]
@@ -120,14 +133,15 @@ class Plan:
 
 
 def prepare(config: EmbedConfig) -> Plan:
-    """All checks that need no Ray: checkpoint config, output state, input listing."""
-    from vmae_ray.model import load_model_spec
+    """All checks that need no Ray: checkpoint config, output state, input listing.
 
+    Lower modules raise plain errors; this is where they become ConfigError naming the flag.
+    """
     storage = StorageOptions(config.storage_options).with_driver_environment(
         [config.input, config.output, config.model])
     try:
         spec = load_model_spec(config.model, storage, config.model_cache_dir)
-    except (ValueError, OSError) as exc:
+    except CheckpointError as exc:
         raise ConfigError("--model", str(exc)) from exc
     num_frames = config.num_frames or spec.num_frames
     if num_frames != spec.num_frames:
@@ -152,9 +166,13 @@ def prepare(config: EmbedConfig) -> Plan:
         store.check_writable()
     except (PermissionError, OSError) as exc:
         raise ConfigError("--output", f"cannot write to {config.output}: {type(exc).__name__}: {exc}") from exc
-    state = store.recover()
+    try:
+        state = store.recover()
+    except ValueError as exc:
+        raise ConfigError("--output", str(exc)) from exc
     if config.run_id and any(r.get("run_id") == config.run_id for r in state.manifest.get("runs", [])):
-        raise ConfigError("--run-id", f"{config.run_id!r} was already used for {config.output}; run ids name files and must be new")
+        raise ConfigError("--run-id",
+                          f"{config.run_id!r} was already used for {config.output}; run ids name files and must be new")
     if state.exists and not config.resume:
         raise ConfigError("--no-resume", f"{config.output} already holds committed results; use --overwrite or another --output")
     replace_all = False
@@ -176,7 +194,7 @@ def prepare(config: EmbedConfig) -> Plan:
     except PermissionError as exc:
         raise ConfigError("--input", f"access denied listing {config.input}: {exc}") from exc
     except ValueError as exc:
-        raise ConfigError("--input", str(exc).removeprefix("--input: ")) from exc
+        raise ConfigError("--input", str(exc)) from exc
     inputs = {item.video_id: item for item in listing.inputs}
 
     todo, superseded, skipped = list(listing.inputs), set(), 0
@@ -222,30 +240,6 @@ def _init_ray() -> float:
     return time.perf_counter() - started
 
 
-def _resources(config: EmbedConfig) -> dict[str, Any]:
-    import ray
-
-    cluster = ray.cluster_resources()
-    gpus = float(cluster.get("GPU", 0))
-    cpus = float(cluster.get("CPU", 1))
-    gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    if gpus_per_actor > 0 and gpus == 0:
-        raise ConfigError("--gpus-per-actor", f"{gpus_per_actor} GPUs per actor requested but the cluster has none")
-    device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
-    if config.num_actors is not None:
-        num_actors = config.num_actors
-    elif gpus_per_actor > 0:
-        n = max(1, int(gpus // gpus_per_actor))
-        num_actors = (1, n)
-    else:
-        num_actors = (1, 1)
-    batch_size = config.batch_size or (32 if device == "cuda" else 4)
-    actor_cpus = config.cpus_per_actor
-    decode_slots = max(1, int((cpus - actor_cpus * num_actors[1]) // config.decode_cpus)) if cpus > actor_cpus else 1
-    return {"gpus_per_actor": gpus_per_actor, "device": device, "num_actors": num_actors,
-            "batch_size": batch_size, "cluster_cpus": cpus, "cluster_gpus": gpus, "decode_slots": decode_slots}
-
-
 # Ray Data's cluster autoscaler sets the CPUs its operators may use. Ray 2.60's default
 # (RATE_BASED) gets from its coordinator what it asked for plus a share of the rest rounded
 # down to whole CPUs, so with fractional decode tasks (--decode-cpus 0.5) and a fixed-size
@@ -257,31 +251,29 @@ CLUSTER_AUTOSCALER_ENV = "RAY_DATA_CLUSTER_AUTOSCALER"
 DEFAULT_CLUSTER_AUTOSCALER = "V2"
 
 
-def build_dataset(plan: Plan, res: dict[str, Any]):
-    """The Ray Data graph: from_items -> decode (task pool) -> embed (actor pool)."""
+def build_dataset(plan: Plan, res: Resources):
+    """The Ray Data graph: from_items -> decode (task pool) -> [rebatch] -> embed (actor pool).
+
+    The model stage sees clip rows only (every clip row carries its video's facts, so no other
+    row is needed; only a failed video's error row shares its batches), and a strict streaming
+    repartition cuts them into blocks of exactly `batch_size` rows, so every model call but the
+    last gets a full batch: Ray Data's own bundling hands an actor whatever whole blocks came
+    out of the decode tasks, which leaves a partial batch per bundle.
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
     # Read by Ray Data in this (the driver's) process when the dataset executes.
     os.environ.setdefault(CLUSTER_AUTOSCALER_ENV, DEFAULT_CLUSTER_AUTOSCALER)
 
-    config, spec = plan.config, plan.spec
-    params = DecodeParams(
-        sampling=config.sampling, num_frames=plan.num_frames, frame_stride=config.frame_stride,
-        clips_per_video=config.clips_per_video,
-        geometry=FrameGeometry(spec.resize_shortest_edge, spec.crop_height, spec.crop_width,
-                               interpolation_for(config, spec)),
-        limits=DecodeLimits(config.max_frame_pixels, config.max_duration_seconds, config.max_bytes),
-        threads=config.decode_threads,
-        isolate=config.decode_isolation,
-        timeout_seconds=config.decode_timeout_seconds,
-    )
+    config = plan.config
+    params = decode_params(config, plan.spec, plan.num_frames)
     records = [
         {"video_id": v.video_id, "uri": v.uri, "size_bytes": v.size_bytes, "input_fingerprint": v.fingerprint}
         for v in plan.todo
     ]
     # Several blocks per decode slot keeps the CPUs busy when videos differ in length.
-    num_blocks = max(1, min(len(records), 4 * res["decode_slots"] * 8, 4096))
+    num_blocks = max(1, min(len(records), 4 * res.decode_slots * 8, 4096))
     ds = ray.data.from_items(records, override_num_blocks=num_blocks)
     ds = ds.map_batches(
         decode_batch,
@@ -294,17 +286,23 @@ def build_dataset(plan: Plan, res: dict[str, Any]):
         # the model actors: CPU decode and GPU embedding must scale apart.
         memory=config.decode_memory_mb * 2**20,
     )
+    if res.batch_size > 1:
+        # Blocks of exactly batch_size rows (all but the last), each one model call. The
+        # rebundling is Ray Data's own (a strict StreamingRepartition: slices of the decode
+        # tasks' blocks, rejoined in small tasks), at the cost of one more copy of each clip
+        # through the object store (measured in BENCHMARKS.md).
+        ds = ds.repartition(target_num_rows_per_block=res.batch_size, strict=True)
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
             "model_ref": config.model, "storage": plan.storage, "cache_root": config.model_cache_dir,
-            "device": res["device"], "dtype": config.dtype, "compile": config.compile,
+            "device": res.device, "dtype": config.dtype, "compile": config.compile,
             "with_logits": plan.with_labels,
         },
-        compute=ActorPoolStrategy(min_size=res["num_actors"][0], max_size=res["num_actors"][1]),
-        batch_size=res["batch_size"],
+        compute=ActorPoolStrategy(min_size=res.num_actors[0], max_size=res.num_actors[1]),
+        batch_size=res.batch_size,
         batch_format="pyarrow",
-        num_gpus=res["gpus_per_actor"],
+        num_gpus=res.gpus_per_actor,
         num_cpus=config.cpus_per_actor,
     )
     return ds
@@ -329,13 +327,13 @@ class _Committer:
         # Keep the history of runs, unless this run replaces results of other settings.
         self.base_runs = plan.state.manifest.get("runs", []) if plan.state.exists and not plan.replace_all else []
         self.versions = _versions()
-        self.resources: dict[str, Any] = {}
+        self.resources: Resources | None = None
         self.last_commit = time.perf_counter()
         self.commits = 0
 
     def commit(self, *, complete: bool) -> None:
         plan, summary, a = self.plan, self.summary, self.assembler
-        self.writer.flush()
+        staged = self.writer.take_staged()
         summary.videos_ok, summary.videos_failed, summary.clips = a.num_videos, a.num_errors, a.num_clips
         summary.errors_by_type = dict(sorted(a.errors_by_type.items()))
         summary.wall_seconds = time.perf_counter() - self.started
@@ -353,20 +351,22 @@ class _Committer:
             "model": {"ref": config.model, "architecture": plan.spec.architecture,
                       "fingerprint": plan.spec.fingerprint, "num_frames": plan.num_frames,
                       "embedding_dim": plan.spec.hidden_size, "labels": plan.with_labels},
-            "versions": self.versions, "resources": self.resources, "stage_report": summary.stage_report,
+            "versions": self.versions, "resources": dataclasses.asdict(self.resources) if self.resources else {},
+            "stage_report": summary.stage_report,
             "runs": self.base_runs + [run_entry],
         }
-        success = plan.store.commit(summary.run_id, self.writer.staged, manifest, self.state, self.superseded,
+        success = plan.store.commit(summary.run_id, staged, manifest, self.state, self.superseded,
                                     replace_all=self.replace_all)
         self.state = CommittedState(success)
         self.superseded = set()
         self.replace_all = False
-        self.writer.staged = {t: [] for t in schema.TABLES}
         self.last_commit = time.perf_counter()
         self.commits += 1
 
     def maybe_commit(self) -> None:
-        if time.perf_counter() - self.last_commit >= self.plan.config.commit_every_seconds:
+        # A checkpoint with no newly finished video would only rewrite _SUCCESS.
+        if (time.perf_counter() - self.last_commit >= self.plan.config.commit_every_seconds
+                and self.writer.has_rows):
             self.commit(complete=False)
             log.info("checkpoint: committed %d videos, %d errors so far", self.assembler.num_videos,
                      self.assembler.num_errors)
@@ -396,10 +396,12 @@ def run(config: EmbedConfig) -> RunSummary:
     committer = _Committer(plan, writer, assembler, summary, started)
     if plan.todo:
         summary.ray_start_seconds = _init_ray()
-        res = committer.resources = _resources(config)
+        import ray
+
+        res = committer.resources = plan_resources(config, ray.cluster_resources())
         log.info("ray: %g CPUs, %g GPUs; model actors %s on %s, %g GPU each, batch %d",
-                 res["cluster_cpus"], res["cluster_gpus"], res["num_actors"], res["device"],
-                 res["gpus_per_actor"], res["batch_size"])
+                 res.cluster_cpus, res.cluster_gpus, res.num_actors, res.device,
+                 res.gpus_per_actor, res.batch_size)
         ds = build_dataset(plan, res)
         pipeline_started = time.perf_counter()
         last_report = pipeline_started
@@ -440,11 +442,11 @@ def _account_for_lost(plan: Plan, assembler: ResultAssembler, writer: ShardWrite
     if not lost:
         return
     log.error("%d inputs produced no result; recording them as errors", len(lost))
-    rows = [{"kind": "error", "video_id": v.video_id, "uri": v.uri, "stage": "embed", "error_type": "unknown",
-             "message": "the pipeline returned no result for this input", "input_fingerprint": v.fingerprint}
+    rows = [schema.error_row({"video_id": v.video_id, "uri": v.uri, "input_fingerprint": v.fingerprint,
+                              "size_bytes": v.size_bytes},
+                             stage="embed", error_type="unknown", message="the pipeline returned no result for this input")
             for v in lost]
-    table = pa.Table.from_pylist(rows)
-    table = table.append_column("embedding", pa.nulls(len(rows), pa.list_(pa.float32(), plan.spec.hidden_size)))
+    table = pa.Table.from_pylist(rows, schema=schema.embedded_schema(plan.spec.hidden_size, with_logits=False))
     _write(writer, assembler.add(table))
 
 
@@ -469,7 +471,7 @@ class _Flow:
         if "decoded_at" not in batch.column_names:
             return
         decoded_at = [t for t, k in zip(batch.column("decoded_at").to_pylist(), batch.column("kind").to_pylist())
-                      if k == "clip" and t is not None]
+                      if k == schema.KIND_CLIP and t is not None]
         if not decoded_at:
             return
         now = time.time()
@@ -489,31 +491,34 @@ class _Flow:
         return out
 
 
-def _stage_report(assembler: ResultAssembler, res: dict[str, Any], wall: float) -> dict[str, Any]:
-    """Throughput each stage could sustain on its own, and which one bounded the run.
+def _stage_report(assembler: ResultAssembler, res: Resources, wall: float) -> dict[str, Any]:
+    """Throughput each stage could sustain on its own, which one bounded the run, batch fill.
 
     Busy seconds are measured inside the UDFs; a stage's capacity is its clips per busy
-    second times the number of workers it had.
+    second times the number of workers it had. ``model_call_sizes`` counts the model calls
+    by the number of clips they embedded ({clips: calls}).
     """
     times = assembler.times
     if times.clips == 0:
         return {}
     decode_rate = times.clips / times.decode_seconds if times.decode_seconds > 0 else float("inf")
     embed_rate = times.clips / times.embed_seconds if times.embed_seconds > 0 else float("inf")
-    decode_capacity = decode_rate * res["decode_slots"]
-    embed_capacity = embed_rate * res["num_actors"][1]
+    decode_capacity = decode_rate * res.decode_slots
+    embed_capacity = embed_rate * res.num_actors[1]
     bottleneck = "decode" if decode_capacity < embed_capacity else "embed"
     # How many decode CPUs one model actor can keep busy: the CPU:GPU ratio to provision.
     cpus_per_actor_needed = embed_rate / decode_rate if decode_rate > 0 else 0.0
     return {
         "clips": times.clips, "pipeline_seconds": round(wall, 3),
         "end_to_end_clips_per_second": round(times.clips / wall, 3) if wall > 0 else None,
-        "decode_clips_per_second_per_task": round(decode_rate, 3), "decode_slots": res["decode_slots"],
+        "decode_clips_per_second_per_task": round(decode_rate, 3), "decode_slots": res.decode_slots,
         "decode_capacity_clips_per_second": round(decode_capacity, 3),
-        "embed_clips_per_second_per_actor": round(embed_rate, 3), "embed_actors": res["num_actors"][1],
+        "embed_clips_per_second_per_actor": round(embed_rate, 3), "embed_actors": res.num_actors[1],
         "embed_capacity_clips_per_second": round(embed_capacity, 3),
         "bottleneck": bottleneck,
         "decode_cpus_per_model_actor": round(cpus_per_actor_needed, 2),
+        "batch_size": res.batch_size, "model_calls": len(times.model_calls),
+        "model_call_sizes": {str(k): v for k, v in times.model_call_sizes().items()},
     }
 
 
@@ -544,8 +549,12 @@ def _print_summary(summary: RunSummary, plan: Plan) -> None:
             f"= {r['decode_capacity_clips_per_second']:.2f}; embed {r['embed_clips_per_second_per_actor']:.2f} clips/s "
             f"per actor x {r['embed_actors']} = {r['embed_capacity_clips_per_second']:.2f}; bound by {r['bottleneck']}"
         )
+        if r.get("model_calls"):
+            lines.append(f"  model calls: {r['model_calls']}, {r['clips'] / r['model_calls']:.1f} clips per call "
+                         f"(batch size {r['batch_size']})")
         lines.append(
             f"  hint: one model actor keeps about {r['decode_cpus_per_model_actor']:.1f} decode CPUs busy; "
-            + ("add decode CPUs (CPU workers) to speed up" if r["bottleneck"] == "decode" else "add model actors/GPUs to speed up")
+            + ("add decode CPUs (CPU workers) to speed up" if r["bottleneck"] == "decode"
+               else "add model actors/GPUs to speed up")
         )
     print("\n".join(lines), flush=True)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 SAMPLING_POLICIES = ("uniform", "stride")
 

@@ -1,12 +1,27 @@
-"""Column names and Arrow schemas of the output tables, defined once.
+"""The row contracts, defined once: the output tables, and the rows between the steps.
 
 Everything that writes or checks `clips/`, `videos/` and `errors/` takes its names and types
 from here, so the contract in DESIGN.md lives in one place. Embeddings are plain
 `fixed_size_list<float32, D>` (not Ray's tensor extension) so pyarrow, pandas, DuckDB and
 Spark read the tables without Ray installed.
+
+Rows between the steps (decode -> embed -> assemble) have one schema, `DECODED_SCHEMA`,
+whatever their kind:
+- ``clip``: one sampled clip; ``pixels`` holds uint8 (T, H, W, 3) bytes (clips travel as
+  uint8, never float: 4x less object-store traffic). Every clip row also carries its video's
+  facts (probe results) and ``num_clips``, the number of clips the video's plan has, so a
+  video is complete when that many distinct clips have arrived and no other row is needed:
+  the model stage sees clips only, in full batches.
+- ``error``: the video failed; carries stage, error_type and message, built by `error_row`
+  only. Clip rows of that video that were already sent are discarded downstream (a video is
+  all or nothing).
+The embed step drops ``pixels`` and adds the columns of `embedded_schema`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -17,7 +32,8 @@ ERRORS = "errors"
 TABLES = (CLIPS, VIDEOS, ERRORS)
 SUCCESS_FILE = "_SUCCESS"
 
-# Error stages and stable error types (users filter on these; never rename).
+# Error stages and stable error types (users filter on these; never rename). `error_row`
+# refuses any other value, so an unknown code fails a test instead of a user's query.
 STAGES = ("list", "read", "probe", "decode", "embed")
 ERROR_TYPES = (
     "not_found",
@@ -108,3 +124,96 @@ def errors_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
         *_bookkeeping_fields(),
     ]
     return pa.schema(fields + list(passthrough or []))
+
+
+# --------------------------------------------------------------------------------------
+# Rows between the steps
+
+KIND_CLIP = "clip"
+KIND_ERROR = "error"
+ROW_KINDS = (KIND_CLIP, KIND_ERROR)
+
+# Error messages are cut to this many characters: a decoder can produce pages of text.
+MAX_MESSAGE_CHARS = 2000
+
+# Facts about a video's chosen stream, carried on each of its clip rows and written to videos/.
+VIDEO_FACT_FIELDS = (
+    pa.field("duration_seconds", pa.float64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("fps", pa.float64()),
+    pa.field("codec", pa.string()),
+    pa.field("stream_index", pa.int32()),
+    pa.field("num_streams", pa.int32()),
+)
+VIDEO_FACTS = tuple(f.name for f in VIDEO_FACT_FIELDS)
+
+DECODED_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("video_id", pa.string()),
+        ("uri", pa.string()),
+        ("input_fingerprint", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("clip_index", pa.int32()),
+        ("num_clips", pa.int32()),  # clips the video's plan has (every clip row carries it)
+        ("start_seconds", pa.float64()),
+        ("end_seconds", pa.float64()),
+        ("frame_indices", pa.list_(pa.int32())),
+        ("pixels", pa.large_binary()),
+        ("pixels_shape", pa.list_(pa.int32())),
+        *VIDEO_FACT_FIELDS,
+        ("stage", pa.string()),
+        ("error_type", pa.string()),
+        ("message", pa.string()),
+        # Seconds of work spent on this row in its stage: the driver sums them to report
+        # each stage's throughput and which one bounded the run.
+        ("decode_seconds", pa.float64()),
+        # Wall-clock time (Unix seconds) a clip finished decoding: lets the driver tell clips
+        # decoded after start-up from the backlog decoded while the model actors started.
+        ("decoded_at", pa.float64()),
+    ]
+)
+
+
+def embedded_schema(dim: int, *, with_logits: bool) -> pa.Schema:
+    """Rows leaving the embed step: `DECODED_SCHEMA` without pixels, plus the model's outputs.
+
+    ``model_call`` names the model call that embedded a clip (actor + counter) and
+    ``model_call_clips`` how many clips that call had, so the driver can report batch fill.
+    """
+    fields = [f for f in DECODED_SCHEMA if f.name != "pixels"]
+    fields += [
+        pa.field("embed_seconds", pa.float64()),
+        pa.field("model_call", pa.string()),
+        pa.field("model_call_clips", pa.int32()),
+        pa.field("embedding", embedding_type(dim)),
+    ]
+    if with_logits:
+        fields.append(pa.field("logits", pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+def check_error_code(*, stage: str, error_type: str) -> None:
+    """Raise ValueError unless ``stage`` is in STAGES and ``error_type`` in ERROR_TYPES."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown error stage {stage!r}; expected one of {', '.join(STAGES)}")
+    if error_type not in ERROR_TYPES:
+        raise ValueError(f"unknown error_type {error_type!r}; expected one of {', '.join(ERROR_TYPES)}")
+
+
+def error_row(item: Mapping[str, Any], *, stage: str, error_type: str, message: str,
+              decode_seconds: float = 0.0) -> dict[str, Any]:
+    """The one way to build an error row between the steps.
+
+    ``item`` is the input record (``video_id``, ``uri``, optional ``input_fingerprint`` and
+    ``size_bytes``) or any row of that video. Raises ValueError for a stage or error_type
+    outside the stable lists; the message is cut to MAX_MESSAGE_CHARS.
+    """
+    check_error_code(stage=stage, error_type=error_type)
+    return {
+        "kind": KIND_ERROR, "video_id": item["video_id"], "uri": item["uri"],
+        "input_fingerprint": item.get("input_fingerprint"), "size_bytes": item.get("size_bytes"),
+        "stage": stage, "error_type": error_type, "message": str(message)[:MAX_MESSAGE_CHARS],
+        "decode_seconds": decode_seconds,
+    }

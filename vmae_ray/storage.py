@@ -27,7 +27,8 @@ import posixpath
 import re
 import shutil
 import tempfile
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import fsspec
 import fsspec.core
@@ -114,33 +115,7 @@ class StorageOptions:
         # be shared with fsspec, which stores what it is given.
         self._options: dict = copy.deepcopy(dict(options))
 
-    @classmethod
-    def parse(cls, text: str | dict | None) -> "StorageOptions":
-        """Build from a JSON object string (the ``--storage-options`` flag), a dict, or None.
-
-        Raises ValueError naming ``--storage-options`` when the text is not a JSON object. The
-        message never quotes the text, which may hold credentials.
-        """
-        if text is None or isinstance(text, StorageOptions):
-            return cls(text)
-        if isinstance(text, Mapping):
-            return cls(dict(text))
-        if not isinstance(text, str):
-            raise ValueError(f"--storage-options: expected a JSON object, got {type(text).__name__}")
-        if not text.strip():
-            return cls()
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"--storage-options: not valid JSON ({exc.msg} at position {exc.pos}); "
-                "expected a JSON object such as '{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'"
-            ) from None
-        if not isinstance(value, dict):
-            raise ValueError(f"--storage-options: expected a JSON object, got a JSON {type(value).__name__}")
-        return cls(value)
-
-    def with_driver_environment(self, uris: list[str]) -> "StorageOptions":
+    def with_driver_environment(self, uris: list[str]) -> StorageOptions:
         """Fold the driver's S3 settings from the environment into the options.
 
         Workers of an existing cluster (``ray job submit``, RAY_ADDRESS) run with their

@@ -1,6 +1,6 @@
 """Synthetic media for tests, the demo and benchmarks, made with PyAV only (no ffmpeg CLI, no Ray).
 
-Three kinds of files:
+Four kinds of files:
 
 * `make_video`: a real encoded video whose every frame carries its own frame number ``k`` as
   a black/white block code in the middle of the picture, on top of a moving background. The
@@ -11,6 +11,8 @@ Three kinds of files:
 * `make_hostile_corpus`: broken inputs derived from a good video, each with the error type a
   robust job must report for it (including a tiny file whose header claims a frame size that
   must be refused before decoding).
+* `make_tiny_checkpoint`: a small randomly initialised VideoMAE checkpoint (classifier,
+  pretraining with its decoder, or a bare encoder), saved as hub checkpoints are.
 
 Frame code layout (the contract between `make_video` and `frame_number_from_rgb`):
 a square of side ``CODE_FRACTION * min(width, height)`` centred in the frame, split into a
@@ -21,11 +23,16 @@ order). Every code is read as a whole: a wrong read almost always fails the chec
 
 from __future__ import annotations
 
+import json
 import os
 from fractions import Fraction
+from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
+
+from vmae_ray.checkpoint import PREPROCESSOR_FILE
 
 __all__ = [
     "CODE_FRACTION",
@@ -37,6 +44,7 @@ __all__ = [
     "make_audio_only",
     "make_hostile_corpus",
     "make_huge_dims_video",
+    "make_tiny_checkpoint",
     "make_video",
 ]
 
@@ -526,3 +534,111 @@ def make_hostile_corpus(directory, *, source_video: str, seed=0) -> list[tuple[s
     out.append((make_audio_only(os.path.join(directory, "audio_only.mp3"), seconds=1.0), "no_video_stream"))
     out.append((make_huge_dims_video(os.path.join(directory, "huge_dims.mkv")), "too_large"))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+_DEMO_ACTIONS = ("juggling", "surfing", "cooking", "dancing", "archery", "skiing", "drumming", "knitting")
+
+
+def make_tiny_checkpoint(
+    path,
+    *,
+    classifier: bool = True,
+    num_frames: int = 8,
+    image_size: int = 64,
+    patch_size: int = 16,
+    tubelet_size: int = 2,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+    intermediate_size: int = 128,
+    num_labels: int = 5,
+    pretraining_layout: bool = False,
+    seed: int = 0,
+) -> str:
+    """Write a small randomly initialised VideoMAE checkpoint for tests and the demo.
+
+    The directory holds what a hub checkpoint holds: config.json, model.safetensors (with the
+    original q_bias/v_bias key names) and a preprocessor_config.json whose values are NOT the
+    library defaults (shortest_edge = image_size + 8 then a center crop, ImageNet mean/std,
+    bilinear), so code that hard-codes constants fails its tests.
+
+    - pretraining_layout=True: a VideoMAEForPreTraining checkpoint (encoder + decoder,
+      use_mean_pooling=false, no labels) like MCG-NJU/videomae-base-short-ssv2;
+    - else classifier=True: a VideoMAEForVideoClassification with fc_norm and labels
+      'label_0_juggling', ...;
+    - else: a bare VideoMAEModel.
+    Every bias (including the attention q/v biases) and every layernorm is random and
+    non-trivial, so a weight that silently fails to load changes the outputs. Deterministic
+    in `seed`; the global torch RNG is left untouched.
+    """
+    import torch
+    from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification, VideoMAEModel
+
+    is_classifier = classifier and not pretraining_layout
+    config_kwargs: dict[str, Any] = dict(
+        num_frames=num_frames,
+        image_size=image_size,
+        patch_size=patch_size,
+        tubelet_size=tubelet_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        qv_bias=True,
+        # The MCG-NJU pretraining checkpoints use a final encoder layernorm instead of mean
+        # pooling + fc_norm; mirror that so both code paths are exercised.
+        use_mean_pooling=not pretraining_layout,
+        decoder_hidden_size=max(hidden_size // 2, num_attention_heads),
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=num_attention_heads,
+        decoder_intermediate_size=max(intermediate_size // 2, 1),
+    )
+    if is_classifier:
+        id2label = {i: f"label_{i}_{_DEMO_ACTIONS[i % len(_DEMO_ACTIONS)]}" for i in range(num_labels)}
+        config_kwargs.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    config = VideoMAEConfig(**config_kwargs)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if pretraining_layout:
+            model = VideoMAEForPreTraining(config)
+        elif is_classifier:
+            model = VideoMAEForVideoClassification(config)
+        else:
+            model = VideoMAEModel(config)
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                noise = torch.randn(param.shape, generator=generator)
+                if name.endswith("bias"):
+                    param.copy_(0.1 * noise)  # zero biases would hide a bias that failed to load
+                elif param.ndim == 1:  # layernorm scales
+                    param.copy_(1.0 + 0.1 * noise)
+    model.eval()
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    # save_original_format writes q_bias/v_bias like the hub checkpoints do, so loading
+    # exercises transformers' renaming of those keys.
+    model.save_pretrained(out, save_original_format=True)
+    preprocessor = {
+        "image_processor_type": "VideoMAEImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": image_size + 8},
+        "resample": 2,
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    }
+    (out / PREPROCESSOR_FILE).write_text(json.dumps(preprocessor, indent=2) + "\n", encoding="utf-8")
+    if not any(out.glob("*.safetensors")):
+        raise RuntimeError(f"save_pretrained wrote no safetensors file in {out}")
+    return str(out)

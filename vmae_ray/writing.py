@@ -24,22 +24,27 @@ import os
 import posixpath
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vmae_ray.schema import SUCCESS_FILE, TABLES
 from vmae_ray.storage import StorageOptions, join, url_to_fs
-from vmae_ray.tables import rows_to_table
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vmae-ray/1"
 STAGING = "_staging"
 JOURNAL = "_COMMIT.json"
+
+
+# The named points of a commit, in order (see `failpoint`).
+FAILPOINTS = ("before_journal", "after_journal", "after_first_move", "before_success", "after_success")
 
 
 def failpoint(name: str) -> None:
@@ -49,6 +54,7 @@ def failpoint(name: str) -> None:
     instant the driver dies at; tests kill it at each named point of the commit, on top
     of killing it at random times.
     """
+    assert name in FAILPOINTS, name
     if os.environ.get("VMAE_RAY_FAILPOINT") == name:
         os._exit(86)
 
@@ -69,7 +75,11 @@ class CommittedState:
 
     @property
     def files(self) -> dict[str, list[str]]:
-        return {t: list(self.manifest.get("files", {}).get(t, [])) for t in TABLES}
+        """Committed files (relative paths) per table, for every table the manifest names."""
+        return {t: list(rels) for t, rels in self.manifest.get("files", {}).items()}
+
+    def files_of(self, table: str) -> list[str]:
+        return list(self.manifest.get("files", {}).get(table, []))
 
     @property
     def settings_fingerprint(self) -> str | None:
@@ -77,11 +87,16 @@ class CommittedState:
 
 
 class OutputStore:
-    """All reads and writes under ``--output``."""
+    """All reads and writes under an output folder whose tables are committed by `_SUCCESS`.
 
-    def __init__(self, output: str, storage: StorageOptions):
+    ``tables`` are the folder names this store owns (the job's clips/, videos/, errors/ by
+    default; other commands commit their own tables with the same protocol).
+    """
+
+    def __init__(self, output: str, storage: StorageOptions, tables: tuple[str, ...] = TABLES):
         self.output = output.rstrip("/")
         self.storage = storage
+        self.tables = tuple(tables)
         self.fs, self.root = url_to_fs(self.output, storage)
         self.root = self.root.rstrip("/")
 
@@ -96,11 +111,11 @@ class OutputStore:
         with self.fs.open(p, "rb") as f:
             data = json.loads(f.read().decode("utf-8"))
         if data.get("format") != FORMAT:
-            raise ValueError(f"--output: {self.output}/_SUCCESS is not a vmae-ray manifest (format {data.get('format')!r})")
+            raise ValueError(f"{self.output}/_SUCCESS is not a vmae-ray manifest (format {data.get('format')!r})")
         return CommittedState(data)
 
     def read_committed_column_table(self, state: CommittedState, table: str, columns: list[str]) -> pa.Table:
-        files = state.files[table]
+        files = state.files_of(table)
         if not files:
             return pa.table({c: pa.array([], pa.string()) for c in columns})
         parts = []
@@ -123,7 +138,7 @@ class OutputStore:
                     self._apply_commit(plan)
         state = self.read_state()
         committed = {rel for files in state.files.values() for rel in files}
-        for table in TABLES:
+        for table in self.tables:
             folder = self.path(table)
             if not self.fs.exists(folder):
                 continue
@@ -146,8 +161,8 @@ class OutputStore:
             self.fs.rm(staging, recursive=True)
 
     def wipe(self) -> None:
-        """--overwrite: remove the tables and manifest (only the job's own names)."""
-        for name in (*TABLES, STAGING, SUCCESS_FILE):
+        """Remove the tables and the manifest (only this store's own names)."""
+        for name in (*self.tables, STAGING, SUCCESS_FILE):
             p = self.path(name)
             if self.fs.exists(p):
                 self.fs.rm(p, recursive=True)
@@ -160,17 +175,18 @@ class OutputStore:
         ``replace_all`` drops every previously committed file (the settings changed, so
         old rows must not stay beside new ones).
         """
-        files = previous.files
+        files = {t: previous.files_of(t) for t in self.tables}
+        staged = {t: list(staged.get(t, [])) for t in self.tables}
         moves: list[tuple[str, str]] = []
         dropped: list[str] = []
         if replace_all:
             dropped = [rel for rels in files.values() for rel in rels]
-            files = {t: [] for t in TABLES}
+            files = {t: [] for t in self.tables}
         elif superseded_ids:
             files, rewrites, dropped = self._rewrite_without(run_id, files, superseded_ids)
             for table, rels in rewrites.items():
-                staged.setdefault(table, []).extend(rels)
-        for table in TABLES:
+                staged[table].extend(rels)
+        for table in self.tables:
             for rel in staged.get(table, []):
                 final = posixpath.join(table, posixpath.basename(rel))
                 moves.append((rel, final))
@@ -210,11 +226,11 @@ class OutputStore:
 
     def _rewrite_without(self, run_id: str, files: dict[str, list[str]], ids: set[str]):
         """Copy-on-write: shards holding superseded video ids are rewritten without them."""
-        keep: dict[str, list[str]] = {t: [] for t in TABLES}
-        rewrites: dict[str, list[str]] = {t: [] for t in TABLES}
+        keep: dict[str, list[str]] = {t: [] for t in self.tables}
+        rewrites: dict[str, list[str]] = {t: [] for t in self.tables}
         dropped: list[str] = []
         id_array = pa.array(sorted(ids), pa.string())
-        for table in TABLES:
+        for table in self.tables:
             for rel in files[table]:
                 with self.fs.open(self.path(rel), "rb") as f:
                     data = pq.read_table(f)
@@ -251,19 +267,21 @@ class OutputStore:
 
 
 class ShardWriter:
-    """Buffers finished rows per table and stages a Parquet shard per ``rows_per_shard``."""
+    """Buffers finished rows per table and stages a Parquet shard per ``rows_per_shard``.
+
+    `take_staged` hands the names staged since the last call to a commit; shard numbers go
+    on across commits, so a name never repeats within a run (a repeated name would make a
+    commit's move overwrite a committed shard, and _SUCCESS list it twice).
+    """
 
     def __init__(self, store: OutputStore, run_id: str, schemas: dict[str, pa.Schema], rows_per_shard: int):
         self.store = store
         self.run_id = run_id
         self.schemas = schemas
         self.rows_per_shard = rows_per_shard
-        self._buffers: dict[str, list[dict]] = {t: [] for t in TABLES}
-        self.staged: dict[str, list[str]] = {t: [] for t in TABLES}
-        # Shards written by this run so far, per table. Not reset when a periodic commit
-        # empties `staged`: a name must never repeat within a run, or the next commit's
-        # move would overwrite a committed shard (and _SUCCESS would list it twice).
-        self._shards: dict[str, int] = {t: 0 for t in TABLES}
+        self._buffers: dict[str, list[dict]] = {t: [] for t in schemas}
+        self._staged: dict[str, list[str]] = {t: [] for t in schemas}
+        self._shards: dict[str, int] = {t: 0 for t in schemas}
 
     def add(self, table: str, rows: list[dict]) -> None:
         if not rows:
@@ -274,14 +292,67 @@ class ShardWriter:
             self._flush(table, buf[: self.rows_per_shard])
             del buf[: self.rows_per_shard]
 
-    def flush(self) -> None:
+    @property
+    def has_rows(self) -> bool:
+        """Whether rows were added since the last `take_staged` (buffered or staged)."""
+        return any(self._buffers.values()) or any(self._staged.values())
+
+    def take_staged(self) -> dict[str, list[str]]:
+        """Stage what is buffered, and return (and forget) every shard staged since the last call."""
         for table, buf in self._buffers.items():
             if buf:
                 self._flush(table, buf)
                 buf.clear()
+        staged, self._staged = self._staged, {t: [] for t in self.schemas}
+        return staged
 
     def _flush(self, table: str, rows: list[dict]) -> None:
         rel = posixpath.join(table, f"part-{self.run_id}-{self._shards[table]:05d}.parquet")
         self._shards[table] += 1
         self.store.write_table(self.run_id, rel, rows_to_table(rows, self.schemas[table]))
-        self.staged[table].append(rel)
+        self._staged[table].append(rel)
+
+
+def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
+    """Build an Arrow table with exactly ``schema``; embeddings become fixed_size_list."""
+    rows = list(rows)
+    arrays = []
+    for f in schema:
+        values = [r.get(f.name) for r in rows]
+        if pa.types.is_fixed_size_list(f.type):
+            dim = f.type.list_size
+            mask = np.array([v is None for v in values], dtype=bool)
+            flat = np.zeros((len(values), dim), dtype=np.float32)
+            for i, v in enumerate(values):
+                if v is not None:
+                    flat[i] = v
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim,
+                                                             mask=pa.array(mask) if mask.any() else None))
+        else:
+            arrays.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_committed(output: str, storage: StorageOptions, tables: dict[str, pa.Table], manifest: dict[str, Any],
+                    *, run_id: str | None = None, rows_per_shard: int = 500_000) -> dict[str, Any]:
+    """Write whole tables as a committed output, replacing what ``output`` held before.
+
+    For commands whose result is small enough to hold (labels, duplicate groups): the same
+    staging, journal and `_SUCCESS`-last commit as the job, so a reader following `_SUCCESS`
+    sees the old result or the new one, never a mix. Returns the `_SUCCESS` manifest written.
+    """
+    run_id = run_id or new_run_id()
+    store = OutputStore(output, storage, tables=tuple(tables))
+    previous = store.recover()
+    others = sorted(t for t, rels in previous.files.items() if rels and t not in tables)
+    if others:
+        raise ValueError(f"{output} holds another committed output (tables {', '.join(others)}); "
+                         "use a folder of its own")
+    staged: dict[str, list[str]] = {t: [] for t in tables}
+    for name, table in tables.items():
+        for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
+            rel = posixpath.join(name, f"part-{run_id}-{i:05d}.parquet")
+            store.write_table(run_id, rel, table.slice(start, rows_per_shard))
+            staged[name].append(rel)
+    return store.commit(run_id, staged, {"run_id": run_id, **manifest}, previous, set(), replace_all=True)
+

@@ -1,4 +1,4 @@
-"""Tests for vmae_ray.model: checkpoint spec, normalization parity, embeddings, load guard.
+"""Tests for vmae_ray.embedder: normalization parity, embeddings, loading guard.
 
 Checkpoints are tiny random VideoMAEs written by `make_tiny_checkpoint` (recipe in its
 docstring): 8 frames of 64x64, preprocessing "resize short side to 72, center-crop 64,
@@ -7,8 +7,6 @@ ImageNet mean/std", so nothing here passes with hard-coded library defaults.
 
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -18,27 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vmae_ray.model import (
-    ModelLoadError,
-    VideoMAEEmbedder,
-    load_model_spec,
-    make_tiny_checkpoint,
-    resolve_model_dir,
-    top_k_labels,
-)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory) -> str:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "classifier", classifier=True)
-
-
-@pytest.fixture(scope="module")
-def pretraining_dir(tmp_path_factory) -> str:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "pretraining", pretraining_layout=True)
+from tests.conftest import copy_checkpoint, edit_json
+from vmae_ray.embedder import FoldedPatchEmbedding, ModelLoadError, VideoMAEEmbedder
+from vmae_ray.labels import top_k_labels
+from vmae_ray.synthetic import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +32,6 @@ def pretraining_embedder(pretraining_dir) -> VideoMAEEmbedder:
     return VideoMAEEmbedder(pretraining_dir, device="cpu")
 
 
-def _copy(src: str, tmp_path: Path) -> Path:
-    dst = tmp_path / "copy"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            data.pop(key, None)
-        else:
-            data[key] = value
-    path.write_text(json.dumps(data))
-
-
 def _random_clips(spec, batch: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (batch, *spec.clip_shape), dtype=np.uint8)
 
@@ -76,94 +41,6 @@ def _hf_processor(model_dir: str):
     from transformers import VideoMAEImageProcessorPil
 
     return VideoMAEImageProcessorPil.from_pretrained(model_dir)
-
-
-# --------------------------------------------------------------------------------------
-# ModelSpec
-
-
-def test_spec_reads_checkpoint_values(classifier_dir):
-    spec = load_model_spec(classifier_dir)
-    assert spec.model_ref == classifier_dir
-    assert (spec.num_frames, spec.tubelet_size, spec.image_size, spec.hidden_size) == (8, 2, 64, 64)
-    assert spec.resize_shortest_edge == 72  # not the class default 224
-    assert (spec.crop_height, spec.crop_width) == (64, 64)
-    assert spec.image_mean == IMAGENET_MEAN  # not the class default 0.5
-    assert spec.image_std == IMAGENET_STD
-    assert spec.rescale_factor == pytest.approx(1 / 255)
-    assert spec.resample == 2
-    assert spec.architecture == "VideoMAEForVideoClassification"
-    assert spec.id2label == {i: f"label_{i}_{a}" for i, a in
-                             enumerate(["juggling", "surfing", "cooking", "dancing", "archery"])}
-    assert spec.clip_shape == (8, 64, 64, 3)
-    assert len(spec.fingerprint) == 64
-
-
-def test_spec_pretraining_layout_has_no_labels(pretraining_dir):
-    spec = load_model_spec(pretraining_dir)
-    assert spec.architecture == "VideoMAEForPreTraining"
-    assert spec.id2label is None and not spec.has_labels
-
-
-def test_fingerprint_changes_with_preprocessing(classifier_dir, tmp_path):
-    copy = _copy(classifier_dir, tmp_path)
-    assert load_model_spec(str(copy)).fingerprint == load_model_spec(classifier_dir).fingerprint
-    _edit_json(copy / "preprocessor_config.json", image_mean=[0.45, 0.45, 0.45])
-    spec = load_model_spec(str(copy))
-    assert spec.image_mean == (0.45, 0.45, 0.45)
-    assert spec.fingerprint != load_model_spec(classifier_dir).fingerprint
-
-
-def test_spec_class_defaults_only_for_omitted_keys(classifier_dir, tmp_path):
-    copy = _copy(classifier_dir, tmp_path)
-    _edit_json(copy / "preprocessor_config.json", image_mean=None, image_std=None, resample=None)
-    spec = load_model_spec(str(copy))
-    assert spec.image_mean == (0.5, 0.5, 0.5) and spec.image_std == (0.5, 0.5, 0.5)
-    assert spec.resample == 2
-
-
-def test_spec_legacy_int_size_and_no_center_crop(classifier_dir, tmp_path):
-    copy = _copy(classifier_dir, tmp_path)
-    _edit_json(copy / "preprocessor_config.json", size=64, do_center_crop=False)
-    spec = load_model_spec(str(copy))
-    assert (spec.resize_shortest_edge, spec.crop_height, spec.crop_width) == (64, 64, 64)
-
-
-@pytest.mark.parametrize(
-    "edit, message",
-    [
-        (lambda d: (d / "config.json").unlink(), "config.json"),
-        (lambda d: (d / "preprocessor_config.json").unlink(), "preprocessor_config.json"),
-        (lambda d: _edit_json(d / "config.json", model_type="vit"), "model_type='vit'"),
-        (lambda d: _edit_json(d / "preprocessor_config.json", size={"height": 64, "width": 64}), "shortest_edge"),
-        (lambda d: _edit_json(d / "preprocessor_config.json", crop_size={"height": 56, "width": 56}), "image_size"),
-        (lambda d: _edit_json(d / "preprocessor_config.json", do_resize=False), "do_resize"),
-    ],
-    ids=["no-config", "no-preprocessor", "not-videomae", "squash-resize", "crop-vs-image-size", "no-resize"],
-)
-def test_spec_errors(classifier_dir, tmp_path, edit, message):
-    copy = _copy(classifier_dir, tmp_path)
-    edit(copy)
-    with pytest.raises(ValueError, match=message):
-        load_model_spec(str(copy))
-
-
-def test_spec_refuses_pickled_weights(classifier_dir, tmp_path):
-    copy = _copy(classifier_dir, tmp_path)
-    for f in copy.glob("*.safetensors"):
-        f.unlink()
-    (copy / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ValueError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
-        load_model_spec(str(copy))
-
-
-def test_resolve_model_dir_local_forms(classifier_dir):
-    assert resolve_model_dir(classifier_dir) == classifier_dir
-    assert resolve_model_dir("file://" + classifier_dir) == classifier_dir
-    with pytest.raises(ValueError, match="no such local directory"):
-        resolve_model_dir("./does/not/exist")
-    with pytest.raises(ValueError, match="no such local directory"):
-        resolve_model_dir("file:///does/not/exist")
 
 
 # --------------------------------------------------------------------------------------
@@ -301,10 +178,9 @@ def test_folded_patch_embedding_equals_model_embeddings(classifier_dir, tmp_path
     """embed() never builds the normalised tensor: its folded patch embedding must equal the
     model's own embeddings module applied to the processor's output, whatever the
     checkpoint's rescale/mean/std (including normalisation or rescaling switched off)."""
-    from vmae_ray.model import FoldedPatchEmbedding
 
-    model_dir = _copy(classifier_dir, tmp_path)
-    _edit_json(model_dir / "preprocessor_config.json", **preprocessing)
+    model_dir = copy_checkpoint(classifier_dir, tmp_path)
+    edit_json(model_dir / "preprocessor_config.json", **preprocessing)
     embedder = VideoMAEEmbedder(str(model_dir), device="cpu")
     clips = _random_clips(embedder.spec, batch=2, seed=11)
     processed = _hf_processor(str(model_dir))([list(c) for c in clips], do_resize=False, do_center_crop=False,
@@ -391,7 +267,7 @@ def _rewrite_weights(model_dir: Path, edit) -> None:
 
 
 def test_missing_encoder_weight_fails(classifier_dir, tmp_path):
-    copy = _copy(classifier_dir, tmp_path)
+    copy = copy_checkpoint(classifier_dir, tmp_path)
     key = "videomae.encoder.layer.1.output.dense.weight"
     _rewrite_weights(copy, lambda t: t.pop(key))
     with pytest.raises(ModelLoadError, match=r"missing.*videomae\.encoder\.layer\.1\.output\.dense\.weight"):
@@ -399,7 +275,7 @@ def test_missing_encoder_weight_fails(classifier_dir, tmp_path):
 
 
 def test_missing_q_bias_fails(classifier_dir, tmp_path):
-    copy = _copy(classifier_dir, tmp_path)
+    copy = copy_checkpoint(classifier_dir, tmp_path)
     _rewrite_weights(copy, lambda t: t.pop("videomae.encoder.layer.0.attention.attention.q_bias"))
     with pytest.raises(ModelLoadError, match=r"layer\.0\.attention\.attention\.query\.bias"):
         VideoMAEEmbedder(str(copy), device="cpu")
@@ -407,14 +283,14 @@ def test_missing_q_bias_fails(classifier_dir, tmp_path):
 
 def test_missing_classifier_head_fails(classifier_dir, tmp_path):
     # Labels from a random head must never be emitted.
-    copy = _copy(classifier_dir, tmp_path)
+    copy = copy_checkpoint(classifier_dir, tmp_path)
     _rewrite_weights(copy, lambda t: (t.pop("classifier.weight"), t.pop("fc_norm.bias")))
     with pytest.raises(ModelLoadError, match=r"classifier\.weight.*fc_norm\.bias"):
         VideoMAEEmbedder(str(copy), device="cpu")
 
 
 def test_mismatched_shape_fails(classifier_dir, tmp_path):
-    copy = _copy(classifier_dir, tmp_path)
+    copy = copy_checkpoint(classifier_dir, tmp_path)
     key = "videomae.encoder.layer.0.intermediate.dense.bias"
     _rewrite_weights(copy, lambda t: t.__setitem__(key, torch.zeros(7)))
     with pytest.raises(ModelLoadError, match=r"mismatch.*layer\.0\.intermediate\.dense\.bias"):
@@ -422,7 +298,7 @@ def test_mismatched_shape_fails(classifier_dir, tmp_path):
 
 
 def test_unexpected_key_fails_for_classifier(classifier_dir, tmp_path):
-    copy = _copy(classifier_dir, tmp_path)
+    copy = copy_checkpoint(classifier_dir, tmp_path)
     _rewrite_weights(copy, lambda t: t.__setitem__("decoder.head.weight", torch.zeros(3, 3)))
     with pytest.raises(ModelLoadError, match=r"unexpected.*decoder\.head\.weight"):
         VideoMAEEmbedder(str(copy), device="cpu")
@@ -475,27 +351,6 @@ def test_tiny_checkpoint_is_deterministic(tmp_path):
     c = load_file(make_tiny_checkpoint(tmp_path / "c", seed=8) + "/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
-
-
-# --------------------------------------------------------------------------------------
-# Labels
-
-
-def test_top_k_labels():
-    id2label = {0: "a", 1: "b", 2: "c"}
-    logits = np.array([[0.0, 2.0, 1.0], [5.0, 5.0, -1.0]], dtype=np.float32)
-    labels, scores = top_k_labels(logits, id2label, k=2)
-    assert labels == [["b", "c"], ["a", "b"]]  # ties keep class order
-    probs = np.exp([0.0, 2.0, 1.0]) / np.exp([0.0, 2.0, 1.0]).sum()
-    np.testing.assert_allclose(scores[0], [probs[1], probs[2]], rtol=1e-6)
-    tie = np.exp(5.0) / (2 * np.exp(5.0) + np.exp(-1.0))
-    np.testing.assert_allclose(scores[1], [tie, tie], rtol=1e-6)
-    all_labels, all_scores = top_k_labels(logits, id2label, k=10)  # k larger than the label count
-    assert [len(r) for r in all_labels] == [3, 3]
-    np.testing.assert_allclose([sum(r) for r in all_scores], [1.0, 1.0], rtol=1e-9)
-    assert all(r == sorted(r, reverse=True) for r in all_scores)
-    with pytest.raises(ValueError, match="k must be"):
-        top_k_labels(logits, id2label, k=0)
 
 
 def test_classifier_top_labels_come_from_checkpoint(classifier_embedder):

@@ -1,49 +1,60 @@
-"""Assemble the output tables from embedded rows: pure logic, no Ray and no I/O.
+"""Assemble the output rows from the embedded row stream: pure logic, no Ray and no I/O.
 
-The driver feeds every embedded batch to `ResultAssembler`. A video is finished when its
-``done`` row and all the clips it announced have arrived (in any order: an actor pool does
-not keep order), or as soon as an error row for it arrives; then its clip rows, its video
-row (mean of the clip embeddings; labels from the mean of the clip logits) or its error row
-are released for writing. Rows for a video that is already finished are ignored, which
-makes Ray's at-least-once retries (a restarted actor or decode task re-sending rows)
-harmless: each input ends in exactly one of videos/ or errors/, and each clip once.
+The driver feeds every embedded batch to `ResultAssembler`. A video is finished when all
+the clips its plan announced (`num_clips` on every clip row) have arrived, in any order (an
+actor pool does not keep order), or as soon as an error row for it arrives; then its clip
+rows and its video row (mean of the clip embeddings; labels from the mean of the clip
+logits), or its error row, are released for writing. Rows for a video that is already
+finished are ignored, which makes Ray's at-least-once retries (a restarted actor or decode
+task re-sending rows) harmless: each input ends in exactly one of videos/ or errors/, and
+each clip once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from vmae_ray.labels import top_k_labels
 from vmae_ray.listing import VideoInput
-from vmae_ray.model import top_k_labels
+from vmae_ray.schema import KIND_CLIP, KIND_ERROR, VIDEO_FACTS, check_error_code
 
 
 @dataclass
 class Finished:
+    """Rows released by one `ResultAssembler.add` call, per output table."""
+
     clips: list[dict] = field(default_factory=list)
     videos: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
 
-    def extend(self, other: "Finished") -> None:
-        self.clips += other.clips
-        self.videos += other.videos
-        self.errors += other.errors
-
 
 @dataclass
 class _Pending:
+    num_clips: int
     clips: dict[int, dict] = field(default_factory=dict)
-    done: dict | None = None
 
 
 @dataclass
 class StageTimes:
+    """Busy seconds measured inside the stages (summed over the rows that arrived) and the
+    clips of the videos that finished well."""
+
     clips: int = 0
     decode_seconds: float = 0.0
     embed_seconds: float = 0.0
+    # model call id -> clips it embedded (duplicates from retries count once)
+    model_calls: dict[str, int] = field(default_factory=dict)
+
+    def model_call_sizes(self) -> dict[int, int]:
+        """{clips in a model call: number of such calls}."""
+        sizes: dict[int, int] = {}
+        for n in self.model_calls.values():
+            sizes[n] = sizes.get(n, 0) + 1
+        return dict(sorted(sizes.items()))
 
 
 class ResultAssembler:
@@ -70,10 +81,17 @@ class ResultAssembler:
     def is_finished(self, video_id: str) -> bool:
         return video_id in self._finished
 
+    def unfinished(self) -> list[str]:
+        """Videos with rows but no conclusion (should be none once the stream ends)."""
+        return sorted(self._pending)
+
     def add(self, batch: pa.Table) -> Finished:
+        """Take one batch of embedded rows (`schema.embedded_schema`); return what it finished.
+
+        Raises ValueError for a row whose kind is not in `schema.ROW_KINDS`.
+        """
         out = Finished()
-        cols = {name: batch.column(name) for name in batch.column_names}
-        emb = cols["embedding"]
+        emb = batch.column("embedding")
         dim = emb.type.list_size
         emb_values = None
         if emb.null_count < len(emb):
@@ -87,48 +105,42 @@ class ResultAssembler:
             vid = row["video_id"]
             if vid in self._finished:
                 continue  # a retried task or actor re-sent it: already accounted for
-            if row.get("decode_seconds"):
-                self.times.decode_seconds += row["decode_seconds"]
+            # Work done for a video counts when it arrives, whether or not the video ends well.
+            self.times.decode_seconds += row.get("decode_seconds") or 0.0
             kind = row["kind"]
-            if kind == "error":
+            if kind == KIND_ERROR:
                 self._pending.pop(vid, None)
                 out.errors.append(self._error(row))
-                self._finish(vid)
-                self.num_errors += 1
+                self._finished.add(vid)
                 continue
-            pending = self._pending.setdefault(vid, _Pending())
-            if kind == "clip":
-                if row.get("embed_seconds"):
-                    self.times.embed_seconds += row["embed_seconds"]
-                row["embedding"] = emb_values[i * dim : (i + 1) * dim] if emb_values is not None else None
-                pending.clips[row["clip_index"]] = row
-            elif kind == "done":
-                pending.done = row
-            if pending.done is not None and len(pending.clips) >= (pending.done["num_clips"] or 0):
+            if kind != KIND_CLIP:
+                raise ValueError(f"row of video {vid} has unknown kind {kind!r}")
+            if emb_values is None or row.get("model_call") is None:
+                raise ValueError(f"clip {row['clip_index']} of video {vid} arrived without an embedding")
+            self.times.embed_seconds += row.get("embed_seconds") or 0.0
+            self.times.model_calls[row["model_call"]] = row["model_call_clips"]
+            pending = self._pending.setdefault(vid, _Pending(num_clips=row["num_clips"]))
+            row["embedding"] = emb_values[i * dim : (i + 1) * dim]
+            pending.clips[row["clip_index"]] = row
+            if len(pending.clips) >= pending.num_clips:
                 self._pending.pop(vid)
-                if not pending.clips:
-                    out.errors.append(self._error({**pending.done, "stage": "decode", "error_type": "corrupt",
-                                                   "message": "no clip could be built from the video"}))
-                    self.num_errors += 1
-                else:
-                    self._release(vid, pending, out)
-                self._finish(vid)
+                self._release(vid, pending, out)
+                self._finished.add(vid)
         return out
-
-    def _finish(self, vid: str) -> None:
-        self._finished.add(vid)
 
     def _passthrough(self, vid: str) -> dict[str, Any]:
         item = self._inputs.get(vid)
         return dict(item.passthrough) if item else {}
 
     def _error(self, row: dict) -> dict:
-        error_type = row.get("error_type") or "unknown"
+        stage, error_type = row["stage"], row["error_type"]
+        check_error_code(stage=stage, error_type=error_type)
         self.errors_by_type[error_type] = self.errors_by_type.get(error_type, 0) + 1
+        self.num_errors += 1
         return {
-            "video_id": row["video_id"], "uri": row["uri"], "stage": row.get("stage") or "decode",
-            "error_type": row.get("error_type") or "unknown", "message": row.get("message") or "",
-            "input_fingerprint": row.get("input_fingerprint"), **self._common, **self._passthrough(row["video_id"]),
+            "video_id": row["video_id"], "uri": row["uri"], "stage": stage, "error_type": error_type,
+            "message": row.get("message") or "", "input_fingerprint": row.get("input_fingerprint"),
+            **self._common, **self._passthrough(row["video_id"]),
         }
 
     def _release(self, vid: str, pending: _Pending, out: Finished) -> None:
@@ -146,14 +158,12 @@ class ResultAssembler:
                 labels, scores = top_k_labels(np.asarray(c["logits"])[None], self._id2label, self._k)
                 clip_row["top_labels"], clip_row["top_scores"] = labels[0], scores[0]
             out.clips.append(clip_row)
-        done = pending.done
+        first = clips[0]
         video_row = {
-            "video_id": vid, "uri": done["uri"], "num_clips": len(clips),
-            "duration_seconds": done["duration_seconds"],
+            "video_id": vid, "uri": first["uri"], "num_clips": len(clips),
             "embedding": embeddings.mean(axis=0).astype(np.float32),
-            "width": done["width"], "height": done["height"], "fps": done["fps"], "codec": done["codec"],
-            "stream_index": done["stream_index"], "num_streams": done["num_streams"],
-            "size_bytes": done.get("size_bytes"), "input_fingerprint": done.get("input_fingerprint"),
+            **{name: first[name] for name in VIDEO_FACTS},
+            "size_bytes": first.get("size_bytes"), "input_fingerprint": first.get("input_fingerprint"),
             **self._common, **passthrough,
         }
         if self._id2label is not None:
@@ -164,27 +174,3 @@ class ResultAssembler:
         self.num_videos += 1
         self.num_clips += len(clips)
         self.times.clips += len(clips)
-
-    def unfinished(self) -> list[str]:
-        """Videos with rows but no conclusion (should be none once the stream ends)."""
-        return sorted(self._pending)
-
-
-def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
-    """Build an Arrow table with exactly ``schema``; embeddings become fixed_size_list."""
-    rows = list(rows)
-    arrays = []
-    for f in schema:
-        values = [r.get(f.name) for r in rows]
-        if pa.types.is_fixed_size_list(f.type):
-            dim = f.type.list_size
-            mask = np.array([v is None for v in values], dtype=bool)
-            flat = np.zeros((len(values), dim), dtype=np.float32)
-            for i, v in enumerate(values):
-                if v is not None:
-                    flat[i] = v
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim,
-                                                             mask=pa.array(mask) if mask.any() else None))
-        else:
-            arrays.append(pa.array(values, type=f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)

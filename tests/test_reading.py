@@ -1,0 +1,85 @@
+"""Reading committed outputs: `_SUCCESS` decides, local and S3 alike; embeddings as one matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vmae_ray.reading import CommittedOutput, NotCommittedError, embedding_matrix
+from vmae_ray.storage import StorageOptions
+from vmae_ray.writing import write_committed
+
+DIM = 5
+
+
+def vectors(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+def table_of(ids: list[str], matrix: np.ndarray) -> pa.Table:
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), DIM)
+    return pa.table({"video_id": ids, "uri": [f"/v/{i}.mp4" for i in ids], "embedding": emb})
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_round_trip_through_success(where, tmp_path, request):
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        bucket = request.getfixturevalue("s3_bucket")
+        out, storage = f"s3://{bucket}/out", StorageOptions(server.storage_options)
+    else:
+        out, storage = str(tmp_path / "out"), StorageOptions()
+    first = vectors(7, seed=1)
+    # Three shards, so the matrix is assembled from several Arrow chunks.
+    success = write_committed(out, storage, {"items": table_of([f"a{i}" for i in range(7)], first)},
+                              {"note": "one"}, rows_per_shard=3)
+    assert len(success["files"]["items"]) == 3
+    committed = CommittedOutput.open(out, storage)
+    assert committed.tables == ["items"] and committed.manifest["note"] == "one"
+    matrix, rest = committed.embeddings("items")
+    assert matrix.dtype == np.float32 and matrix.flags.c_contiguous and matrix.shape == (7, DIM)
+    np.testing.assert_array_equal(matrix, first)
+    assert rest.column("video_id").to_pylist() == [f"a{i}" for i in range(7)]
+    assert committed.read("items", ["uri"]).column_names == ["uri"]
+    # A second write replaces the first as a whole.
+    second = vectors(2, seed=2)
+    write_committed(out, storage, {"items": table_of(["b0", "b1"], second)}, {"note": "two"})
+    matrix, rest = CommittedOutput.open(out, storage).embeddings("items")
+    np.testing.assert_array_equal(matrix, second)
+    assert rest.column("video_id").to_pylist() == ["b0", "b1"]
+
+
+def test_reader_ignores_files_success_does_not_list(tmp_path):
+    out = str(tmp_path / "out")
+    write_committed(out, StorageOptions(), {"items": table_of(["a"], vectors(1))}, {})
+    # A stray shard (a crashed writer's leftover) is in the folder but not in _SUCCESS.
+    pq.write_table(table_of(["stray"], vectors(1, seed=9)), os.path.join(out, "items", "part-stray.parquet"))
+    assert CommittedOutput.open(out).read("items").column("video_id").to_pylist() == ["a"]
+
+
+def test_errors(tmp_path):
+    with pytest.raises(NotCommittedError, match="_SUCCESS"):
+        CommittedOutput.open(str(tmp_path))
+    (tmp_path / "_SUCCESS").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ValueError, match="not a vmae-ray manifest"):
+        CommittedOutput.open(str(tmp_path))
+    out = str(tmp_path / "out")
+    write_committed(out, StorageOptions(), {"items": table_of(["a"], vectors(1))}, {})
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        CommittedOutput.open(out).read("items", ["nope"])
+    with pytest.raises(ValueError, match="no committed rows"):
+        CommittedOutput.open(out).embeddings("other")
+    with pytest.raises(ValueError, match="another committed output"):
+        write_committed(out, StorageOptions(), {"labels": pa.table({"video_id": ["a"]})}, {})
+
+
+def test_embedding_matrix_of_sliced_chunks():
+    full = vectors(6, seed=3)
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), DIM)
+    chunked = pa.chunked_array([arr.slice(1, 2), arr.slice(4, 2)])
+    np.testing.assert_array_equal(embedding_matrix(chunked), full[[1, 2, 4, 5]])

@@ -1,0 +1,159 @@
+"""The commit protocol without Ray: shard names, commits, and recovery from every failpoint.
+
+A crash is simulated by making `failpoint` raise at the named point (the job's own crash
+tests kill a real driver there; this covers the same protocol in milliseconds). After each
+crash, `recover` must leave exactly the previous or the new committed state: every file
+_SUCCESS lists exists, no table folder holds a file it does not list, and the rows read back
+are those of one state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vmae_ray import schema, writing
+from vmae_ray.storage import StorageOptions
+from vmae_ray.writing import FAILPOINTS, CommittedState, OutputStore, ShardWriter, rows_to_table
+
+DIM = 3
+SCHEMAS = {
+    schema.CLIPS: schema.clips_schema(DIM, with_labels=False),
+    schema.VIDEOS: schema.videos_schema(DIM, with_labels=False),
+    schema.ERRORS: schema.errors_schema(),
+}
+
+
+class Crash(Exception):
+    pass
+
+
+def video(vid: str, run_id: str) -> dict:
+    return {"video_id": vid, "uri": f"/v/{vid}.mp4", "num_clips": 1, "embedding": [1.0, 2.0, float(len(vid))],
+            "run_id": run_id}
+
+
+def clip(vid: str, run_id: str) -> dict:
+    return {"video_id": vid, "uri": f"/v/{vid}.mp4", "clip_index": 0, "embedding": [0.5, 0.5, 0.5], "run_id": run_id}
+
+
+def commit_run(store: OutputStore, state: CommittedState, run_id: str, vids: list[str], *,
+               superseded: set[str] = frozenset(), rows_per_shard: int = 2) -> dict:
+    writer = ShardWriter(store, run_id, SCHEMAS, rows_per_shard)
+    writer.add(schema.VIDEOS, [video(v, run_id) for v in vids])
+    writer.add(schema.CLIPS, [clip(v, run_id) for v in vids])
+    return store.commit(run_id, writer.take_staged(), {"run_id": run_id}, state, set(superseded))
+
+
+def read_state(out: str) -> dict[str, list[tuple[str, str]]]:
+    """(video_id, run_id) of every committed row per table, as a reader following _SUCCESS sees it."""
+    with open(os.path.join(out, "_SUCCESS")) as f:
+        success = json.load(f)
+    rows = {}
+    for table in schema.TABLES:
+        found = []
+        for rel in success["files"].get(table, []):
+            t = pq.read_table(os.path.join(out, rel), columns=["video_id", "run_id"])
+            found += list(zip(t.column("video_id").to_pylist(), t.column("run_id").to_pylist()))
+        rows[table] = sorted(found)
+    return rows
+
+
+def folder_files(out: str) -> set[str]:
+    return {f"{t}/{n}" for t in schema.TABLES if os.path.isdir(os.path.join(out, t)) for n in os.listdir(os.path.join(out, t))}
+
+
+def test_shard_names_never_repeat_across_commits(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), StorageOptions())
+    writer = ShardWriter(store, "r1", SCHEMAS, rows_per_shard=2)
+    writer.add(schema.VIDEOS, [video(f"v{i}", "r1") for i in range(5)])
+    first = writer.take_staged()
+    assert first[schema.VIDEOS] == [f"videos/part-r1-{i:05d}.parquet" for i in range(3)]
+    assert first[schema.CLIPS] == [] and writer.take_staged()[schema.VIDEOS] == []
+    state = store.commit("r1", first, {"run_id": "r1"}, CommittedState(), set())
+    writer.add(schema.VIDEOS, [video("v5", "r1")])
+    second = writer.take_staged()
+    assert second[schema.VIDEOS] == ["videos/part-r1-00003.parquet"]  # numbering goes on after a commit
+    state = store.commit("r1", second, {"run_id": "r1"}, CommittedState(state), set())
+    assert len(state["files"]["videos"]) == len(set(state["files"]["videos"])) == 4
+    assert sorted(r[0] for r in read_state(store.output)["videos"]) == [f"v{i}" for i in range(6)]
+
+
+def test_rows_to_table_fixed_size_embeddings_and_nulls():
+    table = rows_to_table([video("a", "r"), {"video_id": "b", "uri": "/v/b.mp4", "embedding": None}],
+                          SCHEMAS[schema.VIDEOS])
+    assert table.schema == SCHEMAS[schema.VIDEOS]
+    assert table.column("embedding").type == pa.list_(pa.float32(), DIM)
+    assert table.column("embedding").to_pylist() == [[1.0, 2.0, 1.0], None]
+    assert np.asarray(table.column("embedding").chunk(0).values).dtype == np.float32
+
+
+@pytest.mark.parametrize("point", FAILPOINTS)
+def test_crash_at_each_failpoint_recovers_to_one_state(tmp_path, monkeypatch, point):
+    out = str(tmp_path / "out")
+    store = OutputStore(out, StorageOptions())
+    first = commit_run(store, CommittedState(), "r1", ["a", "b", "c"])
+    before = read_state(out)
+
+    def crash_here(name):
+        if name == point:
+            raise Crash(name)
+
+    monkeypatch.setattr(writing, "failpoint", crash_here)
+    # The second run supersedes "b" (a changed input: its shards are rewritten without it)
+    # and adds "d" and "b" again.
+    with pytest.raises(Crash):
+        commit_run(store, CommittedState(first), "r2", ["b", "d"], superseded={"b"})
+    monkeypatch.setattr(writing, "failpoint", lambda name: None)
+
+    recovered = OutputStore(out, StorageOptions()).recover()
+    after = read_state(out)
+    new = {"clips": [("a", "r1"), ("b", "r2"), ("c", "r1"), ("d", "r2")],
+           "videos": [("a", "r1"), ("b", "r2"), ("c", "r1"), ("d", "r2")], "errors": []}
+    # A journaled commit is rolled forward; one that never wrote its journal is dropped.
+    expected = before if point == "before_journal" else new
+    assert after == expected
+    assert folder_files(out) == {rel for rels in recovered.files.values() for rel in rels}
+    assert not os.path.exists(os.path.join(out, writing.STAGING))
+    # And the next commit starts from there.
+    commit_run(store, recovered, "r3", ["e"])
+    assert ("e", "r3") in read_state(out)["videos"]
+
+
+def test_crash_inside_recovery_changes_nothing(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    store = OutputStore(out, StorageOptions())
+    first = commit_run(store, CommittedState(), "r1", ["a"])
+
+    def crash_before_success(name):
+        if name == "before_success":
+            raise Crash(name)
+
+    monkeypatch.setattr(writing, "failpoint", crash_before_success)
+    with pytest.raises(Crash):
+        commit_run(store, CommittedState(first), "r2", ["b"])
+    with pytest.raises(Crash):  # the roll-forward itself dies at the same point
+        OutputStore(out, StorageOptions()).recover()
+    monkeypatch.setattr(writing, "failpoint", lambda name: None)
+    OutputStore(out, StorageOptions()).recover()
+    assert read_state(out)["videos"] == [("a", "r1"), ("b", "r2")]
+
+
+def test_other_tables_use_the_same_protocol(tmp_path):
+    """A store owning other folders (as other commands' outputs) commits and recovers them."""
+    out = str(tmp_path / "labels_out")
+    store = OutputStore(out, StorageOptions(), tables=("labels",))
+    store.write_table("r1", "labels/part-r1-00000.parquet", pa.table({"video_id": ["a"], "run_id": ["r1"]}))
+    success = store.commit("r1", {"labels": ["labels/part-r1-00000.parquet"]}, {"run_id": "r1"}, CommittedState(), set())
+    assert success["files"] == {"labels": ["labels/part-r1-00000.parquet"]}
+    os.makedirs(os.path.join(out, "labels"), exist_ok=True)
+    with open(os.path.join(out, "labels", "stray.parquet"), "wb") as f:
+        f.write(b"not committed")
+    state = store.recover()
+    assert os.listdir(os.path.join(out, "labels")) == ["part-r1-00000.parquet"]
+    assert state.files_of("labels") == ["labels/part-r1-00000.parquet"] and state.files_of("clips") == []
