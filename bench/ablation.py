@@ -15,6 +15,9 @@ model, so BENCHMARKS.md can state what each one is worth here:
   video), CPU ms per clip.
 * ``cluster_autoscaler``: the job end to end with Ray Data's cluster autoscaler as vmae-ray
   sets it (V2) and with Ray 2.60's default (RATE_BASED), on a running Ray.
+* ``model_batches``: the job end to end with full model batches (clip rows cut into blocks of
+  exactly ``--batch-size`` by a strict streaming repartition) and with Ray Data's own bundling
+  of the decode tasks' blocks: clips/s, and clips per model call.
 
 Timings are best of ``repeats`` interleaved runs (CPU time where stated, which other load on a
 shared machine barely moves).
@@ -184,3 +187,33 @@ def cluster_autoscaler(wl, checkpoint: str, res, output: str) -> dict[str, Any]:
             os.environ[CLUSTER_AUTOSCALER_ENV] = saved
     out["speedup"] = out["V2"]["clips_per_second"] / out["RATE_BASED"]["clips_per_second"]
     return out
+
+
+def model_batches(wl, checkpoint: str, res, output: str, *, repeats: int = 2) -> dict[str, Any]:
+    """The job end to end with and without the full-batch repartition (Ray already started)."""
+    from bench.peers import vmae_ray_peer
+    from vmae_ray import pipeline
+
+    original = pipeline.build_dataset
+    out: dict[str, Any] = {}
+    try:
+        for attempt in range(repeats):
+            for full in (False, True):
+                pipeline.build_dataset = lambda plan, r, full=full: original(plan, r, full_batches=full)
+                name = "full_batches" if full else "ray_bundling"
+                started = time.perf_counter()
+                summary, _argv = vmae_ray_peer(wl, checkpoint, res, os.path.join(output, f"{name}-{attempt}"))
+                seconds = time.perf_counter() - started
+                report = summary.stage_report
+                calls = report.get("model_calls")
+                row = {"clips": summary.clips, "seconds": seconds, "clips_per_second": summary.clips / seconds,
+                       "after_startup_clips_per_second": report.get("after_startup_clips_per_second"),
+                       "model_calls": calls, "model_call_sizes": report.get("model_call_sizes"),
+                       "clips_per_model_call": summary.clips / calls if calls else None}
+                if name not in out or row["clips_per_second"] > out[name]["clips_per_second"]:
+                    out[name] = row
+    finally:
+        pipeline.build_dataset = original
+    out["speedup"] = out["full_batches"]["clips_per_second"] / out["ray_bundling"]["clips_per_second"]
+    return out
+

@@ -449,7 +449,7 @@ def _ablations(ab: dict) -> str:
              "| change | workload | off | on | gain |", "|---|---|---:|---:|---:|"]
     rows = {
         "model_folding": lambda m: (
-            f"| normalisation folded into the patch embedding (uint8 clips in; `model.FoldedPatchEmbedding`) | "
+            f"| normalisation folded into the patch embedding (uint8 clips in; `embedder.FoldedPatchEmbedding`) | "
             f"model stage, CPU, batch {m['batch_size']}, {m['torch_threads']} thread(s) | "
             f"{m['unfolded_ms_per_clip']:.1f} CPU ms/clip | {m['folded_ms_per_clip']:.1f} CPU ms/clip | "
             f"**{m['speedup']:.2f}x** (max embedding difference {m['max_abs_embedding_diff']:.1e}) |"),
@@ -468,6 +468,14 @@ def _ablations(ab: dict) -> str:
             f"{c['V2']['clips']} clips, whole job on a running Ray | "
             f"{c['RATE_BASED']['clips_per_second']:.2f} clips/s | {c['V2']['clips_per_second']:.2f} clips/s | "
             f"**{c['speedup']:.2f}x** |"),
+        "model_batches": lambda b: (
+            f"| full model batches: clip rows only, cut to exactly `--batch-size` by a strict streaming repartition | "
+            f"ssv2, {b['full_batches']['clips']} clips, whole job on a running Ray | "
+            f"{b['ray_bundling']['clips_per_second']:.2f} clips/s, "
+            f"{b['ray_bundling']['clips_per_model_call'] or 0:.1f} clips per model call | "
+            f"{b['full_batches']['clips_per_second']:.2f} clips/s, "
+            f"{b['full_batches']['clips_per_model_call'] or 0:.1f} clips per model call | "
+            f"**{b['speedup']:.2f}x** |"),
     }
     for key, render_row in rows.items():
         entry = ab.get(key)

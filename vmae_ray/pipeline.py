@@ -251,14 +251,15 @@ CLUSTER_AUTOSCALER_ENV = "RAY_DATA_CLUSTER_AUTOSCALER"
 DEFAULT_CLUSTER_AUTOSCALER = "V2"
 
 
-def build_dataset(plan: Plan, res: Resources):
+def build_dataset(plan: Plan, res: Resources, *, full_batches: bool = True):
     """The Ray Data graph: from_items -> decode (task pool) -> [rebatch] -> embed (actor pool).
 
     The model stage sees clip rows only (every clip row carries its video's facts, so no other
     row is needed; only a failed video's error row shares its batches), and a strict streaming
     repartition cuts them into blocks of exactly `batch_size` rows, so every model call but the
     last gets a full batch: Ray Data's own bundling hands an actor whatever whole blocks came
-    out of the decode tasks, which leaves a partial batch per bundle.
+    out of the decode tasks, which leaves a partial batch per bundle. ``full_batches=False``
+    leaves the bundling to Ray Data (`make bench` measures both).
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -286,7 +287,7 @@ def build_dataset(plan: Plan, res: Resources):
         # the model actors: CPU decode and GPU embedding must scale apart.
         memory=config.decode_memory_mb * 2**20,
     )
-    if res.batch_size > 1:
+    if full_batches and res.batch_size > 1:
         # Blocks of exactly batch_size rows (all but the last), each one model call. The
         # rebundling is Ray Data's own (a strict StreamingRepartition: slices of the decode
         # tasks' blocks, rejoined in small tasks), at the cost of one more copy of each clip
