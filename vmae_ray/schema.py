@@ -59,6 +59,19 @@ RESERVED_COLUMNS = frozenset(
 )
 
 
+# Facts about a video's chosen stream, carried on each of its clip rows and written to videos/.
+VIDEO_FACT_FIELDS = (
+    pa.field("duration_seconds", pa.float64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("fps", pa.float64()),
+    pa.field("codec", pa.string()),
+    pa.field("stream_index", pa.int32()),
+    pa.field("num_streams", pa.int32()),
+)
+VIDEO_FACTS = tuple(f.name for f in VIDEO_FACT_FIELDS)
+
+
 def embedding_type(dim: int) -> pa.DataType:
     return pa.list_(pa.float32(), dim)
 
@@ -99,15 +112,9 @@ def videos_schema(dim: int, *, with_labels: bool, passthrough: pa.Schema | None 
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("num_clips", pa.int32()),
-        pa.field("duration_seconds", pa.float64()),
         pa.field("embedding", embedding_type(dim)),
         *_label_fields(with_labels),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
-        pa.field("fps", pa.float64()),
-        pa.field("codec", pa.string()),
-        pa.field("stream_index", pa.int32()),
-        pa.field("num_streams", pa.int32()),
+        *VIDEO_FACT_FIELDS,
         pa.field("size_bytes", pa.int64()),
         *_bookkeeping_fields(),
     ]
@@ -136,17 +143,6 @@ ROW_KINDS = (KIND_CLIP, KIND_ERROR)
 # Error messages are cut to this many characters: a decoder can produce pages of text.
 MAX_MESSAGE_CHARS = 2000
 
-# Facts about a video's chosen stream, carried on each of its clip rows and written to videos/.
-VIDEO_FACT_FIELDS = (
-    pa.field("duration_seconds", pa.float64()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("fps", pa.float64()),
-    pa.field("codec", pa.string()),
-    pa.field("stream_index", pa.int32()),
-    pa.field("num_streams", pa.int32()),
-)
-VIDEO_FACTS = tuple(f.name for f in VIDEO_FACT_FIELDS)
 
 DECODED_SCHEMA = pa.schema(
     [
