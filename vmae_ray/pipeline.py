@@ -427,7 +427,8 @@ def run(config: EmbedConfig) -> RunSummary:
         _account_for_lost(plan, assembler, writer)
         summary.stage_report = _stage_report(assembler, res, summary.pipeline_seconds)
         summary.stage_report.update(flow.report())
-        summary.stage_report.update(timeline.report(summary.pipeline_seconds, assembler.num_clips))
+        if summary.stage_report:  # a run that embedded no clip has no rate to chart
+            summary.stage_report.update(timeline.report(summary.pipeline_seconds, assembler.num_clips))
     committer.commit(complete=True)
     _print_summary(summary, plan)
     return summary

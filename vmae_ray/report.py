@@ -589,8 +589,8 @@ def section_throughput(data: ReportData) -> str:
     r = data.manifest.get("stage_report") or {}
     if not r.get("decode_capacity_clips_per_second"):
         return _section("throughput", "Throughput", _empty(
-            "throughput", "No stage report: the last run embedded no clip (nothing new to process), "
-            "so there is no throughput to show."))
+            "throughput", "No stage report: the last run embedded no clip (nothing new to process, or every "
+            "input it processed failed), so there is no throughput to show."))
     bound = r.get("bottleneck")
     advice = "add decode CPUs (CPU workers)" if bound == "decode" else "add model actors/GPUs"
     rows = [
