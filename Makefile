@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.vmae-ray-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint browser bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,22 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m vmae_ray.demo --workdir demo_out
 
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The report's browser test renders the page in Debian's chromium: install it when it is missing
+# and apt-get is there (as root, or with password-less sudo). Never fails: where it cannot be
+# installed, the test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	    echo "installing chromium (Debian package) for the browser test"; \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null 2>&1 \
+	         && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } \
+	    || echo "note: could not install chromium; the browser test will be skipped"; \
+	  else echo "note: chromium not found and no apt-get; the browser test will be skipped"; fi; }
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check vmae_ray tests bench jobs

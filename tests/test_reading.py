@@ -83,3 +83,16 @@ def test_embedding_matrix_of_sliced_chunks():
     arr = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1)), DIM)
     chunked = pa.chunked_array([arr.slice(1, 2), arr.slice(4, 2)])
     np.testing.assert_array_equal(embedding_matrix(chunked), full[[1, 2, 4, 5]])
+
+
+def test_schema_from_footers_and_projected_read(tmp_path):
+    out = str(tmp_path / "out")
+    write_committed(out, StorageOptions(), {"items": table_of([f"a{i}" for i in range(5)], vectors(5))}, {},
+                    rows_per_shard=2)
+    committed = CommittedOutput.open(out)
+    schema = committed.schema("items")
+    assert schema.names == ["video_id", "uri", "embedding"] and schema.field("embedding").type.list_size == DIM
+    assert committed.schema("other").names == []
+    # Columns come back in the order asked for, from every shard.
+    assert committed.read("items", ["uri", "video_id"]).to_pydict() == {
+        "uri": [f"/v/a{i}.mp4" for i in range(5)], "video_id": [f"a{i}" for i in range(5)]}

@@ -138,6 +138,7 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
 # and returns the exit status.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("vmae_ray.cli", "run_embed", "embed a video corpus with VideoMAE on Ray (the job)"),
+    "report": ("vmae_ray.report", "run_report", "one self-contained HTML page about a committed output"),
 }
 
 

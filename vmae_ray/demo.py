@@ -108,6 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     print("running: vmae-ray embed " + " ".join(command), flush=True)
     code = run_embed(command, prog="vmae-ray embed")
     show(output)
+    if code == 0:
+        code = write_demo_report(output, args.workdir)
+    return code
+
+
+def write_demo_report(output: str, workdir: str) -> int:
+    """`vmae-ray report` on the demo's tables, the map coloured by the manifest's `source` column."""
+    from vmae_ray.report import run_report
+
+    path = os.path.abspath(os.path.join(workdir, "report.html"))
+    command = ["--tables", output, "--output", path, "--color-by", "source"]
+    print("\nrunning: vmae-ray report " + " ".join(command), flush=True)
+    code = run_report(command, prog="vmae-ray report")
+    print(f"open it in a browser: file://{path}")
     return code
 
 

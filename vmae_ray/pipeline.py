@@ -407,11 +407,13 @@ def run(config: EmbedConfig) -> RunSummary:
         pipeline_started = time.perf_counter()
         last_report = pipeline_started
         flow = _Flow(pipeline_started)
+        timeline = _ClipTimeline()
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
                 _write(writer, assembler.add(batch))
                 now = time.perf_counter()
                 flow.saw(batch)
+                timeline.saw(now - pipeline_started, assembler.num_clips)
                 if now - last_report >= config.progress_seconds:
                     last_report = now
                     elapsed = now - pipeline_started
@@ -426,6 +428,8 @@ def run(config: EmbedConfig) -> RunSummary:
         _account_for_lost(plan, assembler, writer)
         summary.stage_report = _stage_report(assembler, res, summary.pipeline_seconds)
         summary.stage_report.update(flow.report())
+        if summary.stage_report:  # a run that embedded no clip has no rate to chart
+            summary.stage_report.update(timeline.report(summary.pipeline_seconds, assembler.num_clips))
     committer.commit(complete=True)
     _print_summary(summary, plan)
     return summary
@@ -490,6 +494,38 @@ class _Flow:
             out["after_startup_clips_per_second"] = round(self.after / (self.last_wall - self.first_wall), 3)
             out["after_startup_clips"] = self.after
         return out
+
+
+class _ClipTimeline:
+    """Clips of finished videos against seconds since the pipeline started, for `vmae-ray report`'s
+    clips/s chart (``stage_report.clips_timeline`` in _SUCCESS: ``seconds`` and cumulative ``clips``).
+
+    A point at most every `interval_seconds`, and at most `max_points` of them: when full, every
+    other point goes and the interval doubles, so _SUCCESS stays a few KB however long the run.
+    The last point is the run's end, where ``clips`` equals the run's count.
+    """
+
+    def __init__(self, interval_seconds: float = 1.0, max_points: int = 256):
+        self.interval_seconds, self.max_points = interval_seconds, max_points
+        self.seconds: list[float] = [0.0]
+        self.clips: list[int] = [0]
+
+    def saw(self, seconds: float, clips: int) -> None:
+        if seconds - self.seconds[-1] < self.interval_seconds:
+            return
+        self.seconds.append(seconds)
+        self.clips.append(clips)
+        if len(self.seconds) > self.max_points:
+            self.seconds, self.clips = self.seconds[::2], self.clips[::2]
+            self.interval_seconds *= 2
+
+    def report(self, seconds: float, clips: int) -> dict[str, Any]:
+        if seconds > self.seconds[-1]:
+            self.seconds.append(seconds)
+            self.clips.append(clips)
+        else:
+            self.clips[-1] = clips
+        return {"clips_timeline": {"seconds": [round(s, 3) for s in self.seconds], "clips": list(self.clips)}}
 
 
 def _stage_report(assembler: ResultAssembler, res: Resources, wall: float) -> dict[str, Any]:

@@ -79,6 +79,16 @@ class CommittedOutput:
         """URIs of the committed files of ``table`` (empty when it has none)."""
         return [_child(self.uri, rel) for rel in self.manifest.get("files", {}).get(table, [])]
 
+    def schema(self, table: str) -> pa.Schema:
+        """The columns of ``table``'s committed files, from their Parquet footers only (the union
+        when files differ); an empty schema when the table has no committed file."""
+        schemas = []
+        for file_uri in self.files(table):
+            fs, path = url_to_fs(file_uri, self.storage)
+            with fs.open(path, "rb") as f:
+                schemas.append(pq.read_schema(f))
+        return pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+
     # -- reading ----------------------------------------------------------------------------
     def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
         """The committed rows of ``table`` (all columns, or ``columns``), as one Arrow table.
@@ -90,13 +100,15 @@ class CommittedOutput:
         for file_uri in self.files(table):
             fs, path = url_to_fs(file_uri, self.storage)
             with fs.open(path, "rb") as f:
-                t = pq.read_table(f)
-            if columns is not None:
-                missing = [c for c in columns if c not in t.column_names]
-                if missing:
-                    raise KeyError(f"{table}/ has no column {missing[0]!r} (columns: {', '.join(t.column_names)})")
-                t = t.select(columns)
-            parts.append(t)
+                # Only the requested columns are read: a report wants a few small columns of a
+                # clips/ table whose embeddings may be gigabytes.
+                parquet = pq.ParquetFile(f)
+                names = parquet.schema_arrow.names
+                if columns is not None:
+                    missing = [c for c in columns if c not in names]
+                    if missing:
+                        raise KeyError(f"{table}/ has no column {missing[0]!r} (columns: {', '.join(names)})")
+                parts.append(parquet.read(columns=columns))
         if not parts:
             return pa.table({c: pa.nulls(0) for c in columns or []})
         return pa.concat_tables(parts, promote_options="permissive")
