@@ -96,8 +96,9 @@ _AUDIO_FOR_EXT = {
 # the random background colours (drawn from 40..215 per channel). A scene is a colour cast, the
 # one content difference a randomly initialised encoder keeps: its patch embedding is linear in
 # the pixels, so a clip's mean colour survives mean pooling, while stripe direction or motion
-# of a random phase average out (measured: a linear probe on a random tiny checkpoint separates
-# colour casts at ~99% and stripe direction or still vs moving at chance).
+# of a random phase average out (measured with 30 prototype clips per class on the tests' random
+# 32-pixel checkpoint: a linear probe separates colour casts at 0.99 cross-validated accuracy,
+# stripe direction and still-vs-moving at chance).
 SCENE_TINTS: dict[str, tuple[int, int, int]] = {
     "sunset": (70, 10, -60),
     "ocean": (-60, 0, 70),
