@@ -4,10 +4,10 @@ The driver feeds every embedded batch to `ResultAssembler`. A video is finished 
 the clips its plan announced (`num_clips` on every clip row) have arrived, in any order (an
 actor pool does not keep order), or as soon as an error row for it arrives; then its clip
 rows and its video row (mean of the clip embeddings; labels from the mean of the clip
-logits), or its error row, are released for writing. Rows for a video that is already
-finished are ignored, which makes Ray's at-least-once retries (a restarted actor or decode
-task re-sending rows) harmless: each input ends in exactly one of videos/ or errors/, and
-each clip once.
+logits: the classifier's, or a linear head's on the clip embeddings), or its error row,
+are released for writing. Rows for a video that is already finished are ignored, which
+makes Ray's at-least-once retries (a restarted actor or decode task re-sending rows)
+harmless: each input ends in exactly one of videos/ or errors/, and each clip once.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from vmae_ray.heads import LinearHead
 from vmae_ray.labels import top_k_labels
 from vmae_ray.listing import VideoInput
 from vmae_ray.schema import KIND_CLIP, KIND_ERROR, VIDEO_FACTS, check_error_code
@@ -61,9 +62,12 @@ class ResultAssembler:
     """Turns the embedded row stream into finished clip, video and error rows."""
 
     def __init__(self, inputs: dict[str, VideoInput], *, id2label: dict[int, str] | None, top_k: int,
-                 run_id: str, settings_fingerprint: str):
+                 run_id: str, settings_fingerprint: str, head: LinearHead | None = None):
+        """``id2label`` None: no labels. With a ``head``, clip logits are the head's logits of the
+        clip embeddings; otherwise the classifier's, from each row's ``logits``."""
         self._inputs = inputs
         self._id2label = id2label
+        self._head = head
         self._k = top_k
         self._common = {"run_id": run_id, "settings_fingerprint": settings_fingerprint}
         self._pending: dict[str, _Pending] = {}
@@ -128,6 +132,15 @@ class ResultAssembler:
                 self._finished.add(vid)
         return out
 
+    def _clip_logits(self, clips: list[dict]) -> np.ndarray | None:
+        """(clips, L) float64 logits of a video's clips, or None without labels. The one source
+        of labels for both producers: a video's labels come from the mean of these."""
+        if self._id2label is None:
+            return None
+        if self._head is not None:
+            return self._head.logits(np.stack([c["embedding"] for c in clips]))
+        return np.stack([np.asarray(c["logits"], dtype=np.float64) for c in clips])
+
     def _passthrough(self, vid: str) -> dict[str, Any]:
         item = self._inputs.get(vid)
         return dict(item.passthrough) if item else {}
@@ -147,16 +160,18 @@ class ResultAssembler:
         clips = [pending.clips[k] for k in sorted(pending.clips)]
         passthrough = self._passthrough(vid)
         embeddings = np.stack([c["embedding"] for c in clips]).astype(np.float64)
-        for c in clips:
+        clip_logits = self._clip_logits(clips)
+        if clip_logits is not None:
+            clip_labels, clip_scores = top_k_labels(clip_logits, self._id2label, self._k)
+        for i, c in enumerate(clips):
             clip_row = {
                 "video_id": vid, "uri": c["uri"], "clip_index": c["clip_index"],
                 "start_seconds": c["start_seconds"], "end_seconds": c["end_seconds"],
                 "frame_indices": c["frame_indices"], "embedding": c["embedding"],
                 "input_fingerprint": c.get("input_fingerprint"), **self._common, **passthrough,
             }
-            if self._id2label is not None:
-                labels, scores = top_k_labels(np.asarray(c["logits"])[None], self._id2label, self._k)
-                clip_row["top_labels"], clip_row["top_scores"] = labels[0], scores[0]
+            if clip_logits is not None:
+                clip_row["top_labels"], clip_row["top_scores"] = clip_labels[i], clip_scores[i]
             out.clips.append(clip_row)
         first = clips[0]
         video_row = {
@@ -166,9 +181,8 @@ class ResultAssembler:
             "size_bytes": first.get("size_bytes"), "input_fingerprint": first.get("input_fingerprint"),
             **self._common, **passthrough,
         }
-        if self._id2label is not None:
-            mean_logits = np.mean([np.asarray(c["logits"], dtype=np.float64) for c in clips], axis=0)
-            labels, scores = top_k_labels(mean_logits[None], self._id2label, self._k)
+        if clip_logits is not None:
+            labels, scores = top_k_labels(clip_logits.mean(axis=0)[None], self._id2label, self._k)
             video_row["top_labels"], video_row["top_scores"] = labels[0], scores[0]
         out.videos.append(video_row)
         self.num_videos += 1

@@ -57,6 +57,8 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
     model.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     model.add_argument("--labels", choices=LABEL_MODES, help="top labels: auto = when the checkpoint has a trained classifier")
     model.add_argument("--top-k", type=int, help="labels per clip/video (default 5)")
+    model.add_argument("--head", help="a linear head (vmae-ray probe fit) that gives the labels; it wins over a "
+                       "checkpoint's classifier and must come from tables of the same checkpoint and sampling")
     model.add_argument("--model-cache-dir", help="node-local cache for remote checkpoints")
 
     sampling = p.add_argument_group("sampling")
@@ -138,6 +140,7 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
 # and returns the exit status.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("vmae_ray.cli", "run_embed", "embed a video corpus with VideoMAE on Ray (the job)"),
+    "probe": ("vmae_ray.probe", "run_probe", "fit a linear head on a few labelled videos (fit), or label tables with it (apply)"),
     "report": ("vmae_ray.report", "run_report", "one self-contained HTML page about a committed output"),
 }
 

@@ -62,6 +62,7 @@ class EmbedConfig:
     compile: bool = False
     labels: str = "auto"
     top_k: int = 5
+    head: str | None = None  # a linear head dir (`vmae-ray probe fit`): labels from it
     limit: int | None = None
     resume: bool = True
     overwrite: bool = False
@@ -121,6 +122,8 @@ class EmbedConfig:
             lo, hi = self.num_actors
             if lo < 1 or hi < lo:
                 raise ConfigError("--num-actors", f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
+        if self.head is not None and self.labels == "off":
+            raise ConfigError("--head", "gives labels; it cannot be combined with --labels off")
         if self.overwrite and self.retry_failed:
             raise ConfigError("--retry-failed", "has no meaning with --overwrite (everything is processed again)")
         if self.run_id is not None and not self.run_id.replace("-", "").replace("_", "").isalnum():

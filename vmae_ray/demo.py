@@ -1,10 +1,17 @@
 """`make demo`: the job end to end on this machine, with nothing downloaded.
 
-Builds a small randomly initialised VideoMAE classification checkpoint (safetensors, a
-preprocessor_config.json and an id2label head, so the labels path runs), a small corpus
-of synthetic videos made with PyAV plus the real files of ../shared/media when present,
-writes a manifest with a passthrough column, runs the same command users run (local Ray,
-local files) and prints where the tables are and a few rows.
+Builds a small randomly initialised VideoMAE checkpoint laid out like the default
+`MCG-NJU/videomae-base-short-ssv2` (a pretraining checkpoint: encoder and decoder, no
+classifier), a small corpus of synthetic videos made with PyAV plus the real files of
+../shared/media when present, writes a manifest with passthrough columns, runs the same
+command users run (local Ray, local files) and prints where the tables are and a few rows.
+
+Labels come from a few examples, as with the default checkpoint: the corpus includes
+videos of four scenes (`vmae_ray.synthetic.SCENES`: a colour cast each, everything else
+random per video), a labels file names the scene of three videos per scene, `vmae-ray probe
+fit` fits a linear head on their embeddings and `vmae-ray probe apply` labels every video
+without decoding again; the demo prints the labels of the videos nobody labelled next to
+the scene they were made with. (A random classifier head would give random labels.)
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -31,19 +39,36 @@ SYNTHETIC = [
 ]
 
 
+# Scene videos: SCENE_VIDEOS per scene, the first LABELLED_PER_SCENE of each labelled.
+SCENE_VIDEOS = 6
+LABELLED_PER_SCENE = 3
+SCENE_RECIPE = dict(codec="h264", width=96, height=72, fps=24, num_frames=72, gop_size=24)
+
+
 def build_corpus(workdir: str) -> str:
-    """Write the demo videos and a CSV manifest; returns the manifest path."""
-    from vmae_ray.synthetic import make_video
+    """Write the demo videos, a CSV manifest (columns uri, source, scene) and labels.csv (uri,
+    label: a few scene videos per scene); returns the manifest path."""
+    from vmae_ray.synthetic import make_scene_corpus, make_video
 
     videos = os.path.join(workdir, "videos")
     os.makedirs(videos, exist_ok=True)
-    uris, sources = [], []
+    uris, sources, scenes = [], [], []
     for i, (name, kwargs) in enumerate(SYNTHETIC):
         path = os.path.join(videos, name)
         if not os.path.exists(path):
             make_video(path, seed=i, **kwargs)
         uris.append(os.path.abspath(path))
         sources.append("synthetic")
+    scene_videos = make_scene_corpus(os.path.join(workdir, "scenes"), per_scene=SCENE_VIDEOS, seed=100, **SCENE_RECIPE)
+    labelled = []
+    for path, scene in scene_videos:
+        uris.append(os.path.abspath(path))
+        sources.append("scene")
+        scenes.append(scene)
+        if int(os.path.splitext(path)[0].rsplit("_", 1)[1]) < LABELLED_PER_SCENE:
+            labelled.append((os.path.abspath(path), scene))
+    pacsv.write_csv(pa.table({"uri": [u for u, _ in labelled], "label": [s for _, s in labelled]}),
+                    os.path.join(workdir, "labels.csv"))
     media = os.path.abspath(SHARED_MEDIA)
     if os.path.isdir(media):
         for name in sorted(os.listdir(media)):
@@ -54,16 +79,18 @@ def build_corpus(workdir: str) -> str:
     else:
         print(f"note: {media} not found; the demo runs on synthetic videos only")
     manifest = os.path.join(workdir, "manifest.csv")
-    pacsv.write_csv(pa.table({"uri": uris, "source": sources}), manifest)
+    scene_column = [None] * len(SYNTHETIC) + scenes + [None] * (len(uris) - len(SYNTHETIC) - len(scenes))
+    pacsv.write_csv(pa.table({"uri": uris, "source": sources, "scene": pa.array(scene_column, pa.string())}), manifest)
     return manifest
 
 
 def build_checkpoint(workdir: str) -> str:
     from vmae_ray.synthetic import make_tiny_checkpoint
 
-    path = os.path.join(workdir, "checkpoint")
+    # Laid out like the default checkpoint (pretraining: no classifier, so labels come from a head).
+    path = os.path.join(workdir, "checkpoint_pretraining")
     if not os.path.exists(os.path.join(path, "config.json")):
-        make_tiny_checkpoint(path, classifier=True, num_frames=16, image_size=64, num_labels=8)
+        make_tiny_checkpoint(path, pretraining_layout=True, num_frames=16, image_size=64)
     return path
 
 
@@ -78,11 +105,11 @@ def show(output: str) -> None:
     print(f"  videos/ {videos.num_rows} rows   clips/ {clips.num_rows} rows   errors/ {errors.num_rows} rows   _SUCCESS")
     if videos.num_rows:
         print(f"  embedding type: {videos.schema.field('embedding').type}")
-        print("\nvideos (first rows):")
-        for row in videos.select(["uri", "num_clips", "duration_seconds", "width", "height", "codec",
-                                  "stream_index", "top_labels", "source"]).slice(0, 6).to_pylist():
+        print("\nvideos (first rows other than the scene videos):")
+        others = videos.filter(pc.field("source") != "scene")
+        for row in others.select(["uri", "num_clips", "duration_seconds", "width", "height", "codec",
+                                  "stream_index", "source"]).slice(0, 6).to_pylist():
             row["uri"] = os.path.basename(row["uri"])
-            row["top_labels"] = row["top_labels"][:2]
             print("  ", row)
     if errors.num_rows:
         print("\nerrors:")
@@ -109,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     code = run_embed(command, prog="vmae-ray embed")
     show(output)
     if code == 0:
+        code = probe(args.workdir, output)
+    if code == 0:
         code = write_demo_report(output, args.workdir)
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s")
     return code
 
 
@@ -123,6 +153,37 @@ def write_demo_report(output: str, workdir: str) -> int:
     code = run_report(command, prog="vmae-ray report")
     print(f"open it in a browser: file://{path}")
     return code
+
+
+def probe(workdir: str, output: str) -> int:
+    """Fit a head on the labelled scene videos, label every video with it, print the labels of
+    the scene videos nobody labelled next to their scene."""
+    from vmae_ray.cli import main as vmae_ray
+    from vmae_ray.reading import CommittedOutput
+
+    head, labels_out = os.path.join(workdir, "head"), os.path.join(workdir, "labels")
+    for command in (["probe", "fit", "--tables", output, "--labels", os.path.join(workdir, "labels.csv"),
+                     "--head", head, "--overwrite"],
+                    ["probe", "apply", "--tables", output, "--head", head, "--output", labels_out, "--top-k", "2"]):
+        print("\nrunning: vmae-ray " + " ".join(command), flush=True)
+        code = vmae_ray(command)
+        if code:
+            return code
+    labelled = set(pacsv.read_csv(os.path.join(workdir, "labels.csv")).column("uri").to_pylist())
+    scene_of = {r["uri"]: r["scene"] for r in CommittedOutput.open(output).read("videos", ["uri", "scene"]).to_pylist()}
+    rows = [r for r in CommittedOutput.open(labels_out).read("labels").to_pylist()
+            if scene_of.get(r["uri"]) and r["uri"] not in labelled]
+    rows.sort(key=lambda r: os.path.basename(r["uri"]))
+    print(f"\nlabels of the {len(rows)} scene videos nobody labelled ({labels_out}/labels/):")
+    print(f"  {'video':<16}{'scene (truth)':<15}{'top label':<11}{'score':>6}   second")
+    for r in rows:
+        mark = "" if r["top_labels"][0] == scene_of[r["uri"]] else "   <- wrong"
+        print(f"  {os.path.basename(r['uri']):<16}{scene_of[r['uri']]:<15}{r['top_labels'][0]:<11}"
+              f"{r['top_scores'][0]:>6.2f}   {r['top_labels'][1]} {r['top_scores'][1]:.2f}{mark}")
+    right = sum(r["top_labels"][0] == scene_of[r["uri"]] for r in rows)
+    print(f"  {right} of {len(rows)} right (chance: 1 in 4). Other videos get labels too: a head always answers one "
+          "of its classes, with the scores saying how sure it is.")
+    return 0
 
 
 if __name__ == "__main__":

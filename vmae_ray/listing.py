@@ -144,23 +144,34 @@ def _list_files(uri: str, storage: StorageOptions, extensions: tuple[str, ...]) 
     return inputs
 
 
-def read_manifest(uri: str, storage: StorageOptions) -> InputListing:
-    """Read a Parquet/CSV/JSON Lines manifest with a ``uri`` column."""
+def read_table_file(uri: str, storage: StorageOptions, what: str = "manifest") -> pa.Table:
+    """Read a ``.parquet``, ``.csv`` or JSON Lines (``.jsonl``/``.json``/``.ndjson``) file (any
+    fsspec URI) as an Arrow table. Raises ValueError (naming it as ``what``) when it does not
+    exist, has another extension, or does not parse."""
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
+    if not is_manifest(uri):
+        raise ValueError(f"{what} {uri!r}: expected a {', '.join(MANIFEST_SUFFIXES)} file")
     fs, path = url_to_fs(uri, storage)
     if not fs.exists(path):
-        raise ValueError(f"manifest {uri!r} does not exist")
+        raise ValueError(f"{what} {uri!r} does not exist")
     lower = uri.lower()
     with fs.open(path, "rb") as f:
-        if lower.endswith(".parquet"):
-            table = pq.read_table(f)
-        elif lower.endswith(".csv"):
-            table = pacsv.read_csv(f)
-        else:
-            table = pajson.read_json(f)
+        try:
+            if lower.endswith(".parquet"):
+                return pq.read_table(f)
+            if lower.endswith(".csv"):
+                return pacsv.read_csv(f)
+            return pajson.read_json(f)
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{what} {uri!r} does not parse: {exc}") from exc
+
+
+def read_manifest(uri: str, storage: StorageOptions) -> InputListing:
+    """Read a Parquet/CSV/JSON Lines manifest with a ``uri`` column."""
+    table = read_table_file(uri, storage)
     if "uri" not in table.column_names:
         raise ValueError(f"manifest {uri!r} has no 'uri' column (columns: {', '.join(table.column_names)})")
     clashes = [c for c in table.column_names if c in RESERVED_COLUMNS and c not in ("uri", "video_id")]

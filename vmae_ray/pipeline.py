@@ -25,6 +25,7 @@ from vmae_ray.assembly import Finished, ResultAssembler
 from vmae_ray.checkpoint import CheckpointError, ModelSpec, load_model_spec
 from vmae_ray.config import ConfigError, EmbedConfig, Resources, plan_resources
 from vmae_ray.decoding import SWSCALE_FOR_PIL_RESAMPLE, DecodeLimits, FrameGeometry
+from vmae_ray.heads import HeadError, LinearHead
 from vmae_ray.listing import VIDEO_EXTENSIONS, VideoInput, list_inputs
 from vmae_ray.stages import DecodeParams, EmbedActor, decode_batch
 from vmae_ray.storage import StorageOptions
@@ -71,14 +72,34 @@ def _versions() -> dict[str, str]:
     }
 
 
-def settings_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int, with_labels: bool) -> str:
-    """Hash of everything that changes results: model, sampling, preprocessing, labels."""
-    settings = {
+def _embedding_settings(config: EmbedConfig, spec: ModelSpec, num_frames: int) -> dict[str, Any]:
+    # What decides the embedding values: the checkpoint, which frames make a clip, the pixels.
+    return {
         "output_version": OUTPUT_VERSION, "model": spec.fingerprint, "sampling": config.sampling,
         "num_frames": num_frames, "frame_stride": config.frame_stride if config.sampling == "stride" else None,
         "clips_per_video": config.clips_per_video if config.sampling == "stride" else 1,
-        "interpolation": interpolation_for(config, spec), "labels": with_labels, "top_k": config.top_k if with_labels else None,
+        "interpolation": interpolation_for(config, spec),
     }
+
+
+def embedding_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int) -> str:
+    """Hash of what decides the embedding values (model, sampling, frames, preprocessing), and
+    nothing else: a linear head fitted on one output's embeddings applies to another's exactly
+    when the two agree, whatever labels, heads or other columns each run added."""
+    settings = {"embedding": _embedding_settings(config, spec, num_frames)}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def settings_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int, with_labels: bool,
+                         head_fingerprint: str | None = None) -> str:
+    """Hash of everything that changes results: model, sampling, preprocessing, labels, the
+    linear head (`--head`) when one gives the labels."""
+    settings = {
+        **_embedding_settings(config, spec, num_frames),
+        "labels": with_labels, "top_k": config.top_k if with_labels else None,
+    }
+    if head_fingerprint is not None:  # absent otherwise, so runs without a head keep their fingerprint
+        settings["head"] = head_fingerprint
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -130,6 +151,15 @@ class Plan:
     passthrough_schema: pa.Schema
     skipped: int
     replace_all: bool = False
+    head: LinearHead | None = None  # --head: gives the labels (on the driver, from the embeddings)
+    embedding_fingerprint: str = ""
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """The label names of this run's labels (the head's, else the classifier's), or None."""
+        if self.head is not None:
+            return self.head.id2label
+        return self.spec.id2label if self.with_labels else None
 
 
 def prepare(config: EmbedConfig) -> Plan:
@@ -150,14 +180,16 @@ def prepare(config: EmbedConfig) -> Plan:
             f"the checkpoint was trained with num_frames={spec.num_frames} (its position embeddings are "
             f"fixed to that length); got {num_frames}",
         )
-    if config.labels == "on" and spec.id2label is None:
+    head = _load_head(config, spec, num_frames, storage) if config.head else None
+    if config.labels == "on" and spec.id2label is None and head is None:
         raise ConfigError(
             "--labels",
             f"{config.model} has no trained classifier ({spec.architecture}); labels would come from a random "
             "head. Use a fine-tuned VideoMAEForVideoClassification checkpoint, or --labels off",
         )
-    with_labels = spec.id2label is not None and config.labels != "off"
-    fingerprint = settings_fingerprint(config, spec, num_frames, with_labels)
+    with_labels = head is not None or (spec.id2label is not None and config.labels != "off")
+    fingerprint = settings_fingerprint(config, spec, num_frames, with_labels,
+                                       head_fingerprint=head.fingerprint if head else None)
 
     store = OutputStore(config.output, storage)
     if config.overwrite:
@@ -218,7 +250,24 @@ def prepare(config: EmbedConfig) -> Plan:
             else:
                 skipped += 1
     return Plan(config, storage, spec, num_frames, with_labels, fingerprint, store, state, inputs, todo,
-                superseded, listing.passthrough_schema, skipped, replace_all)
+                superseded, listing.passthrough_schema, skipped, replace_all, head=head,
+                embedding_fingerprint=embedding_fingerprint(config, spec, num_frames))
+
+
+def _load_head(config: EmbedConfig, spec: ModelSpec, num_frames: int, storage: StorageOptions) -> LinearHead:
+    """The --head of this run, checked against the run's checkpoint and embedding settings."""
+    try:
+        head = LinearHead.load(config.head, storage)
+        head.check_embeddings(model_fingerprint=spec.fingerprint,
+                              embedding_fingerprint=embedding_fingerprint(config, spec, num_frames),
+                              embedding_dim=spec.hidden_size, what=f"this run ({config.model})")
+    except (HeadError, OSError) as exc:
+        raise ConfigError("--head", str(exc)) from exc
+    if spec.id2label is not None:
+        # The head wins over the checkpoint's own classifier: it is what the user asked for.
+        log.warning("--head: the labels come from the head %s; the classifier of %s is not used",
+                    config.head, config.model)
+    return head
 
 
 def _init_ray() -> float:
@@ -298,7 +347,7 @@ def build_dataset(plan: Plan, res: Resources, *, full_batches: bool = True):
         fn_constructor_kwargs={
             "model_ref": config.model, "storage": plan.storage, "cache_root": config.model_cache_dir,
             "device": res.device, "dtype": config.dtype, "compile": config.compile,
-            "with_logits": plan.with_labels,
+            "with_logits": plan.with_labels and plan.head is None,  # a head's logits come from the embedding
         },
         compute=ActorPoolStrategy(min_size=res.num_actors[0], max_size=res.num_actors[1]),
         batch_size=res.batch_size,
@@ -348,10 +397,12 @@ class _Committer:
         config = plan.config
         manifest = {
             "run_id": summary.run_id, "complete": complete, "committed_at": now, "counts": counts,
-            "settings_fingerprint": plan.settings_fingerprint, "config": config.to_dict(redact=True),
+            "settings_fingerprint": plan.settings_fingerprint, "embedding_fingerprint": plan.embedding_fingerprint,
+            "config": config.to_dict(redact=True),
             "model": {"ref": config.model, "architecture": plan.spec.architecture,
                       "fingerprint": plan.spec.fingerprint, "num_frames": plan.num_frames,
                       "embedding_dim": plan.spec.hidden_size, "labels": plan.with_labels},
+            **({"head": {"uri": config.head, **plan.head.describe()}} if plan.head is not None else {}),
             "versions": self.versions, "resources": dataclasses.asdict(self.resources) if self.resources else {},
             "stage_report": summary.stage_report,
             "runs": self.base_runs + [run_entry],
@@ -383,7 +434,8 @@ def run(config: EmbedConfig) -> RunSummary:
                          inputs_skipped=plan.skipped)
     log.info("run %s: %d inputs listed, %d already done, %d to process; model %s (%s, D=%d)%s",
              run_id, len(plan.inputs), plan.skipped, len(plan.todo), config.model, plan.spec.architecture,
-             plan.spec.hidden_size, ", with labels" if plan.with_labels else "")
+             plan.spec.hidden_size,
+             (f", with labels from the head {config.head}" if plan.head else ", with labels") if plan.with_labels else "")
 
     dim = plan.spec.hidden_size
     schemas = {
@@ -392,7 +444,7 @@ def run(config: EmbedConfig) -> RunSummary:
         schema.ERRORS: schema.errors_schema(passthrough=plan.passthrough_schema),
     }
     writer = ShardWriter(plan.store, run_id, schemas, config.rows_per_shard)
-    assembler = ResultAssembler(plan.inputs, id2label=plan.spec.id2label if plan.with_labels else None,
+    assembler = ResultAssembler(plan.inputs, id2label=plan.id2label, head=plan.head,
                                 top_k=config.top_k, run_id=run_id, settings_fingerprint=plan.settings_fingerprint)
     committer = _Committer(plan, writer, assembler, summary, started)
     if plan.todo:

@@ -133,6 +133,20 @@ def errors_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
     return pa.schema(fields + list(passthrough or []))
 
 
+# Tables of `vmae-ray probe apply` (under its --output): labels at the head's level, and for a
+# clip-level head also one row per video (labels from the mean of its clip logits).
+LABELS = "labels"
+VIDEO_LABELS = "video_labels"
+
+
+def labels_schema(*, clip_level: bool) -> pa.Schema:
+    """`labels/` rows: one per video, or per clip (with ``clip_index``) for a clip-level head."""
+    fields = [pa.field("video_id", pa.string(), nullable=False), pa.field("uri", pa.string(), nullable=False)]
+    if clip_level:
+        fields.append(pa.field("clip_index", pa.int32(), nullable=False))
+    return pa.schema(fields + _label_fields(True))
+
+
 # --------------------------------------------------------------------------------------
 # Rows between the steps
 

@@ -38,11 +38,14 @@ __all__ = [
     "CODE_FRACTION",
     "CODE_GRID",
     "CODE_PERIOD",
+    "SCENES",
+    "SCENE_TINTS",
     "HUGE_WIDTH",
     "HUGE_HEIGHT",
     "frame_number_from_rgb",
     "make_audio_only",
     "make_hostile_corpus",
+    "make_scene_corpus",
     "make_huge_dims_video",
     "make_tiny_checkpoint",
     "make_video",
@@ -87,6 +90,22 @@ _AUDIO_FOR_EXT = {
     ".avi": "pcm_s16le", ".mp3": "libmp3lame",
     ".wav": "pcm_s16le", ".flac": "flac",
 }
+
+
+# Scenes for labelled videos (`make_video(scene=...)`, `make_scene_corpus`): an RGB shift added to
+# the random background colours (drawn from 40..215 per channel). A scene is a colour cast, the
+# one content difference a randomly initialised encoder keeps: its patch embedding is linear in
+# the pixels, so a clip's mean colour survives mean pooling, while stripe direction or motion
+# of a random phase average out (measured with 30 prototype clips per class on the tests' random
+# 32-pixel checkpoint: a linear probe separates colour casts at 0.99 cross-validated accuracy,
+# stripe direction and still-vs-moving at chance).
+SCENE_TINTS: dict[str, tuple[int, int, int]] = {
+    "sunset": (70, 10, -60),
+    "ocean": (-60, 0, 70),
+    "forest": (-40, 60, -40),
+    "night": (-70, -70, -40),
+}
+SCENES = tuple(SCENE_TINTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +221,7 @@ class _Background:
     square, so that consecutive frames differ everywhere, like real motion, and the encoder has
     real inter-frame work to do (not just a still image with a changing code)."""
 
-    def __init__(self, width: int, height: int, seed: int):
+    def __init__(self, width: int, height: int, seed: int, tint: tuple[int, int, int] | None = None):
         rng = np.random.default_rng(seed)
         self.width, self.height = width, height
         yy, xx = np.mgrid[0:height, 0:width]
@@ -214,13 +233,18 @@ class _Background:
         self.diag = diag.astype(np.intp)
         self.stripe_of = (np.arange(int(diag.max()) + 2 * self.period + 1) // self.period) % 2 == 1
         colors = rng.integers(40, 216, size=(2, 3)).astype(np.int16)
+        if tint is not None:  # a scene's palette (see SCENE_TINTS); drawn after, so seeds keep their pictures
+            colors += np.asarray(tint, dtype=np.int16)
         ramp = (np.arange(width, dtype=np.int16) * 40 // max(width - 1, 1) - 20)[None, :, None]
         # Two full-size stripe colourings; a frame is one of them with the other copied in
         # where the stripe mask is set (np.copyto with `where` beats np.where's broadcasting).
         self.layers = [np.ascontiguousarray(np.broadcast_to(np.clip(c + ramp, 0, 255).astype(np.uint8),
                                                             (height, width, 3))) for c in colors]
         self.square = max(4, min(width, height) // 5)
-        self.square_color = rng.integers(0, 256, size=3).astype(np.uint8)
+        square_color = rng.integers(0, 256, size=3)
+        if tint is not None:
+            square_color = np.clip(square_color + np.asarray(tint), 0, 255)
+        self.square_color = square_color.astype(np.uint8)
         self.velocity = (int(rng.integers(2, 7)), int(rng.integers(2, 7)))
 
     def frame(self, k: int) -> np.ndarray:
@@ -310,7 +334,7 @@ def _audio_frames(stream, rate: int, freq: float, start_sample: int, end_sample:
 
 
 def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=60, gop_size=30,
-               pix_fmt="yuv420p", vfr=False, seed=0, bit_rate=None, audio=False) -> str:
+               pix_fmt="yuv420p", vfr=False, seed=0, bit_rate=None, audio=False, scene: str | None = None) -> str:
     """Encode a synthetic video whose frames are distinguishable; return ``path``.
 
     Frame k shows a moving background (seeded by ``seed``) and, in the centre, a 4x4 black/white
@@ -327,10 +351,16 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
     60 or 33 ms chosen pseudo-randomly from ``seed`` (``fps`` is then only the encoder's rate
     hint); otherwise frame k has pts k in time base 1/fps. ``audio=True`` adds a sine-tone audio
     stream as long as the video (AAC in mp4/mkv/mov, Opus in webm, PCM in avi).
+
+    ``scene`` (one of `SCENES`) tints the background's palette (`SCENE_TINTS`): videos of one
+    scene share a colour cast and differ in everything else the seed draws (stripe direction,
+    width and speed, colours, the bouncing square), which makes labelled classes for probes.
     """
     path = os.fspath(path)
     if num_frames < 1:
         raise ValueError("num_frames must be >= 1")
+    if scene is not None and scene not in SCENE_TINTS:
+        raise ValueError(f"scene={scene!r}; expected one of {', '.join(SCENES)}")
     rate = _rational(fps)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -345,7 +375,7 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
         pts = list(range(num_frames))
         end_seconds = float(num_frames / rate)
 
-    background = _Background(width, height, seed)
+    background = _Background(width, height, seed, tint=SCENE_TINTS[scene] if scene else None)
     with av.open(path, mode="w") as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = width, height
@@ -387,6 +417,26 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
             for packet in audio_stream.encode(None):
                 container.mux(packet)
     return path
+
+
+def make_scene_corpus(directory, *, per_scene: int, scenes: tuple[str, ...] = SCENES, seed: int = 0,
+                      **video_kwargs) -> list[tuple[str, str]]:
+    """``per_scene`` videos of each scene in ``directory``: [(path, scene)], scenes interleaved.
+
+    Video i gets seed ``seed + i``, so no two videos share stripes, colours or motion; other
+    keyword arguments go to `make_video` (default 64x48, 24 frames at 12 fps, H.264). Files
+    that exist are kept (the recipe is deterministic).
+    """
+    kwargs = {"codec": "h264", "width": 64, "height": 48, "fps": 12, "num_frames": 24, "gop_size": 12, **video_kwargs}
+    os.makedirs(directory, exist_ok=True)
+    out = []
+    for i in range(per_scene * len(scenes)):
+        scene = scenes[i % len(scenes)]
+        path = os.path.join(os.fspath(directory), f"{scene}_{i // len(scenes):02d}.mp4")
+        if not os.path.exists(path):
+            make_video(path, seed=seed + i, scene=scene, **kwargs)
+        out.append((path, scene))
+    return out
 
 
 def make_audio_only(path, *, seconds=2.0) -> str:
