@@ -4,7 +4,8 @@ The driver feeds every embedded batch to `ResultAssembler`. A video is finished 
 the clips its plan announced (`num_clips` on every clip row) have arrived, in any order (an
 actor pool does not keep order), or as soon as an error row for it arrives; then its clip
 rows and its video row (mean of the clip embeddings; labels from the mean of the clip
-logits), or its error row, are released for writing. Rows for a video that is already
+logits; with reconstruction, the mean of the clip losses), or its error row, are released
+for writing. Rows for a video that is already
 finished are ignored, which makes Ray's at-least-once retries (a restarted actor or decode
 task re-sending rows) harmless: each input ends in exactly one of videos/ or errors/, and
 each clip once.
@@ -61,8 +62,9 @@ class ResultAssembler:
     """Turns the embedded row stream into finished clip, video and error rows."""
 
     def __init__(self, inputs: dict[str, VideoInput], *, id2label: dict[int, str] | None, top_k: int,
-                 run_id: str, settings_fingerprint: str):
+                 run_id: str, settings_fingerprint: str, with_reconstruction: bool = False):
         self._inputs = inputs
+        self._with_reconstruction = with_reconstruction
         self._id2label = id2label
         self._k = top_k
         self._common = {"run_id": run_id, "settings_fingerprint": settings_fingerprint}
@@ -117,6 +119,9 @@ class ResultAssembler:
                 raise ValueError(f"row of video {vid} has unknown kind {kind!r}")
             if emb_values is None or row.get("model_call") is None:
                 raise ValueError(f"clip {row['clip_index']} of video {vid} arrived without an embedding")
+            if self._with_reconstruction and (row.get("reconstruction_loss") is None
+                                              or row.get("reconstruction_mask") is None):
+                raise ValueError(f"clip {row['clip_index']} of video {vid} arrived without a reconstruction loss")
             self.times.embed_seconds += row.get("embed_seconds") or 0.0
             self.times.model_calls[row["model_call"]] = row["model_call_clips"]
             pending = self._pending.setdefault(vid, _Pending(num_clips=row["num_clips"]))
@@ -157,6 +162,9 @@ class ResultAssembler:
             if self._id2label is not None:
                 labels, scores = top_k_labels(np.asarray(c["logits"])[None], self._id2label, self._k)
                 clip_row["top_labels"], clip_row["top_scores"] = labels[0], scores[0]
+            if self._with_reconstruction:
+                clip_row["reconstruction_loss"] = c["reconstruction_loss"]
+                clip_row["reconstruction_mask"] = c["reconstruction_mask"]
             out.clips.append(clip_row)
         first = clips[0]
         video_row = {
@@ -170,6 +178,8 @@ class ResultAssembler:
             mean_logits = np.mean([np.asarray(c["logits"], dtype=np.float64) for c in clips], axis=0)
             labels, scores = top_k_labels(mean_logits[None], self._id2label, self._k)
             video_row["top_labels"], video_row["top_scores"] = labels[0], scores[0]
+        if self._with_reconstruction:
+            video_row["reconstruction_loss"] = float(np.mean([c["reconstruction_loss"] for c in clips], dtype=np.float64))
         out.videos.append(video_row)
         self.num_videos += 1
         self.num_clips += len(clips)
