@@ -18,6 +18,11 @@ model, so BENCHMARKS.md can state what each one is worth here:
 * ``model_batches``: the job end to end with full model batches (clip rows cut into blocks of
   exactly ``--batch-size`` by a strict streaming repartition) and with Ray Data's own bundling
   of the decode tasks' blocks: clips/s, and clips per model call.
+* ``reconstruction``: the model stage without and with ``--reconstruction``
+  (`VideoMAEEmbedder.embed` against `embed_with_reconstruction`, which also runs the encoder on
+  the visible tenth of the tokens and the pretraining decoder), clips per CPU second, on the
+  bench geometry laid out as a pretraining checkpoint; plus the analytic FLOPs of both at
+  VideoMAE-B size (`reconstruction_flops`), which is what a GPU pays.
 
 Timings are best of ``repeats`` interleaved runs (CPU time where stated, which other load on a
 shared machine barely moves).
@@ -217,3 +222,131 @@ def model_batches(wl, checkpoint: str, res, output: str, *, repeats: int = 2) ->
     out["speedup"] = out["full_batches"]["clips_per_second"] / out["ray_bundling"]["clips_per_second"]
     return out
 
+
+def reconstruction_flops(cfg: dict, *, mask_ratio: float = 0.9) -> dict[str, float]:
+    """Matmul GFLOPs per clip of the embedding alone and of what --reconstruction adds.
+
+    ``cfg``: `bench.gpu_model.BASE`-style encoder geometry plus the decoder's
+    (``decoder_hidden_size``, ``decoder_num_hidden_layers``, ``decoder_intermediate_size``;
+    transformers' VideoMAEConfig defaults 384, 4, 1536 when absent, those of the MCG-NJU
+    checkpoints). Added: the patch embedding again (all tokens, then the visible ones are kept),
+    the encoder on the visible tokens, encoder_to_decoder, the decoder over all tokens and its
+    head on the masked ones. Counted as `bench.gpu_model.analytic_flops` does (2 per
+    multiply-accumulate, norms/softmax left out).
+    """
+    from bench.gpu_model import analytic_flops
+
+    slots = cfg["num_frames"] // cfg["tubelet_size"]
+    per_frame = (cfg["image_size"] // cfg["patch_size"]) ** 2
+    n = slots * per_frame
+    visible = slots * (per_frame - int(mask_ratio * per_frame))
+    masked = n - visible
+    d, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    dd = cfg.get("decoder_hidden_size", 384)
+    di = cfg.get("decoder_intermediate_size", 1536)
+    dl = cfg.get("decoder_num_hidden_layers", 4)
+    target = 3 * cfg["tubelet_size"] * cfg["patch_size"] ** 2
+    patch = 2 * n * target * d
+    encoder_visible = layers * (8 * visible * d * d + 4 * visible * d * i + 4 * visible * visible * d)
+    decoder = 2 * visible * d * dd + dl * (8 * n * dd * dd + 4 * n * dd * di + 4 * n * n * dd) + 2 * masked * dd * target
+    embed = analytic_flops(cfg)
+    extra = patch + encoder_visible + decoder
+    return {"embed_gflops": embed / 1e9, "extra_gflops": extra / 1e9, "ratio": embed / (embed + extra)}
+
+
+def reconstruction(checkpoint: str, clips: list[np.ndarray], *, batch_size: int, threads: int,
+                   mask_ratio: float = 0.9, repeats: int = 3, min_clips: int = 16) -> dict[str, Any]:
+    """The model stage without and with --reconstruction on the same clips, and VideoMAE-B's FLOPs."""
+    import torch
+
+    from bench.gpu_model import BASE
+    from vmae_ray.embedder import VideoMAEEmbedder
+    from vmae_ray.reconstruction import clip_mask
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        embedder = VideoMAEEmbedder(checkpoint, device="cpu", dtype="float32", reconstruction=True)
+        spec = embedder.spec
+        pool = [clips[i % len(clips)] for i in range(max(min_clips, len(clips)))]
+        batches = []
+        for start in range(0, len(pool), batch_size):
+            masks = np.stack([clip_mask("bench", start + k, mask_seed=0, mask_ratio=mask_ratio,
+                                        num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
+                              for k in range(len(pool[start:start + batch_size]))])
+            batches.append((np.stack(pool[start:start + batch_size]), masks))
+
+        def timed(fn) -> Callable[[], float]:
+            def run() -> float:
+                started = time.process_time()
+                for b, m in batches:
+                    fn(b, m)
+                return (time.process_time() - started) / len(pool)
+            return run
+
+        def embed_only(b, m):
+            return embedder.embed(b)
+
+        def with_scores(b, m):
+            return embedder.embed_with_reconstruction(b, m)
+
+        embed_only(*batches[0]), with_scores(*batches[0])  # warm-up
+        best = _best({"off": timed(embed_only), "on": timed(with_scores)}, repeats)
+    finally:
+        torch.set_num_threads(previous)
+    return {"clips": len(pool), "batch_size": batch_size, "torch_threads": threads, "mask_ratio": mask_ratio,
+            "tokens": spec.num_tokens, "off_clips_per_cpu_second": 1 / best["off"],
+            "on_clips_per_cpu_second": 1 / best["on"], "ratio": best["off"] / best["on"],
+            "videomae_b": reconstruction_flops(BASE, mask_ratio=mask_ratio)}
+
+
+def base_pretraining_checkpoint(path: str) -> str:
+    """A randomly initialised VideoMAE-B pretraining checkpoint (speed does not depend on the weights):
+    `bench.gpu_model.BASE` with transformers' default decoder (384 wide, 4 layers, 6 heads), as
+    the MCG-NJU pretraining checkpoints have; written once under ``path``."""
+    import json
+
+    from bench.gpu_model import BASE
+
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    import torch
+    from transformers import VideoMAEConfig, VideoMAEForPreTraining
+
+    torch.manual_seed(0)
+    VideoMAEForPreTraining(VideoMAEConfig(**BASE, use_mean_pooling=False, norm_pix_loss=True)).save_pretrained(path)
+    preprocessor = {"image_processor_type": "VideoMAEImageProcessor", "do_resize": True, "size": {"shortest_edge": 224},
+                    "resample": 2, "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor, f)
+    return path
+
+
+def main(argv=None) -> int:
+    """One-off: the reconstruction ablation at VideoMAE-B size on this machine's CPU (slow: seconds per clip).
+
+        python -m bench.ablation --workdir bench_out --clips 2 --batch-size 2 --threads 1
+    """
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--workdir", default="bench_out")
+    p.add_argument("--clips", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1)
+    args = p.parse_args(argv)
+    checkpoint = base_pretraining_checkpoint(os.path.join(args.workdir, "checkpoint_videomae_b_pretraining"))
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 256, (16, 224, 224, 3), dtype=np.uint8) for _ in range(args.clips)]
+    result = reconstruction(checkpoint, clips, batch_size=args.batch_size, threads=args.threads,
+                            repeats=args.repeats, min_clips=args.clips)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

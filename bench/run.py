@@ -117,18 +117,21 @@ def _loadavg() -> str:
         return "?"
 
 
-def ensure_checkpoint(workdir: str) -> str:
+def ensure_checkpoint(workdir: str, *, pretraining: bool = False) -> str:
+    """The bench model (written once); ``pretraining``: the same geometry and encoder laid out as a
+    pretraining checkpoint with its decoder (for --reconstruction)."""
     from vmae_ray.synthetic import make_tiny_checkpoint
 
-    path = os.path.join(workdir, "checkpoint")
+    recipe = dict(BENCH_MODEL, pretraining_layout=True) if pretraining else BENCH_MODEL
+    path = os.path.join(workdir, "checkpoint_pretraining" if pretraining else "checkpoint")
     stamp = os.path.join(path, "bench_model.json")
     if os.path.exists(stamp):
         with open(stamp) as f:
-            if json.load(f) == BENCH_MODEL:
+            if json.load(f) == recipe:
                 return path
-    make_tiny_checkpoint(path, **BENCH_MODEL)
+    make_tiny_checkpoint(path, **recipe)
     with open(stamp, "w") as f:
-        json.dump(BENCH_MODEL, f)
+        json.dump(recipe, f)
     return path
 
 
@@ -383,6 +386,8 @@ def main(argv=None) -> int:
         clips = [rng.integers(0, 256, spec.clip_shape, dtype=np.uint8) for _ in range(8)]
         _guard(ablations, "model_folding", ablation.model_folding, checkpoint, clips, batch_size=res.batch_size,
                threads=res.torch_threads())
+        _guard(ablations, "reconstruction", ablation.reconstruction, ensure_checkpoint(workdir, pretraining=True),
+               clips, batch_size=res.batch_size, threads=res.torch_threads())
         if "ssv2" in by_name:
             _guard(ablations, "isolation", ablation.isolation, by_name["ssv2"].paths[:60], spec, by_name["ssv2"])
         if "kinetics" in by_name:

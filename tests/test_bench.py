@@ -79,6 +79,30 @@ def test_gpu_model_smoke_and_flops():
     assert out["mode"] == "smoke" and out["forward_clips_per_second"] > 0 and out["embedder_clips_per_second"] > 0
 
 
+def test_reconstruction_flops_match_transformers_forward():
+    """What --reconstruction adds is one VideoMAEForPreTraining forward (patch embedding, encoder on the
+    visible tokens, decoder): the analytic count equals torch's FLOP counter on that forward."""
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import VideoMAEConfig, VideoMAEForPreTraining
+
+    from bench.ablation import reconstruction_flops
+    from bench.gpu_model import BASE, SMOKE
+    from vmae_ray.reconstruction import tube_mask
+
+    cfg = dict(SMOKE, decoder_hidden_size=16, decoder_num_hidden_layers=2, decoder_intermediate_size=48,
+               decoder_num_attention_heads=2)
+    # Eager attention: the counter sees its matmuls (it does not count CPU SDPA kernels).
+    model = VideoMAEForPreTraining(VideoMAEConfig(**cfg, attn_implementation="eager")).eval()
+    mask = tube_mask(np.random.default_rng(0), num_time_slots=8, tokens_per_frame=4, mask_ratio=0.5)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 16, 3, 32, 32), bool_masked_pos=torch.from_numpy(mask)[None])
+    assert reconstruction_flops(cfg, mask_ratio=0.5)["extra_gflops"] * 1e9 == pytest.approx(counter.get_total_flops())
+    base = reconstruction_flops(BASE)  # VideoMAE-B with transformers' default decoder, 90% masked
+    assert base["embed_gflops"] == pytest.approx(360.7, abs=0.1) and base["ratio"] == pytest.approx(0.836, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_bench_runs_end_to_end(ray_session, tmp_path):
     """`make bench`'s driver on the tiny preset (3 clips): corpora, peers, stages, ablations, report.
@@ -104,6 +128,7 @@ def test_bench_runs_end_to_end(ray_session, tmp_path):
     assert ab["isolation"]["clips"] == 3 and ab["isolation"]["isolated_ms_per_clip"] > 0
     assert [ab["cluster_autoscaler"][v]["clips"] for v in ("RATE_BASED", "V2")] == [3, 3]
     assert [ab["model_batches"][v]["clips"] for v in ("ray_bundling", "full_batches")] == [3, 3]
+    assert 0 < ab["reconstruction"]["ratio"] < 1  # the decoder's loss costs time, never saves it
     text = results_md.read_text()
     for heading in ("## Targets", "## Machine", "## Commands", "## Peers, end to end", "## Decode stage against libavcodec",
                     "## Ablations: each change off and on"):

@@ -4,10 +4,11 @@ The driver feeds every embedded batch to `ResultAssembler`. A video is finished 
 the clips its plan announced (`num_clips` on every clip row) have arrived, in any order (an
 actor pool does not keep order), or as soon as an error row for it arrives; then its clip
 rows and its video row (mean of the clip embeddings; labels from the mean of the clip
-logits: the classifier's, or a linear head's on the clip embeddings), or its error row,
-are released for writing. Rows for a video that is already finished are ignored, which
-makes Ray's at-least-once retries (a restarted actor or decode task re-sending rows)
-harmless: each input ends in exactly one of videos/ or errors/, and each clip once.
+logits: the classifier's, or a linear head's on the clip embeddings; with reconstruction,
+the mean of the clip losses), or its error row, are released for writing. Rows for a video
+that is already finished are ignored, which makes Ray's at-least-once retries (a restarted
+actor or decode task re-sending rows) harmless: each input ends in exactly one of videos/ or
+errors/, and each clip once.
 """
 
 from __future__ import annotations
@@ -62,10 +63,13 @@ class ResultAssembler:
     """Turns the embedded row stream into finished clip, video and error rows."""
 
     def __init__(self, inputs: dict[str, VideoInput], *, id2label: dict[int, str] | None, top_k: int,
-                 run_id: str, settings_fingerprint: str, head: LinearHead | None = None):
+                 run_id: str, settings_fingerprint: str, head: LinearHead | None = None,
+                 with_reconstruction: bool = False):
         """``id2label`` None: no labels. With a ``head``, clip logits are the head's logits of the
-        clip embeddings; otherwise the classifier's, from each row's ``logits``."""
+        clip embeddings; otherwise the classifier's, from each row's ``logits``. With
+        ``with_reconstruction``, clip rows carry their loss and mask and videos the mean loss."""
         self._inputs = inputs
+        self._with_reconstruction = with_reconstruction
         self._id2label = id2label
         self._head = head
         self._k = top_k
@@ -121,6 +125,9 @@ class ResultAssembler:
                 raise ValueError(f"row of video {vid} has unknown kind {kind!r}")
             if emb_values is None or row.get("model_call") is None:
                 raise ValueError(f"clip {row['clip_index']} of video {vid} arrived without an embedding")
+            if self._with_reconstruction and (row.get("reconstruction_loss") is None
+                                              or row.get("reconstruction_mask") is None):
+                raise ValueError(f"clip {row['clip_index']} of video {vid} arrived without a reconstruction loss")
             self.times.embed_seconds += row.get("embed_seconds") or 0.0
             self.times.model_calls[row["model_call"]] = row["model_call_clips"]
             pending = self._pending.setdefault(vid, _Pending(num_clips=row["num_clips"]))
@@ -172,6 +179,9 @@ class ResultAssembler:
             }
             if clip_logits is not None:
                 clip_row["top_labels"], clip_row["top_scores"] = clip_labels[i], clip_scores[i]
+            if self._with_reconstruction:
+                clip_row["reconstruction_loss"] = c["reconstruction_loss"]
+                clip_row["reconstruction_mask"] = c["reconstruction_mask"]
             out.clips.append(clip_row)
         first = clips[0]
         video_row = {
@@ -184,6 +194,8 @@ class ResultAssembler:
         if clip_logits is not None:
             labels, scores = top_k_labels(clip_logits.mean(axis=0)[None], self._id2label, self._k)
             video_row["top_labels"], video_row["top_scores"] = labels[0], scores[0]
+        if self._with_reconstruction:
+            video_row["reconstruction_loss"] = float(np.mean([c["reconstruction_loss"] for c in clips], dtype=np.float64))
         out.videos.append(video_row)
         self.num_videos += 1
         self.num_clips += len(clips)

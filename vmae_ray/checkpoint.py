@@ -106,8 +106,17 @@ class ModelSpec:
     @property
     def num_tokens(self) -> int:
         """Tokens per clip: (num_frames / tubelet_size) * (crop / patch_size)^2 (1568 for VideoMAE-B)."""
-        return ((self.num_frames // self.tubelet_size) * (self.crop_height // self.patch_size)
-                * (self.crop_width // self.patch_size))
+        return self.num_time_slots * self.tokens_per_frame
+
+    @property
+    def num_time_slots(self) -> int:
+        """Tubelets along time: num_frames / tubelet_size (8 for VideoMAE-B)."""
+        return self.num_frames // self.tubelet_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Tokens per time slot: (crop_height / patch_size) * (crop_width / patch_size) (196 for VideoMAE-B)."""
+        return (self.crop_height // self.patch_size) * (self.crop_width // self.patch_size)
 
     @property
     def has_labels(self) -> bool:

@@ -30,6 +30,7 @@ from vmae_ray.config import (
     parse_num_actors,
     parse_storage_options,
 )
+from vmae_ray.reconstruction import DEFAULT_MASK_RATIO, DEFAULT_MASK_SEED
 from vmae_ray.sampling import SAMPLING_POLICIES
 
 
@@ -60,16 +61,12 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
     model.add_argument("--head", help="a linear head (vmae-ray probe fit) that gives the labels; it wins over a "
                        "checkpoint's classifier and must come from tables of the same checkpoint and sampling")
     model.add_argument("--model-cache-dir", help="node-local cache for remote checkpoints")
+    model.add_argument("--reconstruction", action="store_true",
+                       help="also score each clip with the pretraining decoder's masked-patch loss "
+                       "(reconstruction_loss, reconstruction_mask); needs a VideoMAEForPreTraining checkpoint")
+    add_mask_arguments(model)
 
-    sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--sampling", choices=SAMPLING_POLICIES,
-                          help="uniform: SSv2 segments, one clip; stride: Kinetics dense clips")
-    sampling.add_argument("--num-frames", type=int, help="frames per clip (default: the checkpoint's num_frames)")
-    sampling.add_argument("--frame-stride", type=int, help="stride sampling: frames between sampled frames (default 4)")
-    sampling.add_argument("--clips-per-video", help="stride sampling: N evenly spaced clips "
-                          f"(default {DEFAULT_STRIDE_CLIPS_PER_VIDEO}), or 'all' to cover the video")
-    sampling.add_argument("--interpolation", choices=INTERPOLATIONS,
-                          help="libswscale resize filter (default auto: the one matching the checkpoint's resample)")
+    add_sampling_arguments(p.add_argument_group("sampling"))
 
     res = p.add_argument_group("resources")
     res.add_argument("--batch-size", type=int,
@@ -98,6 +95,26 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
     run.add_argument("--no-decode-isolation", dest="decode_isolation", action="store_false",
                      help="decode in the Ray worker itself instead of a child process (a decoder crash then kills the task)")
     return p
+
+
+def add_sampling_arguments(group) -> None:
+    """The sampling flags, shared by every command that decodes videos as the job does."""
+    group.add_argument("--sampling", choices=SAMPLING_POLICIES,
+                       help="uniform: SSv2 segments, one clip; stride: Kinetics dense clips")
+    group.add_argument("--num-frames", type=int, help="frames per clip (default: the checkpoint's num_frames)")
+    group.add_argument("--frame-stride", type=int, help="stride sampling: frames between sampled frames (default 4)")
+    group.add_argument("--clips-per-video", help="stride sampling: N evenly spaced clips "
+                       f"(default {DEFAULT_STRIDE_CLIPS_PER_VIDEO}), or 'all' to cover the video")
+    group.add_argument("--interpolation", choices=INTERPOLATIONS,
+                       help="libswscale resize filter (default auto: the one matching the checkpoint's resample)")
+
+
+def add_mask_arguments(group) -> None:
+    """The tube-masking flags of reconstruction scores (embed --reconstruction, show)."""
+    group.add_argument("--mask-ratio", type=float,
+                       help=f"fraction of each frame's tokens masked (default {DEFAULT_MASK_RATIO}, the VideoMAE paper's)")
+    group.add_argument("--mask-seed", type=int,
+                       help=f"seed of the masks, drawn per clip from (seed, video_id, clip_index) (default {DEFAULT_MASK_SEED})")
 
 
 _CONVERTERS = {
@@ -141,6 +158,7 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("vmae_ray.cli", "run_embed", "embed a video corpus with VideoMAE on Ray (the job)"),
     "probe": ("vmae_ray.probe", "run_probe", "fit a linear head on a few labelled videos (fit), or label tables with it (apply)"),
+    "show": ("vmae_ray.show", "run_show", "draw a clip's masked-patch reconstruction as a PNG (pretraining checkpoints)"),
     "report": ("vmae_ray.report", "run_report", "one self-contained HTML page about a committed output"),
 }
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmae_ray.embedder import DTYPES
+from vmae_ray.reconstruction import DEFAULT_MASK_RATIO, DEFAULT_MASK_SEED
 from vmae_ray.sampling import SAMPLING_POLICIES
 
 DEFAULT_MODEL = "MCG-NJU/videomae-base-short-ssv2"
@@ -63,6 +64,10 @@ class EmbedConfig:
     labels: str = "auto"
     top_k: int = 5
     head: str | None = None  # a linear head dir (`vmae-ray probe fit`): labels from it
+    # Masked-patch reconstruction scores (pretraining checkpoints): VideoMAE tube masking.
+    reconstruction: bool = False
+    mask_ratio: float = DEFAULT_MASK_RATIO
+    mask_seed: int = DEFAULT_MASK_SEED
     limit: int | None = None
     resume: bool = True
     overwrite: bool = False
@@ -124,6 +129,16 @@ class EmbedConfig:
                 raise ConfigError("--num-actors", f"expected N or MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
         if self.head is not None and self.labels == "off":
             raise ConfigError("--head", "gives labels; it cannot be combined with --labels off")
+        if not (isinstance(self.mask_ratio, (int, float)) and not isinstance(self.mask_ratio, bool)
+                and 0 < self.mask_ratio < 1):
+            raise ConfigError("--mask-ratio", f"expected a fraction of tokens to mask, 0 < r < 1; got {self.mask_ratio!r}")
+        if not (isinstance(self.mask_seed, int) and not isinstance(self.mask_seed, bool) and self.mask_seed >= 0):
+            raise ConfigError("--mask-seed", f"expected a non-negative integer; got {self.mask_seed!r}")
+        if not self.reconstruction:
+            for option, value, default in (("--mask-ratio", self.mask_ratio, DEFAULT_MASK_RATIO),
+                                           ("--mask-seed", self.mask_seed, DEFAULT_MASK_SEED)):
+                if value != default:
+                    raise ConfigError(option, "has no effect without --reconstruction")
         if self.overwrite and self.retry_failed:
             raise ConfigError("--retry-failed", "has no meaning with --overwrite (everything is processed again)")
         if self.run_id is not None and not self.run_id.replace("-", "").replace("_", "").isalnum():

@@ -33,6 +33,10 @@ _PRETRAINING_ONLY_KEY = re.compile(r"^(?:decoder\.|encoder_to_decoder\.|mask_tok
 _QV_BIAS_KEY = re.compile(
     r"^(?:videomae\.)?encoder\.layer\.(\d+)\.attention\.attention\.(q_bias|v_bias|query\.bias|value\.bias)$"
 )
+# The same biases in a pretraining checkpoint's decoder (checked when the decoder is used).
+_DECODER_QV_BIAS_KEY = re.compile(
+    r"^decoder\.decoder_layers\.(\d+)\.attention\.attention\.(q_bias|v_bias|query\.bias|value\.bias)$"
+)
 
 
 class ModelLoadError(RuntimeError):
@@ -113,19 +117,26 @@ def _check_loading_info(info: dict[str, Any], model_dir: str, allow_pretraining_
     return len(ignored)
 
 
-def _verify_qv_biases(encoder_owner, files: list[Path], model_dir: str) -> int:
-    """Compare every attention q/v bias in the model with the file; returns how many matched."""
+def _verify_qv_biases(encoder_owner, files: list[Path], model_dir: str, decoder=None) -> int:
+    """Compare every attention q/v bias in the model with the file; returns how many matched.
+
+    ``decoder``: a `VideoMAEDecoder` whose layers' biases are checked too (reconstruction).
+    """
     import torch
     from safetensors import safe_open
 
-    layers = encoder_owner.encoder.layer
-    checked = 0
+    groups = {"encoder": (_QV_BIAS_KEY, encoder_owner.encoder.layer)}
+    if decoder is not None:
+        groups["decoder"] = (_DECODER_QV_BIAS_KEY, decoder.decoder_layers)
+    checked = dict.fromkeys(groups, 0)
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                match = _QV_BIAS_KEY.match(key)
-                if match is None:
+                found = next(((part, layers, m) for part, (pattern, layers) in groups.items()
+                              if (m := pattern.match(key)) is not None), None)
+                if found is None:
                     continue
+                part, layers, match = found
                 index, name = int(match.group(1)), match.group(2)
                 attention = layers[index].attention.attention
                 linear = attention.query if name in ("q_bias", "query.bias") else attention.value
@@ -136,10 +147,13 @@ def _verify_qv_biases(encoder_owner, files: list[Path], model_dir: str) -> int:
                         f"checkpoint {model_dir}: {key} did not load (the model's value differs from the "
                         "file; some transformers releases load VideoMAE q/v biases as zeros)"
                     )
-                checked += 1
-    if encoder_owner.config.qv_bias and checked == 0:
-        raise ModelLoadError(f"checkpoint {model_dir}: config has qv_bias=true but the file has no q/v biases")
-    return checked
+                checked[part] += 1
+    if encoder_owner.config.qv_bias:
+        for part, count in checked.items():
+            if count == 0:
+                raise ModelLoadError(f"checkpoint {model_dir}: config has qv_bias=true but the file has no {part} "
+                                     "q/v biases")
+    return sum(checked.values())
 
 
 class VideoMAEEmbedder:
@@ -166,6 +180,11 @@ class VideoMAEEmbedder:
     its classifier sees. For VideoMAEModel it is
     last_hidden_state.mean(1), including the model's own final layernorm when
     use_mean_pooling=false (the pretraining checkpoints). Outputs are float32 numpy arrays.
+
+    With ``reconstruction=True`` (a pretraining checkpoint only; ValueError otherwise) the whole
+    `VideoMAEForPreTraining` loads, the guard allows no unexpected key and checks the decoder's
+    q/v biases too, and `embed_with_reconstruction` also returns each clip's pretraining loss
+    (`vmae_ray.reconstruction.MaskedReconstruction`, sharing this encoder and patch embedding).
     """
 
     def __init__(
@@ -177,16 +196,23 @@ class VideoMAEEmbedder:
         device: str = "auto",
         dtype: str = "auto",
         compile: bool = False,
+        reconstruction: bool = False,
     ):
         import torch
-        from transformers import VideoMAEForVideoClassification, VideoMAEModel
+        from transformers import VideoMAEForPreTraining, VideoMAEForVideoClassification, VideoMAEModel
 
         self.device = _resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.model_dir = resolve_model_dir(model_ref, storage, cache_root)
         self.spec = spec_from_dir(self.model_dir, model_ref)
         is_classifier = self.spec.has_labels
-        model_cls = VideoMAEForVideoClassification if is_classifier else VideoMAEModel
+        if reconstruction and not self.spec.has_decoder:
+            raise ValueError(f"{self.model_dir} is a {self.spec.architecture} checkpoint without the pretraining "
+                             "decoder; reconstruction needs a VideoMAEForPreTraining checkpoint")
+        if is_classifier:
+            model_cls = VideoMAEForVideoClassification
+        else:
+            model_cls = VideoMAEForPreTraining if reconstruction else VideoMAEModel
         try:
             with _quiet_load_report():
                 model, info = model_cls.from_pretrained(
@@ -202,9 +228,12 @@ class VideoMAEEmbedder:
                 )
         except Exception as exc:
             raise ModelLoadError(f"cannot load {model_cls.__name__} from {self.model_dir}: {exc}") from exc
-        ignored = _check_loading_info(info, self.model_dir, allow_pretraining_keys=not is_classifier)
-        encoder_owner = model.videomae if is_classifier else model
-        checked = _verify_qv_biases(encoder_owner, weight_files(self.model_dir), self.model_dir)
+        # With the decoder in use, its weights are held to the same standard as the encoder's.
+        ignored = _check_loading_info(info, self.model_dir,
+                                      allow_pretraining_keys=not is_classifier and not reconstruction)
+        encoder_owner = model if model_cls is VideoMAEModel else model.videomae
+        checked = _verify_qv_biases(encoder_owner, weight_files(self.model_dir), self.model_dir,
+                                    decoder=model.decoder if reconstruction else None)
         logger.info(
             "loaded %s from %s (%s, %s); %d q/v biases verified, %d pretraining-decoder keys ignored",
             model_cls.__name__, self.model_dir, self.device, self.dtype, checked, ignored,
@@ -220,6 +249,11 @@ class VideoMAEEmbedder:
         self._std = torch.tensor(self.spec.image_std, dtype=torch.float32, device=self.device)
         self._patches = FoldedPatchEmbedding(encoder_owner, self.spec, self.device, self.dtype)
         self._forward = torch.compile(self._features) if compile else self._features
+        self.reconstruction = None
+        if reconstruction:
+            from vmae_ray.reconstruction import MaskedReconstruction
+
+            self.reconstruction = MaskedReconstruction(self.model, self._patches, self.spec, self.device, self.dtype)
 
     def _to_device(self, clips: np.ndarray):
         """uint8 clips (B, T, H, W, 3) as a tensor on the device, still uint8."""
@@ -295,6 +329,44 @@ class VideoMAEEmbedder:
             embeddings = embeddings.cpu().numpy()
             logits = None if logits is None else logits.cpu().numpy()
         return embeddings, logits
+
+    def _masks_to_device(self, masks: np.ndarray, num_clips: int):
+        import torch
+
+        if self.reconstruction is None:
+            raise RuntimeError("this embedder was built without reconstruction=True")
+        masks = np.asarray(masks)
+        if masks.dtype != bool or masks.shape != (num_clips, self.spec.num_tokens):
+            raise ValueError(f"masks must be bool ({num_clips}, {self.spec.num_tokens}), got {masks.dtype} {masks.shape}")
+        return torch.from_numpy(np.ascontiguousarray(masks)).to(self.device)
+
+    def embed_with_reconstruction(self, clips: np.ndarray, masks: np.ndarray
+                                  ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """`embed`, plus each clip's pretraining loss under its mask.
+
+        uint8 clips (B, T, H, W, 3) and bool masks (B, N) (True = masked, the same count per
+        clip) -> (embeddings (B, D), logits or None, losses (B,) float32). The encoder runs once
+        over all tokens for the embedding and once over the visible ones for the loss.
+        """
+        import torch
+
+        with torch.inference_mode():
+            device_clips = self._to_device(clips)
+            device_masks = self._masks_to_device(masks, len(clips))
+            embeddings, logits = self._forward(device_clips)
+            losses = self.reconstruction.loss(device_clips, device_masks)
+            return (embeddings.cpu().numpy(), None if logits is None else logits.cpu().numpy(),
+                    losses.cpu().numpy())
+
+    def reconstruct(self, clips: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each clip's loss (B,) float32 and its reconstruction (B, T, H, W, 3) float32 in [0, 1]
+        (visible patches from the input, masked ones predicted; see `MaskedReconstruction.reconstruct`)."""
+        import torch
+
+        with torch.inference_mode():
+            device_clips = self._to_device(clips)
+            losses, pixels = self.reconstruction.reconstruct(device_clips, self._masks_to_device(masks, len(clips)))
+            return losses.cpu().numpy(), pixels.cpu().numpy()
 
 
 class FoldedPatchEmbedding:

@@ -22,11 +22,12 @@ import pyarrow as pa
 
 from vmae_ray import schema
 from vmae_ray.assembly import Finished, ResultAssembler
-from vmae_ray.checkpoint import CheckpointError, ModelSpec, load_model_spec
+from vmae_ray.checkpoint import CheckpointError, ModelSpec, is_non_commercial, load_model_spec
 from vmae_ray.config import ConfigError, EmbedConfig, Resources, plan_resources
 from vmae_ray.decoding import SWSCALE_FOR_PIL_RESAMPLE, DecodeLimits, FrameGeometry
 from vmae_ray.heads import HeadError, LinearHead
 from vmae_ray.listing import VIDEO_EXTENSIONS, VideoInput, list_inputs
+from vmae_ray.reconstruction import masked_per_frame
 from vmae_ray.stages import DecodeParams, EmbedActor, decode_batch
 from vmae_ray.storage import StorageOptions
 from vmae_ray.writing import CommittedState, OutputStore, ShardWriter, new_run_id
@@ -100,6 +101,9 @@ def settings_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int, 
     }
     if head_fingerprint is not None:  # absent otherwise, so runs without a head keep their fingerprint
         settings["head"] = head_fingerprint
+    if config.reconstruction:
+        # Only when on, so outputs made before the option existed keep their fingerprint.
+        settings["reconstruction"] = {"mask_ratio": config.mask_ratio, "mask_seed": config.mask_seed}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -188,6 +192,7 @@ def prepare(config: EmbedConfig) -> Plan:
             "head. Use a fine-tuned VideoMAEForVideoClassification checkpoint, or --labels off",
         )
     with_labels = head is not None or (spec.id2label is not None and config.labels != "off")
+    check_reconstruction(config, spec)
     fingerprint = settings_fingerprint(config, spec, num_frames, with_labels,
                                        head_fingerprint=head.fingerprint if head else None)
 
@@ -270,6 +275,33 @@ def _load_head(config: EmbedConfig, spec: ModelSpec, num_frames: int, storage: S
     return head
 
 
+def check_reconstruction(config: EmbedConfig, spec: ModelSpec) -> None:
+    """--reconstruction needs the pretraining decoder, and --mask-ratio must leave tokens on both sides."""
+    if not config.reconstruction:
+        return
+    if not spec.has_decoder:
+        raise ConfigError(
+            "--reconstruction",
+            f"{config.model} is a {spec.architecture} checkpoint without the pretraining decoder that predicts "
+            "masked patches; use a VideoMAEForPreTraining checkpoint (e.g. MCG-NJU/videomae-base-short-ssv2), "
+            "or leave --reconstruction off")
+    try:
+        masked_per_frame(spec.tokens_per_frame, config.mask_ratio)
+    except ValueError as exc:
+        raise ConfigError("--mask-ratio", str(exc)) from exc
+
+
+def licence_lines(spec: ModelSpec) -> tuple[str | None, str | None]:
+    """(what the summary says about the checkpoint's licence, a warning for a non-commercial one)."""
+    if not spec.license:
+        return None, None
+    line = f"model licence: {spec.license} (from the checkpoint's model card)"
+    if not is_non_commercial(spec.license):
+        return line, None
+    return line, (f"{spec.model_ref} is licensed {spec.license}, a non-commercial licence: its embeddings "
+                  "and outputs may not be used commercially")
+
+
 def _init_ray() -> float:
     import ray
 
@@ -348,6 +380,7 @@ def build_dataset(plan: Plan, res: Resources, *, full_batches: bool = True):
             "model_ref": config.model, "storage": plan.storage, "cache_root": config.model_cache_dir,
             "device": res.device, "dtype": config.dtype, "compile": config.compile,
             "with_logits": plan.with_labels and plan.head is None,  # a head's logits come from the embedding
+            "reconstruction": (config.mask_ratio, config.mask_seed) if config.reconstruction else None,
         },
         compute=ActorPoolStrategy(min_size=res.num_actors[0], max_size=res.num_actors[1]),
         batch_size=res.batch_size,
@@ -401,7 +434,11 @@ class _Committer:
             "config": config.to_dict(redact=True),
             "model": {"ref": config.model, "architecture": plan.spec.architecture,
                       "fingerprint": plan.spec.fingerprint, "num_frames": plan.num_frames,
-                      "embedding_dim": plan.spec.hidden_size, "labels": plan.with_labels},
+                      "embedding_dim": plan.spec.hidden_size, "labels": plan.with_labels,
+                      "license": plan.spec.license, "non_commercial": is_non_commercial(plan.spec.license),
+                      "reconstruction": ({"mask_ratio": config.mask_ratio, "mask_seed": config.mask_seed,
+                                          "norm_pix_loss": plan.spec.norm_pix_loss}
+                                         if config.reconstruction else None)},
             **({"head": {"uri": config.head, **plan.head.describe()}} if plan.head is not None else {}),
             "versions": self.versions, "resources": dataclasses.asdict(self.resources) if self.resources else {},
             "stage_report": summary.stage_report,
@@ -436,16 +473,23 @@ def run(config: EmbedConfig) -> RunSummary:
              run_id, len(plan.inputs), plan.skipped, len(plan.todo), config.model, plan.spec.architecture,
              plan.spec.hidden_size,
              (f", with labels from the head {config.head}" if plan.head else ", with labels") if plan.with_labels else "")
+    _, licence_warning = licence_lines(plan.spec)
+    if licence_warning:
+        log.warning("%s", licence_warning)
 
     dim = plan.spec.hidden_size
+    with_reconstruction = config.reconstruction
     schemas = {
-        schema.CLIPS: schema.clips_schema(dim, with_labels=plan.with_labels, passthrough=plan.passthrough_schema),
-        schema.VIDEOS: schema.videos_schema(dim, with_labels=plan.with_labels, passthrough=plan.passthrough_schema),
+        schema.CLIPS: schema.clips_schema(dim, with_labels=plan.with_labels, passthrough=plan.passthrough_schema,
+                                          with_reconstruction=with_reconstruction),
+        schema.VIDEOS: schema.videos_schema(dim, with_labels=plan.with_labels, passthrough=plan.passthrough_schema,
+                                            with_reconstruction=with_reconstruction),
         schema.ERRORS: schema.errors_schema(passthrough=plan.passthrough_schema),
     }
     writer = ShardWriter(plan.store, run_id, schemas, config.rows_per_shard)
     assembler = ResultAssembler(plan.inputs, id2label=plan.id2label, head=plan.head,
-                                top_k=config.top_k, run_id=run_id, settings_fingerprint=plan.settings_fingerprint)
+                                top_k=config.top_k, run_id=run_id, settings_fingerprint=plan.settings_fingerprint,
+                                with_reconstruction=with_reconstruction)
     committer = _Committer(plan, writer, assembler, summary, started)
     if plan.todo:
         summary.ray_start_seconds = _init_ray()
@@ -646,4 +690,9 @@ def _print_summary(summary: RunSummary, plan: Plan) -> None:
             + ("add decode CPUs (CPU workers) to speed up" if r["bottleneck"] == "decode"
                else "add model actors/GPUs to speed up")
         )
+    licence, licence_warning = licence_lines(plan.spec)
+    if licence:
+        lines.append(f"  {licence}")
+    if licence_warning:
+        lines.append(f"  WARNING: {licence_warning}")
     print("\n".join(lines), flush=True)

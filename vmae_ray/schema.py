@@ -55,6 +55,7 @@ RESERVED_COLUMNS = frozenset(
         "embedding", "top_labels", "top_scores", "num_clips", "duration_seconds", "width",
         "height", "fps", "codec", "stream_index", "num_streams", "stage", "error_type",
         "message", "run_id", "input_fingerprint", "settings_fingerprint", "size_bytes",
+        "reconstruction_loss", "reconstruction_mask",
     }
 )
 
@@ -82,6 +83,17 @@ def _label_fields(with_labels: bool) -> list[pa.Field]:
     return [pa.field("top_labels", pa.list_(pa.string())), pa.field("top_scores", pa.list_(pa.float32()))]
 
 
+def _reconstruction_fields(with_reconstruction: bool, *, with_mask: bool) -> list[pa.Field]:
+    # --reconstruction: the pretraining loss of each clip (mean over its clips for a video) and
+    # the clip's tube mask as numpy.packbits bytes (vmae_ray.reconstruction.pack_mask).
+    if not with_reconstruction:
+        return []
+    fields = [pa.field("reconstruction_loss", pa.float32())]
+    if with_mask:
+        fields.append(pa.field("reconstruction_mask", pa.binary()))
+    return fields
+
+
 def _bookkeeping_fields() -> list[pa.Field]:
     # Identity of the input and of the settings that produced the row: resume and
     # incremental runs decide "already done" from these, and readers can tell runs apart.
@@ -92,7 +104,8 @@ def _bookkeeping_fields() -> list[pa.Field]:
     ]
 
 
-def clips_schema(dim: int, *, with_labels: bool, passthrough: pa.Schema | None = None) -> pa.Schema:
+def clips_schema(dim: int, *, with_labels: bool, passthrough: pa.Schema | None = None,
+                 with_reconstruction: bool = False) -> pa.Schema:
     fields = [
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
@@ -102,18 +115,21 @@ def clips_schema(dim: int, *, with_labels: bool, passthrough: pa.Schema | None =
         pa.field("frame_indices", pa.list_(pa.int32())),
         pa.field("embedding", embedding_type(dim)),
         *_label_fields(with_labels),
+        *_reconstruction_fields(with_reconstruction, with_mask=True),
         *_bookkeeping_fields(),
     ]
     return pa.schema(fields + list(passthrough or []))
 
 
-def videos_schema(dim: int, *, with_labels: bool, passthrough: pa.Schema | None = None) -> pa.Schema:
+def videos_schema(dim: int, *, with_labels: bool, passthrough: pa.Schema | None = None,
+                  with_reconstruction: bool = False) -> pa.Schema:
     fields = [
         pa.field("video_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("num_clips", pa.int32()),
         pa.field("embedding", embedding_type(dim)),
         *_label_fields(with_labels),
+        *_reconstruction_fields(with_reconstruction, with_mask=False),
         *VIDEO_FACT_FIELDS,
         pa.field("size_bytes", pa.int64()),
         *_bookkeeping_fields(),
@@ -186,11 +202,13 @@ DECODED_SCHEMA = pa.schema(
 )
 
 
-def embedded_schema(dim: int, *, with_logits: bool) -> pa.Schema:
+def embedded_schema(dim: int, *, with_logits: bool, with_reconstruction: bool = False) -> pa.Schema:
     """Rows leaving the embed step: `DECODED_SCHEMA` without pixels, plus the model's outputs.
 
     ``model_call`` names the model call that embedded a clip (actor + counter) and
     ``model_call_clips`` how many clips that call had, so the driver can report batch fill.
+    With ``with_reconstruction``, clip rows also carry ``reconstruction_loss`` and
+    ``reconstruction_mask`` (as in `clips_schema`).
     """
     fields = [f for f in DECODED_SCHEMA if f.name != "pixels"]
     fields += [
@@ -201,6 +219,7 @@ def embedded_schema(dim: int, *, with_logits: bool) -> pa.Schema:
     ]
     if with_logits:
         fields.append(pa.field("logits", pa.list_(pa.float32())))
+    fields += _reconstruction_fields(with_reconstruction, with_mask=True)
     return pa.schema(fields)
 
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from vmae_ray.decoding import DecodeError, DecodeLimits, FrameGeometry, VideoDecoder, VideoProbe
 from vmae_ray.isolation import IsolatedDecoder
+from vmae_ray.reconstruction import clip_mask, pack_mask
 from vmae_ray.schema import DECODED_SCHEMA, KIND_CLIP, embedded_schema, error_row
 from vmae_ray.storage import StorageOptions, classify_storage_error, open_input
 
@@ -188,17 +189,23 @@ class EmbedActor:
     Error rows pass through. Pixels are dropped here, so only embeddings (D floats per clip)
     travel on to the driver. A batch the model fails on becomes error rows (`embed_failed`),
     not a failed job.
+
+    ``reconstruction`` = (mask_ratio, mask_seed): each clip also gets its pretraining loss under
+    the tube mask `reconstruction.clip_mask` draws for its (video_id, clip_index), and the mask.
     """
 
     def __init__(self, model_ref: str, *, storage: StorageOptions, cache_root: str | None,
-                 device: str, dtype: str, compile: bool, with_logits: bool):
+                 device: str, dtype: str, compile: bool, with_logits: bool,
+                 reconstruction: tuple[float, int] | None = None):
         from vmae_ray.embedder import VideoMAEEmbedder
 
         self.embedder = VideoMAEEmbedder(model_ref, storage=storage, cache_root=cache_root,
-                                         device=device, dtype=dtype, compile=compile)
+                                         device=device, dtype=dtype, compile=compile,
+                                         reconstruction=reconstruction is not None)
         self.dim = self.embedder.spec.hidden_size
         self.with_logits = with_logits
-        self.schema = embedded_schema(self.dim, with_logits=with_logits)
+        self.reconstruction = reconstruction
+        self.schema = embedded_schema(self.dim, with_logits=with_logits, with_reconstruction=reconstruction is not None)
         self._actor = uuid.uuid4().hex[:12]
         self._calls = 0
 
@@ -212,6 +219,8 @@ class EmbedActor:
         call: list[str | None] = [None] * n
         call_clips: list[int | None] = [None] * n
         logits_out: list = [None] * n
+        losses_out: list = [None] * n
+        masks_out: list = [None] * n
         if clip_rows:
             started = time.perf_counter()
             self._calls += 1
@@ -225,7 +234,13 @@ class EmbedActor:
                     np.frombuffer(pixels_col[i].as_buffer(), dtype=np.uint8).reshape(shapes[i].as_py())
                     for i in clip_rows
                 ])
-                embeddings, logits = self.embedder.embed(clips)
+                if self.reconstruction is None:
+                    embeddings, logits = self.embedder.embed(clips)
+                else:
+                    masks = self._masks(batch, clip_rows)
+                    embeddings, logits, losses = self.embedder.embed_with_reconstruction(clips, masks)
+                    for j, i in enumerate(clip_rows):
+                        losses_out[i], masks_out[i] = float(losses[j]), pack_mask(masks[j])
             except Exception as exc:  # noqa: BLE001 - a failed batch becomes error rows, not a failed job
                 return self._as_errors(batch, clip_rows, f"{type(exc).__name__}: {exc}")
             flat[clip_rows] = embeddings
@@ -245,7 +260,21 @@ class EmbedActor:
         out = out.append_column(self.schema.field("embedding"), embedding)
         if self.with_logits:
             out = out.append_column(self.schema.field("logits"), pa.array(logits_out, pa.list_(pa.float32())))
+        if self.reconstruction is not None:
+            out = out.append_column(self.schema.field("reconstruction_loss"), pa.array(losses_out, pa.float32()))
+            out = out.append_column(self.schema.field("reconstruction_mask"), pa.array(masks_out, pa.binary()))
         return out
+
+    def _masks(self, batch: pa.Table, clip_rows: list[int]) -> np.ndarray:
+        """(clips, N) bool tube masks of the batch's clip rows, from their video_id and clip_index."""
+        mask_ratio, mask_seed = self.reconstruction
+        spec = self.embedder.spec
+        video_ids, clip_indices = batch.column("video_id"), batch.column("clip_index")
+        return np.stack([
+            clip_mask(video_ids[i].as_py(), clip_indices[i].as_py(), mask_seed=mask_seed, mask_ratio=mask_ratio,
+                      num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
+            for i in clip_rows
+        ])
 
     def _as_errors(self, batch: pa.Table, clip_rows: list[int], message: str) -> pa.Table:
         rows = batch.drop_columns(["pixels"]).to_pylist()

@@ -1,0 +1,122 @@
+"""`vmae-ray show`: the PNG's panels checked pixel by pixel.
+
+References: the clip decoded again as the job decodes it (`pipeline.decode_params`,
+`stages.decode_video`), the job's tube mask for that clip (`reconstruction.clip_mask` from the
+video_id the job gives the file), and transformers' `VideoMAEForPreTraining` logits un-normalised
+by brute force in numpy (the VideoMAE repo's visualisation recipe) for the predicted patches.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vmae_ray.checkpoint import load_model_spec
+from vmae_ray.cli import config_from_args, main
+from vmae_ray.listing import video_id_for_uri
+from vmae_ray.pipeline import decode_params
+from vmae_ray.reconstruction import clip_mask
+from vmae_ray.show import MASK_FILL, GridLayout, pixel_mask
+from vmae_ray.stages import decode_video
+from vmae_ray.storage import StorageOptions
+
+SAMPLING = ["--sampling", "stride", "--clips-per-video", "2", "--frame-stride", "2"]
+
+
+def decoded_clip(model: str, video: str, clip_index: int) -> np.ndarray:
+    config = config_from_args(["--input", video, "--output", "unused", "--model", model, *SAMPLING])
+    spec = load_model_spec(model)
+    item = {"video_id": "x", "uri": video, "size_bytes": None, "input_fingerprint": None}
+    for table in decode_video(item, decode_params(config, spec, spec.num_frames), StorageOptions({})):
+        if table.column("clip_index")[0].as_py() == clip_index:
+            shape = table.column("pixels_shape")[0].as_py()
+            return np.frombuffer(table.column("pixels")[0].as_buffer(), np.uint8).reshape(shape)
+    raise AssertionError(f"no clip {clip_index}")
+
+
+def hf_prediction(model_dir: str, clip: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray]:
+    """transformers' loss and its predicted masked tubelets turned back into uint8 pixels with the
+    input patch's mean and unbiased std (+1e-6), written with plain numpy loops."""
+    from transformers import VideoMAEForPreTraining, VideoMAEImageProcessorPil
+
+    processor = VideoMAEImageProcessorPil.from_pretrained(model_dir)
+    pixel_values = torch.from_numpy(processor([list(clip)], do_resize=False, do_center_crop=False,
+                                              return_tensors="np")["pixel_values"])
+    model = VideoMAEForPreTraining.from_pretrained(model_dir, use_safetensors=True).eval()
+    with torch.no_grad():
+        out = model(pixel_values, bool_masked_pos=torch.from_numpy(mask[None]))
+    logits = out.logits[0].numpy().astype(np.float64)
+    ts, p = model.config.tubelet_size, model.config.patch_size
+    t, h, w, _ = clip.shape
+    picture = clip.astype(np.float64) / 255
+    predicted = picture.copy()
+    masked_tokens = np.flatnonzero(mask)
+    for k, token in enumerate(masked_tokens):
+        slot, rest = divmod(token, (h // p) * (w // p))
+        row, col = divmod(rest, w // p)
+        block = picture[slot * ts:(slot + 1) * ts, row * p:(row + 1) * p, col * p:(col + 1) * p]  # (ts, p, p, 3)
+        values = logits[k].reshape(ts, p, p, 3)
+        if model.config.norm_pix_loss:
+            flat = block.reshape(-1, 3)
+            values = values * (flat.std(axis=0, ddof=1) + 1e-6) + flat.mean(axis=0)
+        predicted[slot * ts:(slot + 1) * ts, row * p:(row + 1) * p, col * p:(col + 1) * p] = values
+    return out.loss.item(), np.clip(np.rint(predicted * 255), 0, 255).astype(np.uint8)
+
+
+def panel_frames(picture: np.ndarray, layout: GridLayout, column: int) -> np.ndarray:
+    """The frames a column of the picture shows, back at model size (T, H, W, 3)."""
+    frames = []
+    z, fh, fw = layout.zoom, layout.frame_height, layout.frame_width
+    for row in range(layout.rows):
+        top, left = layout.panel_box(row, column)
+        for k in range(layout.frames_per_panel):
+            block = picture[top:top + fh * z, left + k * fw * z:left + (k + 1) * fw * z]
+            assert (block == block[::z, ::z].repeat(z, 0).repeat(z, 1)).all(), "each model pixel is a z x z block"
+            frames.append(block[::z, ::z])
+    return np.stack(frames)
+
+
+def test_show_draws_input_masked_and_reconstruction(pretraining_dir, synthetic_corpus, tmp_path, capsys):
+    video, png = synthetic_corpus["a_h264.mp4"], tmp_path / "clip1.png"
+    assert main(["show", "--model", pretraining_dir, "--video", video, "--clip", "1", "--output", str(png),
+                 *SAMPLING]) == 0
+    spec = load_model_spec(pretraining_dir)
+    clip = decoded_clip(pretraining_dir, video, 1)
+    mask = clip_mask(video_id_for_uri(video), 1, mask_seed=0, mask_ratio=0.9, num_time_slots=spec.num_time_slots,
+                     tokens_per_frame=spec.tokens_per_frame)
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    layout = GridLayout.for_clip(num_frames=8, height=64, width=64, tubelet_size=2)
+    assert (layout.rows, layout.zoom) == (4, 2)
+    assert picture.shape == (layout.size[1], layout.size[0], 3)
+
+    np.testing.assert_array_equal(panel_frames(picture, layout, 0), clip)
+    hidden = pixel_mask(mask, num_frames=8, height=64, width=64, tubelet_size=2, patch_size=16)
+    assert hidden.mean() == pytest.approx(14 / 16)
+    masked = panel_frames(picture, layout, 1)
+    assert (masked[hidden] == MASK_FILL).all(), "masked patches are blank"
+    np.testing.assert_array_equal(masked[~hidden], clip[~hidden])
+    loss, expected = hf_prediction(pretraining_dir, clip, mask)
+    reconstruction = panel_frames(picture, layout, 2)
+    np.testing.assert_array_equal(reconstruction[~hidden], clip[~hidden])
+    difference = np.abs(reconstruction[hidden].astype(int) - expected[hidden].astype(int))
+    assert difference.max() <= 1, "predicted patches: transformers' output un-normalised, within rounding"
+    printed = float(re.search(r"reconstruction loss ([0-9.]+)", capsys.readouterr().out).group(1))
+    assert printed == pytest.approx(loss, rel=1e-4)
+
+
+def test_show_refuses_bad_arguments(classifier_dir, pretraining_dir, synthetic_corpus, tmp_path, capsys):
+    video = synthetic_corpus["a_h264.mp4"]
+    for argv, message in [
+        (["--model", classifier_dir, "--video", video], "--model: .* without the pretraining decoder"),
+        (["--model", pretraining_dir, "--video", video, "--clip", "2", *SAMPLING], r"--clip: .* has 2 clip\(s\)"),
+        (["--model", pretraining_dir, "--video", str(tmp_path / "missing.mp4")], "--video: .* does not exist"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            main(["show", *argv, "--output", str(tmp_path / "x.png")])
+        assert exc.value.code == 2
+        assert re.search(message, capsys.readouterr().err), argv
+    assert not (tmp_path / "x.png").exists()
