@@ -138,6 +138,9 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
 # and returns the exit status.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("vmae_ray.cli", "run_embed", "embed a video corpus with VideoMAE on Ray (the job)"),
+    "search": ("vmae_ray.search", "run_search", "the k nearest videos or clips to a video (exact, or with the index)"),
+    "index": ("vmae_ray.search", "run_index", "build or update the approximate nearest-neighbour index of the tables"),
+    "dedup": ("vmae_ray.dedup", "run_dedup", "near-duplicate groups of videos (cosine >= a threshold)"),
 }
 
 
