@@ -135,10 +135,11 @@ def cosine_top_k(matrix: np.ndarray, query: np.ndarray, k: int, *, norms: np.nda
 # Below this many rows the index is flat (exact, float32 scores): a scan of 50k x 768 floats
 # takes about 10 ms, and IVF's k-means would have too few rows per list to be worth it.
 FLAT_MAX_ROWS = 50_000
-# nlist = NLIST_PER_SQRT_ROWS * sqrt(N): FAISS's guideline is 4 to 16 sqrt(N) lists
-# (wiki "Guidelines to choose an index"); the low end, because on a few CPU cores k-means and
-# assigning every row to a list (N x nlist x D) dominate the build time.
-NLIST_PER_SQRT_ROWS = 4.0
+# nlist = NLIST_PER_SQRT_ROWS * sqrt(N). FAISS's guideline is 4 to 16 sqrt(N) lists (wiki
+# "Guidelines to choose an index"), for search speed on many cores; on a few CPU cores k-means
+# and assigning every row to a list (N x nlist x D each) dominate, and sqrt(N) lists build 4x
+# faster while a query still scans only nprobe * sqrt(N) rows (BENCHMARKS.md: both measured).
+NLIST_PER_SQRT_ROWS = 1.0
 # k-means trains on at most this many rows per list (FAISS warns below 39) for KMEANS_NITER
 # iterations: enough for lists that partition well, at a fraction of training on every row.
 TRAIN_ROWS_PER_LIST = 64
@@ -314,9 +315,9 @@ def tune_nprobe(index, sample: np.ndarray, sample_ids: np.ndarray, *, target: fl
 
 # --------------------------------------------------------------------------- near duplicates
 
-# Up to this many rows dedup compares all pairs (N^2 D / 2 multiply-adds in BLAS tiles: 20k x
+# Up to this many rows dedup compares all pairs (N^2 D / 2 multiply-adds in BLAS tiles: 10k x
 # 768 is about 1.5e11, seconds); above, it range-searches an IVF partition.
-DEDUP_ALL_PAIRS_MAX_ROWS = 20_000
+DEDUP_ALL_PAIRS_MAX_ROWS = 10_000
 # Lists each row searches in the IVF partition (its own and the next nearest). Measured link
 # recall in BENCHMARKS.md.
 DEDUP_NPROBE = 4

@@ -440,32 +440,39 @@ def transcode_video(source, path, *, width: int, height: int, codec: str = "h264
 
 
 def clustered_unit_vectors(num_rows: int, dim: int, *, num_clusters: int, cluster_cosine: float = 0.5,
-                           duplicate_fraction: float = 0.0, duplicate_cosine: float = 0.98,
-                           seed: int = 0, block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+                           intrinsic_dim: int | None = None, duplicate_fraction: float = 0.0,
+                           duplicate_cosine: float = 0.98, seed: int = 0,
+                           block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors (num_rows, dim) float32 with cluster structure, like embeddings of a corpus.
 
     Row i is normalize(center[c_i] + s * g_i / sqrt(dim)) with random unit centers, c_i uniform
     over ``num_clusters`` and g_i standard normal, where s = sqrt(1 / cluster_cosine - 1): two rows
     of one cluster then have cosine about ``cluster_cosine`` (rows of different clusters about
-    0). A ``duplicate_fraction`` of the rows are near-duplicates: row i copies another row j (one
-    that is not itself a copy) plus noise scaled so that cosine(i, j) is about
-    ``duplicate_cosine``. Returns (vectors, source) where source[i] is the row that i copies,
-    or -1. Built in blocks of ``block_rows`` (float32 throughout), so 1M x 768 needs 3 GB and
-    little more.
+    0). With ``intrinsic_dim`` m, centers and noise live in a random m-dimensional subspace
+    (rows = Q x, Q a random orthonormal dim x m basis), as embeddings of real corpora occupy a
+    low-dimensional part of their space: neighbourhoods then vary continuously across the space
+    (what approximate search relies on). A ``duplicate_fraction`` of the rows are
+    near-duplicates: row i copies another row j (one that is not itself a copy) plus noise
+    scaled so that cosine(i, j) is about ``duplicate_cosine``. Returns (vectors, source) where
+    source[i] is the row that i copies, or -1. Built in blocks of ``block_rows`` (float32
+    throughout), so 1M x 768 needs 3 GB and little more.
     """
     if not 0 < cluster_cosine <= 1 or not 0 < duplicate_cosine <= 1:
         raise ValueError("cluster_cosine and duplicate_cosine must be in (0, 1]")
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((num_clusters, dim), dtype=np.float32)
+    latent = intrinsic_dim or dim
+    centers = rng.standard_normal((num_clusters, latent), dtype=np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    spread = np.float32(np.sqrt(1.0 / cluster_cosine - 1.0) / np.sqrt(dim))
+    spread = np.float32(np.sqrt(1.0 / cluster_cosine - 1.0) / np.sqrt(latent))
     dup_spread = np.float32(np.sqrt(1.0 / duplicate_cosine**2 - 1.0) / np.sqrt(dim))
+    basis = np.linalg.qr(rng.standard_normal((dim, latent)))[0].astype(np.float32) if intrinsic_dim else None
     out = np.empty((num_rows, dim), dtype=np.float32)
     for start in range(0, num_rows, block_rows):
-        block = out[start:start + block_rows]
-        block[:] = centers[rng.integers(0, num_clusters, len(block))]
+        n = min(block_rows, num_rows - start)
+        block = centers[rng.integers(0, num_clusters, n)]
         block += spread * rng.standard_normal(block.shape, dtype=np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start:start + n] = block if basis is None else block @ basis.T
     source = np.full(num_rows, -1, dtype=np.int64)
     is_copy = rng.random(num_rows) < duplicate_fraction
     copies, originals = np.nonzero(is_copy)[0], np.nonzero(~is_copy)[0]
