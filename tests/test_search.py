@@ -187,7 +187,7 @@ def test_index_lifecycle(world, capsys, monkeypatch):
     world.commit(first, shards=4)
     assert world.run("index") == 0
     out = capsys.readouterr().out
-    assert "IVF-Flat, nlist 160" in out and "built from scratch" in out and "1600 rows of videos/" in out
+    assert "IVF-Flat, nlist 40" in out and "built from scratch" in out and "1600 rows of videos/" in out
     manifest, index, ids = load_index(world)
     assert manifest["kind"] == "ivf_flat" and manifest["recall_at_10"] >= nb.DEFAULT_TARGET_RECALL
     assert index.ntotal == 1600 and ids.num_rows == 1600

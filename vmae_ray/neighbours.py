@@ -63,6 +63,19 @@ def unit_rows(matrix: np.ndarray, norms: np.ndarray, rows: np.ndarray | slice | 
     return np.multiply(block, inv[:, None], dtype=np.float32)
 
 
+def normalize_rows(matrix: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Scale the rows of a float32 matrix to unit length (zero rows stay zero), in place when it is
+    writable (a zero-copy view of Arrow buffers is not: then a copy); returns the result."""
+    if not matrix.flags.writeable:
+        matrix = matrix.copy()
+    for block in iter_blocks(len(matrix)):
+        scale = norms[block]
+        with np.errstate(divide="ignore"):
+            inv = np.where(scale > 0, 1.0 / scale, 0.0).astype(np.float32)
+        matrix[block] *= inv[:, None]
+    return matrix
+
+
 def pair_cosines(matrix: np.ndarray, norms: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
     """float64 cosine of rows_a[i] and rows_b[i] for every i: (P,) float64."""
     out = np.empty(len(rows_a), dtype=np.float64)

@@ -170,7 +170,7 @@ def query_from_rows(video_id: str, matrix: np.ndarray, meta: pa.Table, level: st
         return Query(matrix[rows[0]].astype(np.float64), video_id, uri, True, f"video {video_id} ({uri}), in the tables")
     if clip_index is None:
         return Query(video_embedding(matrix[rows]).astype(np.float64), video_id, uri, True,
-                     f"video {video_id} ({uri}), in the tables: the mean of its {len(rows)} clip embeddings")
+                     f"video {video_id} ({uri}), in the tables: the mean of its {_clips(len(rows))}")
     clip_indices = meta.column("clip_index").to_numpy()[rows]
     chosen = rows[clip_indices == clip_index]
     if not len(chosen):
@@ -226,6 +226,10 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
     return np.concatenate(parts).astype(np.float32), facts
 
 
+def _clips(n: int) -> str:
+    return f"{n} clip embedding" + ("s" if n != 1 else "")
+
+
 def query_outside(text: str, committed: CommittedOutput, storage: StorageOptions, clip_index: int | None) -> Query:
     """The query vector of a video that is not in the tables: embedded here (see `embed_outside_video`)."""
     from vmae_ray.assembly import video_embedding
@@ -240,7 +244,7 @@ def query_outside(text: str, committed: CommittedOutput, storage: StorageOptions
     embeddings, facts = embed_outside_video(text, committed, storage)
     if clip_index is None:
         return Query(video_embedding(embeddings).astype(np.float64), None, text, False,
-                     f"{text}, not in the tables: embedded here, the mean of its {len(facts)} clip embeddings")
+                     f"{text}, not in the tables: embedded here, the mean of its {_clips(len(facts))}")
     indices = [f["clip_index"] for f in facts]
     if clip_index not in indices:
         raise CommandError("--clip-index", f"{text} has clips {indices}, not {clip_index}")
@@ -423,60 +427,24 @@ def build_or_update(committed: CommittedOutput, level: str, *, rebuild: bool = F
         log(f"index {store.root} is up to date: {existing['rows']} rows of {table}/, {existing['description']}; "
             f"covers run {existing['tables_run_id']}")
         return existing
-    index = ids = None
-    added_rows = None
-    if plan.action == "update":
-        index, ids = store.load(existing)
-        if existing.get("dim") != index.d:
-            plan = UpdatePlan("rebuild", "the index file does not match its manifest")
-    if plan.action == "update":
-        gone = pc.is_in(ids.column("file"), value_set=pa.array(list(plan.removed_files), pa.string()))
-        removed_ids = ids.filter(gone).column("id").to_numpy()
-        new_rows, counts = _read_files(committed, level, list(plan.added_files)) if plan.added_files else (None, [])
-        added_rows = sum(counts)
-        plan = decide_update(existing, files_now, committed.settings_fingerprint, len(removed_ids), added_rows)
-    if plan.action == "rebuild":
-        rows, counts = _read_files(committed, level, files_now)
-        index_plan = nb.plan_index(len(rows.matrix))
-        index = nb.new_index(index_plan, rows.matrix.shape[1])
-        unit = nb.unit_rows(rows.matrix, rows.norms)
-        rows.matrix = None  # the unit copy is what the index keeps; free the raw one
-        rng = np.random.default_rng(nb.KMEANS_SEED)
-        if index_plan.kind == "ivf_flat":
-            train = np.sort(rng.choice(len(unit), size=min(len(unit), index_plan.train_rows), replace=False))
-            nb.train_index(index, unit[train])
-        ids = _id_map(rows, files_now, counts, 0)
-        nb.add_rows(index, unit, ids.column("id").to_numpy())
-        del unit
-        history = [{"at": _now(), "run_id": committed.run_id, "action": "rebuild", "reason": plan.reason,
-                    "rows": index.ntotal}]
-        trained_rows, next_id, kind = index.ntotal, index.ntotal, index_plan.kind
-        nlist = index_plan.nlist
-        change = f"built from scratch ({plan.reason})"
-    else:
-        removed = nb.remove_rows(index, removed_ids)
-        ids = ids.filter(pc.invert(gone))
-        next_id = existing["next_id"]
-        if new_rows is not None:
-            new_ids = _id_map(new_rows, list(plan.added_files), counts, next_id)
-            nb.add_rows(index, nb.unit_rows(new_rows.matrix, new_rows.norms), new_ids.column("id").to_numpy())
-            ids = pa.concat_tables([ids, new_ids])
-            next_id += new_rows.meta.num_rows
-        history = list(existing.get("history", [])) + [{"at": _now(), "run_id": committed.run_id, "action": "update",
-                                                        "added": added_rows, "removed": removed}]
-        trained_rows, kind, nlist = existing["trained_rows"], existing["kind"], existing.get("nlist", 0)
-        change = (f"updated: +{added_rows} rows from {len(plan.added_files)} new files, -{removed} rows of "
-                  f"{len(plan.removed_files)} files no longer committed (lists kept, trained on {trained_rows} rows)")
+    built = _update(committed, level, store, existing, plan, files_now) if plan.action == "update" else plan
+    if isinstance(built, UpdatePlan):
+        built = _rebuild(committed, level, files_now, built.reason)
+    index, ids, facts, change = built
+    history = (list(existing.get("history", [])) if existing and facts["action"] == "update" else [])
+    history.append({"at": _now(), "run_id": committed.run_id, **{k: facts[k] for k in ("action", "added", "removed")}})
     sample, sample_ids = nb.sample_indexed(index, nb.TUNE_QUERIES, seed=len(history))
     choice = nb.tune_nprobe(index, sample, sample_ids, target=target_recall)
+    kind, nlist = facts["kind"], facts["nlist"]
     description = nb.IndexPlan(kind, nlist).describe() + (f", nprobe {choice.nprobe}" if kind == "ivf_flat" else "")
     manifest = {
         "level": level, "table": table, "kind": kind, "nlist": nlist, "nprobe": choice.nprobe,
         "description": description, "recall_at_10": round(choice.recall, 4), "recall_queries": choice.queries,
         "target_recall": target_recall, "nprobe_tried": [list(t) for t in choice.tried],
-        "rows": int(index.ntotal), "dim": int(index.d), "next_id": int(next_id), "trained_rows": int(trained_rows),
-        "tables_run_id": committed.run_id, "settings_fingerprint": committed.settings_fingerprint,
-        "files": files_now, "updated_at": _now(), "history": history[-50:],
+        "rows": int(index.ntotal), "dim": int(index.d), "next_id": int(facts["next_id"]),
+        "trained_rows": int(facts["trained_rows"]), "tables_run_id": committed.run_id,
+        "settings_fingerprint": committed.settings_fingerprint, "files": files_now, "updated_at": _now(),
+        "history": history[-50:],
     }
     manifest = store.save(index, ids, manifest)
     recall = (f" (recall@10 {choice.recall:.3f} on {choice.queries} rows against a scan of every list)"
@@ -484,6 +452,53 @@ def build_or_update(committed: CommittedOutput, level: str, *, rebuild: bool = F
     log(f"index {store.root}: {manifest['rows']} rows of {table}/, {description}{recall}; {change}; "
         f"covers run {committed.run_id}; {time.perf_counter() - started:.1f}s")
     return manifest
+
+
+def _rebuild(committed: CommittedOutput, level: str, files: list[str], reason: str):
+    """A new index of every committed row: k-means on a sample (IVF), then every row added."""
+    rows, counts = _read_files(committed, level, files)
+    plan = nb.plan_index(len(rows.matrix))
+    index = nb.new_index(plan, rows.matrix.shape[1])
+    unit = nb.normalize_rows(rows.matrix, rows.norms)  # in place: the index keeps its own copy
+    if plan.kind == "ivf_flat":
+        rng = np.random.default_rng(nb.KMEANS_SEED)
+        nb.train_index(index, unit[np.sort(rng.choice(len(unit), size=min(len(unit), plan.train_rows), replace=False))])
+    ids = _id_map(rows, files, counts, 0)
+    nb.add_rows(index, unit, ids.column("id").to_numpy())
+    facts = {"action": "rebuild", "added": index.ntotal, "removed": None, "kind": plan.kind, "nlist": plan.nlist,
+             "next_id": index.ntotal, "trained_rows": index.ntotal}
+    return index, ids, facts, f"built from scratch ({reason})"
+
+
+def _update(committed: CommittedOutput, level: str, store: IndexFiles, existing: dict, plan: UpdatePlan,
+            files: list[str]):
+    """The existing index without the rows of files no longer committed (FAISS remove_ids) and
+    with the rows of new files added to its trained lists; or an UpdatePlan saying why it must
+    be rebuilt instead."""
+    index, ids = store.load(existing)
+    if existing.get("dim") != index.d or existing.get("rows") != index.ntotal:
+        return UpdatePlan("rebuild", "the index files do not match INDEX.json")
+    gone = pc.is_in(ids.column("file"), value_set=pa.array(list(plan.removed_files), pa.string()))
+    removed_ids = ids.filter(gone).column("id").to_numpy()
+    new_rows, counts = _read_files(committed, level, list(plan.added_files)) if plan.added_files else (None, [])
+    added = sum(counts)
+    again = decide_update(existing, files, committed.settings_fingerprint, len(removed_ids), added)
+    if again.action != "update":
+        return again
+    removed = nb.remove_rows(index, removed_ids)
+    ids = ids.filter(pc.invert(gone))
+    next_id = existing["next_id"]
+    if new_rows is not None:
+        new_ids = _id_map(new_rows, list(plan.added_files), counts, next_id)
+        nb.add_rows(index, nb.normalize_rows(new_rows.matrix, new_rows.norms), new_ids.column("id").to_numpy())
+        ids = pa.concat_tables([ids, new_ids])
+        next_id += added
+    facts = {"action": "update", "added": added, "removed": removed, "kind": existing["kind"],
+             "nlist": existing.get("nlist", 0), "next_id": next_id, "trained_rows": existing["trained_rows"]}
+    change = (f"updated: +{added} rows from {len(plan.added_files)} new files, -{removed} rows of "
+              f"{len(plan.removed_files)} files no longer committed (lists kept, trained on "
+              f"{existing['trained_rows']} rows)")
+    return index, ids, facts, change
 
 
 def _now() -> str:
