@@ -91,11 +91,17 @@ def test_search_equals_brute_force_on_job_tables(job, capsys):
             key = (lambda r: (r["video_id"],)) if level == "video" else (lambda r: (r["video_id"], r["clip_index"]))
             assert [key(r) for r in got] == want, (row["uri"], level)
             np.testing.assert_allclose([r["score"] for r in got], scores, rtol=0, atol=1e-9)
-    # With an index (flat at this size: exact), the same answers.
-    assert main(["index", "--tables", out]) == 0
+    # With an index (flat at this size: exact), the same answers, at both levels.
+    assert main(["index", "--tables", out]) == 0 and main(["index", "--tables", out, "--level", "clip"]) == 0
     got, err = search_json(capsys, "--tables", out, "--query", rows[0]["video_id"], "-k", "5")
     assert "with the index" in err
     assert [(r["video_id"],) for r in got] == reference(out, "video", videos[0], rows[0]["video_id"], 5)[0]
+    clips, clip_rows = job_vectors(out, "clips")
+    own = [j for j, c in enumerate(clip_rows) if c["video_id"] == rows[1]["video_id"]]
+    got, err = search_json(capsys, "--tables", out, "--query", rows[1]["video_id"], "--level", "clip", "-k", "5",
+                           "--clip-index", str(clip_rows[own[1]]["clip_index"]))
+    assert "with the index" in err
+    assert [(r["video_id"], r["clip_index"]) for r in got] == reference(out, "clip", clips[own[1]], rows[1]["video_id"], 5)[0]
 
 
 def test_outside_video_is_embedded_like_the_job(job, capsys):
@@ -122,6 +128,34 @@ def test_outside_video_is_embedded_like_the_job(job, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["search", "--tables", out, "--query", bad])
     assert exc.value.code == 2 and "not a readable video" in capsys.readouterr().err
+
+
+def test_commands_on_the_job_tables_in_s3(job, s3_server, s3_bucket, capsys):
+    """The same tables (and the outside video) in a bucket: the same answers as on local disk."""
+    out = job["out"]
+    for folder, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(folder, name)
+            if "/_index/" not in path:
+                s3_server.client.upload_file(path, s3_bucket, "tables/" + os.path.relpath(path, out))
+    s3_server.client.upload_file(job["outside"], s3_bucket, "queries/c_copy.mp4")
+    remote, options = f"s3://{s3_bucket}/tables", ["--storage-options", json.dumps(s3_server.storage_options)]
+    _, rows = job_vectors(out, "videos")
+    for query in (rows[2]["video_id"], f"s3://{s3_bucket}/queries/c_copy.mp4"):
+        for level in ("video", "clip"):
+            here, _ = search_json(capsys, "--tables", out, "--query", query if "s3://" not in query else job["outside"],
+                                  "--level", level, "-k", "5", "--exact")
+            there, err = search_json(capsys, "--tables", remote, *options, "--query", query, "--level", level, "-k", "5")
+            assert [(r["video_id"], r.get("clip_index"), round(r["score"], 5)) for r in there] == [
+                (r["video_id"], r.get("clip_index"), round(r["score"], 5)) for r in here]
+    assert main(["index", "--tables", remote, *options]) == 0
+    there, err = search_json(capsys, "--tables", remote, *options, "--query", rows[2]["video_id"], "-k", "5")
+    assert "with the index" in err and [r["video_id"] for r in there] == [r["video_id"] for r in search_json(
+        capsys, "--tables", out, "--query", rows[2]["video_id"], "-k", "5", "--exact")[0]]
+    assert main(["dedup", "--tables", remote, *options, "--threshold", "0.9", "--output", f"s3://{s3_bucket}/dups"]) == 0
+    dups = CommittedOutput.open(f"s3://{s3_bucket}/dups", StorageOptions(s3_server.storage_options))
+    assert dups.manifest["tables"]["uri"] == remote and dups.manifest["threshold"] == 0.9
+    capsys.readouterr()
 
 
 def test_dedup_on_job_tables_equals_brute_force(job, tmp_path, capsys):

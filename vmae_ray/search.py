@@ -132,8 +132,8 @@ def read_rows(committed: CommittedOutput, level: str, files: list[str] | None = 
 
 @dataclass
 class Query:
-    """What is searched for: a float64 vector (D,), where it came from, and which video's rows
-    are excluded from the answer (the query's own, when it is in the tables)."""
+    """What is searched for: a float64 vector (D,), and where it came from (``video_id`` when it is
+    a video of the tables, whose rows are then left out of the answer)."""
 
     vector: np.ndarray
     video_id: str | None
