@@ -12,7 +12,10 @@ Steps (each timed; the whole run is sized to finish in under 15 minutes on 2 cor
 4. per workload: vmae-ray (`pipeline.run`) and `ray.data.read_videos`, with peak memory and
    object-store use sampled throughout (bench.monitor);
 5. decode-task memory on long 1080p video (bench.memory, a fresh process per case);
-6. the GPU model stage (bench.gpu_model): measured on CUDA, else its CPU smoke mode only.
+6. the GPU model stage (bench.gpu_model): measured on CUDA, else its CPU smoke mode only;
+7. vector search, index and dedup on synthetic embeddings (bench.vector_bench, a fresh process
+   per size): 20k rows with dedup checked against all pairs, 100k and 1M rows, and the index
+   with 4 sqrt(N) lists at 100k beside the default sqrt(N).
 
 Results go to WORKDIR/results.json and, rendered, to --results.
 """
@@ -43,7 +46,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCH_MODEL = dict(classifier=False, num_frames=16, image_size=224, patch_size=16, tubelet_size=2,
                    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, seed=0)
 
-STEPS = ("model_card", "read_videos", "vmae_ray", "stages", "decode_target", "ablations", "memory", "gpu")
+STEPS = ("model_card", "read_videos", "vmae_ray", "stages", "decode_target", "ablations", "memory", "gpu", "vectors")
+# Sizes of the vector step per preset: (rows, extra arguments of bench.vector_bench).
+VECTOR_RUNS = {
+    "tiny": [(3000, ("--dedup-exact",))],
+    "small": [(20_000, ("--dedup-exact",)), (100_000, ()), (1_000_000, ())],
+}
+VECTOR_ABLATION = {"small": (100_000, ("--nlist-factor", "4", "--no-dedup"))}
 
 
 def log(msg: str) -> None:
@@ -285,6 +294,21 @@ def bench_gpu() -> dict[str, Any]:
     return result
 
 
+def bench_vectors(preset: str, rows: str | None) -> dict[str, Any]:
+    from bench.vector_bench import run_in_subprocess
+
+    runs = ([(int(r), ()) for r in rows.split(",")] if rows else VECTOR_RUNS.get(preset, VECTOR_RUNS["small"]))
+    out: dict[str, Any] = {"sizes": []}
+    for n, extra in runs:
+        log(f"vectors: {n} rows {' '.join(extra)}")
+        out["sizes"].append(run_in_subprocess(n, *extra))
+    if not rows and preset in VECTOR_ABLATION:
+        n, extra = VECTOR_ABLATION[preset]
+        log(f"vectors: ablation, {n} rows {' '.join(extra)}")
+        out["ablation"] = run_in_subprocess(n, *extra)
+    return out
+
+
 def main(argv=None) -> int:
     from bench.corpus import PRESETS, ensure_corpus, preset_corpora
     from bench.peers import Resources, Workload
@@ -301,6 +325,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-actor", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--decode-repeats", type=int, default=2, help="best-of-N for the decode-target timings")
+    p.add_argument("--vector-rows", help="comma-separated row counts for the vector step (default: by preset)")
     args = p.parse_args(argv)
     bench_started = time.perf_counter()
     steps = set(STEPS) - {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -437,6 +462,10 @@ def main(argv=None) -> int:
     # 6. GPU model stage
     if "gpu" in steps:
         _guard(results, "gpu", bench_gpu)
+
+    # 7. vector search, index, dedup
+    if "vectors" in steps:
+        _guard(results, "vectors", bench_vectors, args.preset, args.vector_rows)
 
     results["machine"]["loadavg_end"] = _loadavg()
     results["total_seconds"] = round(time.perf_counter() - bench_started, 1)

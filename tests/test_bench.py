@@ -105,7 +105,8 @@ def test_reconstruction_flops_match_transformers_forward():
 
 @pytest.mark.slow
 def test_bench_runs_end_to_end(ray_session, tmp_path):
-    """`make bench`'s driver on the tiny preset (3 clips): corpora, peers, stages, ablations, report.
+    """`make bench`'s driver on the tiny preset (3 clips, 3,000 vectors): corpora, peers, stages, ablations,
+    vector search and dedup, report.
 
     About a minute, nearly all of it Ray Data's fixed cost per job (actor start, model load).
     """
@@ -129,7 +130,10 @@ def test_bench_runs_end_to_end(ray_session, tmp_path):
     assert [ab["cluster_autoscaler"][v]["clips"] for v in ("RATE_BASED", "V2")] == [3, 3]
     assert [ab["model_batches"][v]["clips"] for v in ("ray_bundling", "full_batches")] == [3, 3]
     assert 0 < ab["reconstruction"]["ratio"] < 1  # the decoder's loss costs time, never saves it
+    vectors = results["vectors"]["sizes"][0]
+    assert vectors["rows"] == 3000 and vectors["approx_search"]["recall_at_10"] == 1.0  # a flat index at this size
+    assert vectors["dedup"]["all_pairs"]["same_groups"] and vectors["dedup"]["links"] > 0
     text = results_md.read_text()
     for heading in ("## Targets", "## Machine", "## Commands", "## Peers, end to end", "## Decode stage against libavcodec",
-                    "## Ablations: each change off and on"):
+                    "## Ablations: each change off and on", "## Vector search, index and dedup at corpus scale"):
         assert heading in text

@@ -25,6 +25,15 @@ from vmae_ray.listing import VideoInput
 from vmae_ray.schema import KIND_CLIP, KIND_ERROR, VIDEO_FACTS, check_error_code
 
 
+def video_embedding(clip_embeddings: np.ndarray) -> np.ndarray:
+    """A video's embedding from its clips' (C, D): their mean, summed in float64, as float32 (D,).
+
+    The mean over clips is how VideoMAE's evaluation combines several clips of a video (the
+    paper averages the clips' scores); the `videos/` table and a search query use this one.
+    """
+    return np.asarray(clip_embeddings, dtype=np.float64).mean(axis=0).astype(np.float32)
+
+
 @dataclass
 class Finished:
     """Rows released by one `ResultAssembler.add` call, per output table."""
@@ -166,7 +175,6 @@ class ResultAssembler:
     def _release(self, vid: str, pending: _Pending, out: Finished) -> None:
         clips = [pending.clips[k] for k in sorted(pending.clips)]
         passthrough = self._passthrough(vid)
-        embeddings = np.stack([c["embedding"] for c in clips]).astype(np.float64)
         clip_logits = self._clip_logits(clips)
         if clip_logits is not None:
             clip_labels, clip_scores = top_k_labels(clip_logits, self._id2label, self._k)
@@ -186,7 +194,7 @@ class ResultAssembler:
         first = clips[0]
         video_row = {
             "video_id": vid, "uri": first["uri"], "num_clips": len(clips),
-            "embedding": embeddings.mean(axis=0).astype(np.float32),
+            "embedding": video_embedding(np.stack([c["embedding"] for c in clips])),
             **{name: first[name] for name in VIDEO_FACTS},
             "size_bytes": first.get("size_bytes"), "input_fingerprint": first.get("input_fingerprint"),
             **self._common, **passthrough,

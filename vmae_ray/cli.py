@@ -159,6 +159,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "embed": ("vmae_ray.cli", "run_embed", "embed a video corpus with VideoMAE on Ray (the job)"),
     "probe": ("vmae_ray.probe", "run_probe", "fit a linear head on a few labelled videos (fit), or label tables with it (apply)"),
     "show": ("vmae_ray.show", "run_show", "draw a clip's masked-patch reconstruction as a PNG (pretraining checkpoints)"),
+    "search": ("vmae_ray.search", "run_search", "the k nearest videos or clips to a video (exact, or with the index)"),
+    "index": ("vmae_ray.search", "run_index", "build or update the approximate nearest-neighbour index of the tables"),
+    "dedup": ("vmae_ray.dedup", "run_dedup", "near-duplicate groups of videos (cosine >= a threshold)"),
     "report": ("vmae_ray.report", "run_report", "one self-contained HTML page about a committed output"),
 }
 

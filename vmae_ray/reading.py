@@ -77,7 +77,11 @@ class CommittedOutput:
 
     def files(self, table: str) -> list[str]:
         """URIs of the committed files of ``table`` (empty when it has none)."""
-        return [_child(self.uri, rel) for rel in self.manifest.get("files", {}).get(table, [])]
+        return [_child(self.uri, rel) for rel in self.committed_files(table)]
+
+    def committed_files(self, table: str) -> list[str]:
+        """The committed files of ``table`` as `_SUCCESS` lists them (relative to the output)."""
+        return list(self.manifest.get("files", {}).get(table, []))
 
     def schema(self, table: str) -> pa.Schema:
         """The columns of ``table``'s committed files, from their Parquet footers only (the union
@@ -90,21 +94,30 @@ class CommittedOutput:
         return pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
 
     # -- reading ----------------------------------------------------------------------------
-    def read(self, table: str, columns: list[str] | None = None) -> pa.Table:
+    def read(self, table: str, columns: list[str] | None = None, files: list[str] | None = None) -> pa.Table:
         """The committed rows of ``table`` (all columns, or ``columns``), as one Arrow table.
 
-        A table with no committed file reads as an empty table with no columns (or the
-        requested ones, typed null). Raises KeyError for a requested column that a file lacks.
+        ``files`` (names as `committed_files` gives them) reads only those committed files, in
+        that order; a name `_SUCCESS` does not list raises ValueError. Only the requested
+        columns are read from each file. A table with no committed file reads as an empty table
+        with no columns (or the requested ones, typed null). Raises KeyError for a requested
+        column that a file lacks.
         """
+        committed = self.committed_files(table)
+        if files is not None:
+            unknown = sorted(set(files) - set(committed))
+            if unknown:
+                raise ValueError(f"{self.uri}: {unknown[0]} is not a committed file of {table}/")
+            committed = list(files)
         parts = []
-        for file_uri in self.files(table):
-            fs, path = url_to_fs(file_uri, self.storage)
+        for rel in committed:
+            fs, path = url_to_fs(_child(self.uri, rel), self.storage)
             with fs.open(path, "rb") as f:
                 # Only the requested columns are read: a report wants a few small columns of a
                 # clips/ table whose embeddings may be gigabytes.
                 parquet = pq.ParquetFile(f)
-                names = parquet.schema_arrow.names
                 if columns is not None:
+                    names = parquet.schema_arrow.names
                     missing = [c for c in columns if c not in names]
                     if missing:
                         raise KeyError(f"{table}/ has no column {missing[0]!r} (columns: {', '.join(names)})")
@@ -113,14 +126,15 @@ class CommittedOutput:
             return pa.table({c: pa.nulls(0) for c in columns or []})
         return pa.concat_tables(parts, promote_options="permissive")
 
-    def embeddings(self, table: str, columns: list[str] | None = None) -> tuple[np.ndarray, pa.Table]:
+    def embeddings(self, table: str, columns: list[str] | None = None,
+                   files: list[str] | None = None) -> tuple[np.ndarray, pa.Table]:
         """(float32 array (N, D), C-contiguous; the table's other columns, or ``columns``).
 
-        Rows whose embedding is null (none are written by the job) are dropped from both.
-        Raises ValueError when the table has no committed row.
+        ``files`` as in `read`. Rows whose embedding is null (none are written by the job) are
+        dropped from both. Raises ValueError when the table (or ``files``) has no committed row.
         """
         wanted = None if columns is None else [c for c in columns if c != "embedding"] + ["embedding"]
-        data = self.read(table, wanted)
+        data = self.read(table, wanted, files)
         if data.num_rows == 0:
             raise ValueError(f"{self.uri}: {table}/ has no committed rows")
         emb = data.column("embedding")

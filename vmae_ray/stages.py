@@ -65,6 +65,16 @@ def clip_table(row: dict, pixels: np.ndarray) -> pa.Table:
     return table.set_column(_PIXELS, DECODED_SCHEMA.field(_PIXELS), value)
 
 
+def clip_pixels(batch: pa.Table, rows: list[int]) -> np.ndarray:
+    """The uint8 clips of these clip rows of a decoded table, stacked: (len(rows), T, H, W, 3).
+
+    Views of the Arrow buffers (as_buffer, not as_py: no bytes copy); np.stack makes the one
+    contiguous batch the model reads.
+    """
+    pixels, shapes = batch.column("pixels"), batch.column("pixels_shape")
+    return np.stack([np.frombuffer(pixels[i].as_buffer(), dtype=np.uint8).reshape(shapes[i].as_py()) for i in rows])
+
+
 def error_table(item: dict, stage: str, error_type: str, message: str, decode_seconds: float = 0.0) -> pa.Table:
     """A one-row decoded table holding the error row of ``item`` (see `schema.error_row`)."""
     return decoded_table([error_row(item, stage=stage, error_type=error_type, message=message,
@@ -225,15 +235,8 @@ class EmbedActor:
             started = time.perf_counter()
             self._calls += 1
             call_id = f"{self._actor}:{self._calls}"
-            pixels_col = batch.column("pixels")
-            shapes = batch.column("pixels_shape")
             try:
-                # Views of the Arrow buffers (as_buffer, not as_py: no bytes copy); np.stack
-                # makes the one contiguous batch the model reads.
-                clips = np.stack([
-                    np.frombuffer(pixels_col[i].as_buffer(), dtype=np.uint8).reshape(shapes[i].as_py())
-                    for i in clip_rows
-                ])
+                clips = clip_pixels(batch, clip_rows)
                 if self.reconstruction is None:
                     embeddings, logits = self.embedder.embed(clips)
                 else:

@@ -15,6 +15,10 @@ Four kinds of files:
   pretraining with its decoder, or a bare encoder), saved as hub checkpoints are;
   `train_tiny_pretraining`: one whose decoder learned `texture_clip`s, so that reconstruction
   scores mean something in tests.
+* `transcode_video`: a near-duplicate of a video (re-encoded at another size and quality,
+  optionally trimmed), as uploads of the same clip appear in real corpora.
+* `clustered_unit_vectors`: embedding-like unit vectors with cluster structure and planted
+  near-duplicates, for vector search and dedup tests and benchmarks.
 
 Frame code layout (the contract between `make_video` and `frame_number_from_rgb`):
 a square of side ``CODE_FRACTION * min(width, height)`` centred in the frame, split into a
@@ -49,10 +53,12 @@ __all__ = [
     "make_hostile_corpus",
     "make_scene_corpus",
     "make_huge_dims_video",
+    "clustered_unit_vectors",
     "make_tiny_checkpoint",
     "make_video",
     "texture_clip",
     "train_tiny_pretraining",
+    "transcode_video",
 ]
 
 # Side of the code square as a fraction of the frame's short side. 0.6 keeps the whole code
@@ -441,6 +447,97 @@ def make_scene_corpus(directory, *, per_scene: int, scenes: tuple[str, ...] = SC
             make_video(path, seed=seed + i, scene=scene, **kwargs)
         out.append((path, scene))
     return out
+
+
+def transcode_video(source, path, *, width: int, height: int, codec: str = "h264", crf: int | None = 35,
+                    bit_rate: int | None = None, start_frame: int = 0, end_frame: int | None = None) -> str:
+    """Re-encode ``source`` as ``path``: frames [start_frame, end_frame) of its first video stream,
+    resized to width x height (libswscale bicubic), at another quality; return ``path``.
+
+    What a corpus holds when the same clip is uploaded twice: another size, another encoder
+    quality (x264 ``crf``, or a target ``bit_rate``), or a trimmed copy. The frame-number code of
+    `make_video` survives, so a test can tell which source frames a copy holds. Output frames
+    keep consecutive pts at the source's average rate.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with av.open(os.fspath(source)) as src, av.open(path, mode="w") as dst:
+        in_stream = src.streams.video[0]
+        rate = in_stream.average_rate or Fraction(25, 1)
+        stream = dst.add_stream(codec, rate=rate)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = 1 / _rational(rate)
+        if bit_rate is not None:
+            stream.codec_context.bit_rate = int(bit_rate)
+        options = _video_encoder_options(stream.codec_context.name, bit_rate)
+        if crf is not None and bit_rate is None and stream.codec_context.name == "libx264":
+            options["crf"] = str(crf)
+        stream.codec_context.options = options
+        written = 0
+        for k, frame in enumerate(src.decode(in_stream)):
+            if k < start_frame:
+                continue
+            if end_frame is not None and k >= end_frame:
+                break
+            out = frame.reformat(width=width, height=height, format="yuv420p", interpolation="BICUBIC")
+            out.pts = written
+            out.time_base = stream.codec_context.time_base
+            for packet in stream.encode(out):
+                dst.mux(packet)
+            written += 1
+        for packet in stream.encode(None):
+            dst.mux(packet)
+    if written == 0:
+        raise ValueError(f"{source}: no frame in [{start_frame}, {end_frame})")
+    return path
+
+
+def clustered_unit_vectors(num_rows: int, dim: int, *, num_clusters: int, cluster_cosine: float = 0.5,
+                           intrinsic_dim: int | None = None, duplicate_fraction: float = 0.0,
+                           duplicate_cosine: float = 0.98, seed: int = 0,
+                           block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors (num_rows, dim) float32 with cluster structure, like embeddings of a corpus.
+
+    Row i is normalize(center[c_i] + s * g_i / sqrt(dim)) with random unit centers, c_i uniform
+    over ``num_clusters`` and g_i standard normal, where s = sqrt(1 / cluster_cosine - 1): two rows
+    of one cluster then have cosine about ``cluster_cosine`` (rows of different clusters about
+    0). With ``intrinsic_dim`` m, centers and noise live in a random m-dimensional subspace
+    (rows = Q x, Q a random orthonormal dim x m basis), as embeddings of real corpora occupy a
+    low-dimensional part of their space: neighbourhoods then vary continuously across the space
+    (what approximate search relies on). A ``duplicate_fraction`` of the rows are
+    near-duplicates: row i copies another row j (one that is not itself a copy) plus noise
+    scaled so that cosine(i, j) is about ``duplicate_cosine``. Returns (vectors, source) where
+    source[i] is the row that i copies, or -1. Built in blocks of ``block_rows`` (float32
+    throughout), so 1M x 768 needs 3 GB and little more.
+    """
+    if not 0 < cluster_cosine <= 1 or not 0 < duplicate_cosine <= 1:
+        raise ValueError("cluster_cosine and duplicate_cosine must be in (0, 1]")
+    rng = np.random.default_rng(seed)
+    latent = intrinsic_dim or dim
+    centers = rng.standard_normal((num_clusters, latent), dtype=np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    spread = np.float32(np.sqrt(1.0 / cluster_cosine - 1.0) / np.sqrt(latent))
+    dup_spread = np.float32(np.sqrt(1.0 / duplicate_cosine**2 - 1.0) / np.sqrt(dim))
+    basis = np.linalg.qr(rng.standard_normal((dim, latent)))[0].astype(np.float32) if intrinsic_dim else None
+    out = np.empty((num_rows, dim), dtype=np.float32)
+    for start in range(0, num_rows, block_rows):
+        n = min(block_rows, num_rows - start)
+        block = centers[rng.integers(0, num_clusters, n)]
+        block += spread * rng.standard_normal(block.shape, dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start:start + n] = block if basis is None else block @ basis.T
+    source = np.full(num_rows, -1, dtype=np.int64)
+    is_copy = rng.random(num_rows) < duplicate_fraction
+    copies, originals = np.nonzero(is_copy)[0], np.nonzero(~is_copy)[0]
+    if copies.size and originals.size:
+        source[copies] = originals[rng.integers(0, originals.size, copies.size)]
+        for start in range(0, copies.size, block_rows):
+            rows = copies[start:start + block_rows]
+            block = out[source[rows]] + dup_spread * rng.standard_normal((rows.size, dim), dtype=np.float32)
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            out[rows] = block
+    return out, source
 
 
 def make_audio_only(path, *, seconds=2.0) -> str:

@@ -254,16 +254,7 @@ class OutputStore:
             pq.write_table(table, f, compression="zstd")
 
     def _write_bytes(self, p: str, data: bytes) -> None:
-        self.fs.makedirs(posixpath.dirname(p), exist_ok=True)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        if "file" in protocols:
-            tmp = p + f".tmp-{uuid.uuid4().hex[:8]}"
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, p)  # atomic on POSIX: readers see the old or the new file
-        else:
-            with self.fs.open(p, "wb") as f:  # object stores: one PUT, atomic
-                f.write(data)
+        write_bytes_atomic(self.fs, p, data)
 
 
 class ShardWriter:
@@ -311,6 +302,24 @@ class ShardWriter:
         self._shards[table] += 1
         self.store.write_table(self.run_id, rel, rows_to_table(rows, self.schemas[table]))
         self._staged[table].append(rel)
+
+
+def write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    """Write a small file so that a reader sees the old content or the new, never a part.
+
+    Local: a temporary file renamed over the target (atomic on POSIX); object stores: one PUT,
+    which is atomic. ``path`` is a path of ``fs`` (as `url_to_fs` returns it).
+    """
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        tmp = path + f".tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
 
 
 def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
