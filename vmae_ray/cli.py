@@ -21,6 +21,7 @@ from vmae_ray.config import (
     DEFAULT_STRIDE_CLIPS_PER_VIDEO,
     DEVICES,
     DTYPES,
+    GEOMETRY_MODES,
     INTERPOLATIONS,
     LABEL_MODES,
     ConfigError,
@@ -68,6 +69,9 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
                           f"(default {DEFAULT_STRIDE_CLIPS_PER_VIDEO}), or 'all' to cover the video")
     sampling.add_argument("--interpolation", choices=INTERPOLATIONS,
                           help="libswscale resize filter (default auto: the one matching the checkpoint's resample)")
+    sampling.add_argument("--geometry", choices=GEOMETRY_MODES,
+                          help="displayed (default): frames as players show them, display matrix (rotation, mirror) and "
+                          "sample aspect ratio applied; stored: the picture as stored in the file")
 
     res = p.add_argument_group("resources")
     res.add_argument("--batch-size", type=int,

@@ -79,11 +79,13 @@ def _base(item: dict) -> dict:
     }
 
 
-def _video_facts(probe: VideoProbe) -> dict[str, Any]:
+def _video_facts(probe: VideoProbe, geometry: FrameGeometry) -> dict[str, Any]:
+    width, height, display, sample_aspect_ratio = probe.shown(geometry.apply_display)
     return {
-        "duration_seconds": probe.duration_seconds, "width": probe.width, "height": probe.height,
+        "duration_seconds": probe.duration_seconds, "width": width, "height": height,
         "fps": probe.fps, "codec": probe.codec, "stream_index": probe.stream_index,
-        "num_streams": probe.num_video_streams,
+        "num_streams": probe.num_video_streams, "display_rotation_degrees": display.rotation_degrees,
+        "display_hflip": display.hflip, "sample_aspect_ratio": float(sample_aspect_ratio),
     }
 
 
@@ -117,7 +119,8 @@ def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *
                               threads=params.threads) as decoder:
                 plans = decoder.plan(sampling=params.sampling, num_frames=params.num_frames,
                                      frame_stride=params.frame_stride, clips_per_video=params.clips_per_video)
-                common = {**_base(item), "kind": KIND_CLIP, "num_clips": len(plans), **_video_facts(decoder.probe)}
+                common = {**_base(item), "kind": KIND_CLIP, "num_clips": len(plans),
+                          **_video_facts(decoder.probe, params.geometry)}
                 last = started
                 made = 0
                 for clip in decoder.clips(plans, params.geometry):
