@@ -46,6 +46,7 @@ __all__ = [
     "make_hostile_corpus",
     "make_huge_dims_video",
     "make_resolution_change_video",
+    "remux_with_display_geometry",
     "make_tiny_checkpoint",
     "make_video",
 ]
@@ -313,7 +314,7 @@ def _audio_frames(stream, rate: int, freq: float, start_sample: int, end_sample:
 
 def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=60, gop_size=30,
                pix_fmt="yuv420p", vfr=False, seed=0, bit_rate=None, audio=False, start_seconds=0.0,
-               audio_seconds=None, max_b_frames=None, container_options=None) -> str:
+               audio_seconds=None, max_b_frames=None, container_options=None, cover_art=False) -> str:
     """Encode a synthetic video whose frames are distinguishable; return ``path``.
 
     Frame k shows a moving background (seeded by ``seed``) and, in the centre, a 4x4 black/white
@@ -337,7 +338,8 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
     (e.g. 'mpeg4' in .avi: the first frame is then presented one tick after the header's
     start, as in UCF101/HMDB51); ``container_options`` are muxer options (e.g.
     ``{"use_editlist": "0"}`` keeps an MP4's B-frame delay visible instead of hiding it
-    behind an edit list).
+    behind an edit list). ``cover_art=True`` adds a still picture stream (attached_pic), as
+    downloaders embed a thumbnail.
     """
     path = os.fspath(path)
     if num_frames < 1:
@@ -378,6 +380,8 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
         if audio:
             audio_stream, audio_rate, freq = _add_audio_stream(container, _audio_codec_for(path), seed)
             audio_done = 0
+        if cover_art:
+            _add_cover_art(container, seed)
 
         for k in range(num_frames):
             rgb = background.frame(k)
@@ -496,6 +500,38 @@ def make_displayed_video(path, *, display_width=180, display_height=320, rotatio
     return path
 
 
+def remux_with_display_geometry(source, path, *, rotation_degrees=0, hflip=False, vflip=False,
+                                sample_aspect_ratio=None, max_frames=None) -> str:
+    """Copy the best video stream of ``source`` (no re-encoding) into ``path`` with a display
+    matrix and/or a container sample aspect ratio; return ``path``.
+
+    Real footage as a phone or an anamorphic capture would store it: the same coded pictures,
+    shown rotated (counterclockwise ``rotation_degrees``, then mirrored, as
+    `make_displayed_video`) or stretched. ``max_frames`` stops at the first keyframe from that
+    many packets on, so the copy is whole GOPs. Use .mp4/.mov (the ``tkhd`` matrix and ``pasp``
+    box) or .mkv.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with av.open(os.fspath(source)) as source_container, av.open(path, mode="w") as container:
+        original = source_container.streams.best("video")
+        stream = container.add_stream_from_template(original)
+        if sample_aspect_ratio is not None:
+            stream.codec_context.sample_aspect_ratio = _rational(sample_aspect_ratio)
+        if rotation_degrees or hflip or vflip:
+            if not hasattr(stream, "set_display_rotation"):
+                raise RuntimeError("writing a display matrix needs PyAV >= 18 (VideoStream.set_display_rotation)")
+            stream.set_display_rotation(rotation_degrees, hflip=hflip, vflip=vflip)
+        for count, packet in enumerate(source_container.demux(original)):
+            if packet.dts is None:
+                continue  # the flush packet
+            if max_frames is not None and count >= max_frames and packet.is_keyframe:
+                break
+            packet.stream = stream
+            container.mux(packet)
+    return path
+
+
 def make_resolution_change_video(path, *, sizes=((320, 240), (480, 270)), frames_per_size=30, fps=30,
                                  gop_size=15, seed=0, start_seconds=0.0) -> str:
     """One H.264 stream whose frame size changes mid-stream; return ``path``.
@@ -547,16 +583,34 @@ def make_resolution_change_video(path, *, sizes=((320, 240), (480, 270)), frames
     return path
 
 
-def make_audio_only(path, *, seconds=2.0) -> str:
+def _add_cover_art(container, seed: int, size: int = 96) -> None:
+    """Store a JPEG picture as music files and downloaders do: a one-frame MJPEG stream with the
+    attached_pic disposition (MP4 ``covr``, MP3 ID3 APIC). Players show it as artwork; it is not
+    video."""
+    stream = container.add_stream("mjpeg", rate=1)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuvj420p"
+    stream.disposition = av.stream.Disposition.attached_pic
+    rgb = _Background(size, size, seed).frame(0)
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
+    frame.pts = 0
+    for packet in [*stream.encode(frame), *stream.encode(None)]:
+        container.mux(packet)
+
+
+def make_audio_only(path, *, seconds=2.0, cover_art=False) -> str:
     """Write a sine-tone file with an audio stream and no video stream; return ``path``.
 
     The codec follows the extension: .mp3 (MP3), .m4a (AAC), .ogg/.opus (Opus), .wav (PCM),
     .flac (FLAC); also .mp4/.mkv/.webm, which makes a video container with no video in it.
+    ``cover_art=True`` adds album art as a still picture stream (attached_pic; .mp3 and .mp4).
     """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with av.open(path, mode="w") as container:
         stream, rate, freq = _add_audio_stream(container, _audio_codec_for(path), seed=0)
+        if cover_art:
+            _add_cover_art(container, seed=0)
         for packet in _audio_frames(stream, rate, freq, 0, int(round(seconds * rate))):
             container.mux(packet)
         for packet in stream.encode(None):
