@@ -28,9 +28,11 @@ TIMING_VARIANTS = {
                                 "no stream duration; the container's Duration is the end time (9.6 s)"),
     "mpeg4_bframes.avi": (dict(codec="mpeg4", fps=30, num_frames=60, max_b_frames=2),
                           "header start 0 s, first frame presented one tick later"),
+    # Two where libavformat's headers already agree with the packets (regression checks): an
+    # MP4 whose first frame is presented after the B-frame delay, and an MPEG-TS offset.
     "h264_bframes_no_editlist.mp4": (dict(fps=30, num_frames=60, container_options={"use_editlist": "0"}),
-                                     "first frame presented after the B-frame delay"),
-    "h264_starts_at_5s.ts": (dict(fps=30, num_frames=60, start_seconds=5.0), "MPEG-TS start offset"),
+                                     "none: start_time is the first frame's"),
+    "h264_starts_at_5s.ts": (dict(fps=30, num_frames=60, start_seconds=5.0), "none: timings estimated from pts"),
 }
 
 
@@ -95,11 +97,13 @@ def test_span_and_frames_from_the_packets(timing_variants, name):
 
 @pytest.fixture(scope="module")
 def long_mkv(tmp_path_factory) -> tuple[str, int, int]:
-    """30 s of 160x120 H.264 in Matroska at 2 Mbit/s (about 3.9 MB), one keyframe a second."""
+    """30 s of 160x120 H.264 in Matroska at 2 Mbit/s (about 3.9 MB), one keyframe a second, cut
+    from a longer recording: timestamps start at 10 s."""
     path = make_video(str(tmp_path_factory.mktemp("long") / "long.mkv"), width=160, height=120, fps=30,
-                      num_frames=900, gop_size=30, bit_rate=2_000_000)
-    with av.open(path) as container:  # Matroska: no stream duration, the end must be found
+                      num_frames=900, gop_size=30, bit_rate=2_000_000, start_seconds=10.0)
+    with av.open(path) as container:  # no stream duration; the container's is the end time (40 s)
         assert container.streams.video[0].duration is None
+        assert container.duration / av.time_base == pytest.approx(40.0, abs=0.05)
     return path, 900, 30
 
 
