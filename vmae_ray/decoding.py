@@ -446,8 +446,8 @@ class VideoDecoder:
             end = self._header_end()
         if fps <= 0:
             fps = tail_fps or 30.0
-        # Refused before a single frame is decoded (the header start can only be earlier than
-        # the first frame's time, so this never refuses a video the exact span would accept).
+        # Refused before a single frame is decoded, measured from the header's start (at or a
+        # few frames before the first frame's time); the exact span is checked again below.
         if end is not None and end - header_start > limits.max_duration_seconds:
             raise DecodeError(
                 "too_large", "probe",
@@ -526,8 +526,9 @@ class VideoDecoder:
         """(pts, duration, keyframe) of the chosen stream's packets from here to the end.
 
         Packets the demuxer marks discard (outside an MP4 edit list) produce no frame and are
-        left out; a packet without pts counts by its dts. A read error ends the list (a
-        truncated tail still gives the packets before it).
+        left out; a packet without pts counts by its dts. Damaged data ends the list (a
+        truncated tail still gives the packets before it); an I/O error of the file itself
+        (storage) is raised, so it is not mistaken for the end of the video.
         """
         out = []
         try:
@@ -537,7 +538,7 @@ class VideoDecoder:
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is not None:
                     out.append((int(ts), int(packet.duration or 0), bool(packet.is_keyframe)))
-        except (av.error.FFmpegError, OSError, EOFError):
+        except (av.error.FFmpegError, EOFError):
             pass
         return out
 
