@@ -14,7 +14,7 @@ import os
 import pytest
 
 from tests.conftest import CASE_FILES, UNIFORM16_60_FRAMES, case_file
-from vmae_ray.decoding import DecodeError, FrameGeometry, VideoDecoder
+from vmae_ray.decoding import DecodeError, DisplayTransform, FrameGeometry, VideoDecoder
 from vmae_ray.listing import list_inputs
 from vmae_ray.storage import StorageOptions
 from vmae_ray.synthetic import MARKER_FRACTION, frame_number_from_rgb
@@ -29,7 +29,8 @@ def _clips(path: str, sampling: str, num_frames: int = 16, frame_stride: int = 4
     with VideoDecoder(path) as decoder:
         plans = decoder.plan(sampling=sampling, num_frames=num_frames, frame_stride=frame_stride,
                              clips_per_video=clips_per_video)
-        return decoder.probe, list(decoder.clips(plans, geometry))
+        clips = list(decoder.clips(plans, geometry))
+        return decoder, clips
 
 
 def _codes(clip, first_code: int = 0) -> list[int]:
@@ -41,10 +42,11 @@ def test_time_span_and_size(name):
     case = case_file(name)
     with VideoDecoder(case.path) as decoder:
         probe = decoder.probe
+        shown = decoder.shown()
     assert probe.duration_seconds == pytest.approx(case.duration_seconds, abs=1e-3)
     assert probe.start_seconds == pytest.approx(case.start_seconds, abs=1e-3)
     assert probe.fps == pytest.approx(case.fps)
-    assert probe.shown()[:2] == case.displayed_size
+    assert shown[:2] == case.displayed_size
 
 
 @pytest.mark.parametrize("name", [n for n in DECODED if CASE_FILES[n].uniform16])
@@ -70,7 +72,7 @@ def test_mkv_starting_at_10s_is_two_seconds_long():
         # The file as the issue describes it: the container says 12 s, the stream nothing.
         assert container.duration / av.time_base == pytest.approx(12.0)
         assert container.streams.video[0].duration is None
-    probe, clips = _clips(case.path, "stride", clips_per_video=None)
+    _, clips = _clips(case.path, "stride", clips_per_video=None)
     assert len(clips) == case.stride4_all_clips
     assert _codes(clips[0]) == list(range(0, 60, 4)) + [59]  # the last target is past the end
     _, (clip,) = _clips(case.path, "uniform")
@@ -81,8 +83,8 @@ def test_rotated_phone_video_is_portrait_with_red_bar_on_top():
     case = case_file("c01_phone_portrait_rot90.mp4")
     # Keep the whole displayed picture: 180x320 -> 90x160, crop 90 wide and 160 high.
     whole = FrameGeometry(resize_shortest_edge=90, crop_height=160, crop_width=90)
-    probe, (clip,) = _clips(case.path, "uniform", geometry=whole)
-    assert (probe.display.rotation_degrees, probe.display.hflip) == (90, False)
+    decoder, (clip,) = _clips(case.path, "uniform", geometry=whole)
+    assert decoder.shown()[2] == DisplayTransform(rotation_degrees=90, hflip=False)
     assert clip.pixels.shape == (16, 160, 90, 3)
     band = int(MARKER_FRACTION * 160 / 2)
     for frame in clip.pixels.astype(int):

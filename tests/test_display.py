@@ -242,7 +242,7 @@ def test_variant_is_decoded_as_displayed(display_variants, name):
     recipe, (rotation, hflip), sar = DISPLAY_VARIANTS[name]
     size = (recipe["display_width"], recipe["display_height"])
     with VideoDecoder(display_variants[name]) as decoder:
-        width, height, display, shown_sar = decoder.probe.shown()
+        width, height, display, shown_sar = decoder.shown()
         assert (width, height) == size
         assert (display.rotation_degrees, display.hflip, shown_sar) == (rotation, hflip, sar)
         plans = decoder.plan(sampling="uniform", num_frames=16, frame_stride=1, clips_per_video=1)
@@ -257,7 +257,7 @@ def test_stored_geometry_keeps_the_stored_picture(display_variants):
     """--geometry stored: the picture as stored (sideways here), the old behaviour."""
     path = display_variants["rot90.mp4"]
     with VideoDecoder(path) as decoder:
-        assert decoder.probe.shown(apply_display=False) == (256, 144, DisplayTransform(), Fraction(1))
+        assert decoder.shown(apply_display=False) == (256, 144, DisplayTransform(), Fraction(1))
         plans = decoder.plan(sampling="uniform", num_frames=4, frame_stride=1, clips_per_video=1)
         # 256x144 stored -> 128x72, the whole picture.
         (clip,) = decoder.clips(plans, FrameGeometry(72, 72, 128, apply_display=False))

@@ -54,6 +54,9 @@ PREROLL_CHECK_FRAMES = 16
 TAIL_MIN_PACKETS = 17
 TAIL_STEP_SECONDS = 2.0
 TAIL_ATTEMPTS = 4
+# The first presented frame is read from the first HEAD_PACKETS packets when they say it
+# unambiguously (see `VideoDecoder._head_start`); otherwise the first frame is decoded.
+HEAD_PACKETS = 32
 # A sample aspect ratio outside [1/MAX, MAX] is a damaged header, not a real anamorphic format
 # (those range from 8:9 to 2:1); it is ignored rather than turned into a huge resize.
 MAX_SAMPLE_ASPECT_RATIO = 4
@@ -188,11 +191,12 @@ class FrameGeometry:
 class VideoProbe:
     """Facts about the chosen video stream, written to the `videos/` table.
 
-    ``width`` x ``height`` is the first frame's stored (decoded) size, ``display`` its display
-    matrix and ``sample_aspect_ratio`` the stream's (1 when absent); `shown` combines them.
     ``start_seconds`` is the presentation time of the first frame, ``duration_seconds`` the
     span from it to the end of the last frame, both from the video stream's own packets.
-    ``num_video_streams`` counts real video streams (not cover art).
+    ``width`` x ``height`` is the stored size the stream's header gives and
+    ``sample_aspect_ratio`` the stream's (1 when absent); what a player shows of the first
+    frame is `VideoDecoder.shown`. ``num_video_streams`` counts real video streams (not
+    cover art).
     """
 
     stream_index: int
@@ -204,16 +208,7 @@ class VideoProbe:
     pix_fmt: str
     duration_seconds: float
     start_seconds: float
-    display: DisplayTransform = IDENTITY
     sample_aspect_ratio: Fraction = Fraction(1)
-
-    def shown(self, apply_display: bool = True) -> tuple[int, int, DisplayTransform, Fraction]:
-        """(width, height, display transform, sample aspect ratio) of the picture the model's
-        resize starts from: as displayed, or as stored (identity, 1) without ``apply_display``."""
-        if not apply_display:
-            return self.width, self.height, IDENTITY, Fraction(1)
-        width, height = displayed_size(self.width, self.height, self.sample_aspect_ratio, self.display)
-        return width, height, self.display, self.sample_aspect_ratio
 
 
 @dataclass
@@ -364,6 +359,7 @@ class VideoDecoder:
         self._limits = limits
         self._skipping = False
         self._primed = None  # (first frame, the decode iterator after it) until something else reads
+        self._first_frame: tuple[int, int, DisplayTransform] | None = None  # size, display of the first decoded
         self.stats = DecodeStats(decoded_indices=[] if record_frames else None)
         try:
             self._seekable = isinstance(file, str) or bool(file.seekable())
@@ -441,20 +437,27 @@ class VideoDecoder:
         header_start = float(stream.start_time * time_base) if stream.start_time is not None and time_base else 0.0
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
+        start = self._head_start()
         end, tail_fps = self._find_end(fps)
         if end is None:
             end = self._header_end()
         if fps <= 0:
             fps = tail_fps or 30.0
-        # Refused before a single frame is decoded, measured from the header's start (at or a
-        # few frames before the first frame's time); the exact span is checked again below.
-        if end is not None and end - header_start > limits.max_duration_seconds:
+        # Refused before a single frame is decoded (from the header's start when the first
+        # packets leave the first frame open: at or a few frames before it).
+        if end is not None and end - (header_start if start is None else start) > limits.max_duration_seconds:
             raise DecodeError(
                 "too_large", "probe",
-                f"duration {end - header_start:.1f}s exceeds max_duration_seconds={limits.max_duration_seconds}",
+                f"duration {end - (header_start if start is None else start):.1f}s exceeds "
+                f"max_duration_seconds={limits.max_duration_seconds}",
             )
-        first = self._prime()
-        start = float(first.time) if first.time is not None else header_start
+        if self._seekable:
+            self._rewind()
+        if start is None:
+            # The first packets leave open which frame the decoder shows first (an open GOP, a
+            # stream cut mid-GOP): decode it. Decoding straight through goes on from it.
+            first = self._prime()
+            start = float(first.time) if first.time is not None else header_start
         duration = max(end - start, 0.0) if end is not None else 0.0
         if duration > limits.max_duration_seconds:
             raise DecodeError(
@@ -464,16 +467,35 @@ class VideoDecoder:
         return VideoProbe(
             stream_index=stream.index,
             num_video_streams=self._num_video_streams,
-            width=int(first.width),
-            height=int(first.height),
+            width=width,
+            height=height,
             fps=fps,
             codec=stream.codec_context.name,
             pix_fmt=stream.codec_context.pix_fmt or "",
             duration_seconds=duration,
             start_seconds=start,
-            display=display_transform_of(first),
             sample_aspect_ratio=_sample_aspect_ratio(stream),
         )
+
+    def shown(self, apply_display: bool = True) -> tuple[int, int, DisplayTransform, Fraction]:
+        """(width, height, display transform, sample aspect ratio) of the picture a player shows
+        of the first decoded frame: the picture the model's resize starts from. Without
+        ``apply_display``: the stored size, identity and 1.
+
+        Known once a frame is decoded (the first frame, or with a sparse plan the keyframe its
+        first seek lands on); before any decoding this decodes the first frame.
+        """
+        if self._first_frame is None:
+            self._prime()
+        width, height, display = self._first_frame
+        if not apply_display:
+            return width, height, IDENTITY, Fraction(1)
+        sar = self.probe.sample_aspect_ratio
+        return (*displayed_size(width, height, sar, display), display, sar)
+
+    def _note_first(self, frame) -> None:
+        if self._first_frame is None:
+            self._first_frame = (int(frame.width), int(frame.height), display_transform_of(frame))
 
     # -- time span ----------------------------------------------------------------------------
 
@@ -522,7 +544,21 @@ class VideoDecoder:
         tail_fps = len(gaps) / float((pts[-1] - pts[0]) * time_base) if gaps else 0.0
         return float(end * time_base), tail_fps
 
-    def _video_packets(self) -> list[tuple[int, int, bool]]:
+    def _head_start(self) -> float | None:
+        """The first presented frame's time from the first packets (demux only), or None.
+
+        Unambiguous when the stream opens with a keyframe that is shown first: no packet among
+        the first HEAD_PACKETS (more than any decoder's reordering delay) is presented before
+        it. B-frame delay is read right here: an AVI whose header starts at 0 s and whose first
+        frame is presented at 0.04 s gives 0.04. An open GOP's leading frames, or a stream cut
+        mid-GOP, leave it to the decoder (None).
+        """
+        packets = self._video_packets(limit=HEAD_PACKETS)
+        if not packets or not packets[0][2] or min(p[0] for p in packets) != packets[0][0]:
+            return None
+        return float(packets[0][0] * self._stream.time_base)
+
+    def _video_packets(self, limit: int | None = None) -> list[tuple[int, int, bool]]:
         """(pts, duration, keyframe) of the chosen stream's packets from here to the end.
 
         Packets the demuxer marks discard (outside an MP4 edit list) produce no frame and are
@@ -538,6 +574,8 @@ class VideoDecoder:
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is not None:
                     out.append((int(ts), int(packet.duration or 0), bool(packet.is_keyframe)))
+                    if limit is not None and len(out) >= limit:
+                        break
         except (av.error.FFmpegError, EOFError):
             pass
         return out
@@ -554,8 +592,7 @@ class VideoDecoder:
     def _prime(self):
         """Decode the first frame (the first presented one), from the start of the stream.
 
-        Its timestamp anchors the plans, and its display matrix and size are what a player
-        shows first. Decoding straight through goes on from it, so it costs nothing there.
+        Decoding straight through goes on from it, so it costs nothing there.
         """
         if self._seekable:
             self._rewind()
@@ -567,6 +604,7 @@ class VideoDecoder:
         if first is None:
             raise DecodeError("corrupt", "decode", "no frame could be decoded")
         self.stats.frames_decoded += 1
+        self._note_first(first)
         self._primed = (first, frames)
         return first
 
@@ -622,6 +660,7 @@ class VideoDecoder:
                 index += 1
                 if index or not primed:  # the primed frame was counted when decoded
                     self.stats.frames_decoded += 1
+                    self._note_first(frame)
                 self._record(index)
                 t = frame.time
                 if t is None:  # no timestamp: continue the previous one at the nominal rate
@@ -777,6 +816,7 @@ class VideoDecoder:
                 ended = True
                 for frame in frames:
                     self.stats.frames_decoded += 1
+                    self._note_first(frame)
                     if frame.pts is None:
                         raise _IndexMismatch("a decoded frame has no pts")
                     rank = index.rank.get(frame.pts)
