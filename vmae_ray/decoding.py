@@ -437,7 +437,8 @@ class VideoDecoder:
         header_start = float(stream.start_time * time_base) if stream.start_time is not None and time_base else 0.0
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
-        start = self._head_start()
+        # A file that cannot seek is read once, from the start: no look ahead at its packets.
+        start = self._head_start() if self._seekable else None
         end, tail_fps = self._find_end(fps)
         if end is None:
             end = self._header_end()
