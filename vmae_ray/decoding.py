@@ -46,17 +46,20 @@ SEEK_MIN_SKIP_FRAMES = 16
 PREROLL_MARGIN_FRAMES = 24
 PREROLL_CHECK_FRAMES = 16
 
+# A frame's place in decode order is at most the decoder's reordering delay (16 frames in
+# H.264/HEVC) away from its place in presentation order.
+REORDER_MAX_FRAMES = 16
 # The end of a video is found as probing tools find it: seek to the last keyframe and demux
-# to the end of the file (no decoding). The frame shown last can sit up to the decoder's
-# reordering delay (at most 16 frames in H.264/HEVC) before the end in decode order, so the
-# tail must start at a keyframe or hold more packets than that; otherwise the seek steps back
-# (TAIL_STEP_SECONDS, then 4x as far each time) at most TAIL_ATTEMPTS times.
-TAIL_MIN_PACKETS = 17
+# to the end of the file (no decoding). The frame shown last is among the last
+# REORDER_MAX_FRAMES + 1 packets, so the tail must start at a keyframe or hold more packets
+# than that; otherwise the seek steps back (TAIL_STEP_SECONDS, then 4x as far each time) at
+# most TAIL_ATTEMPTS times.
+TAIL_MIN_PACKETS = REORDER_MAX_FRAMES + 1
 TAIL_STEP_SECONDS = 2.0
 TAIL_ATTEMPTS = 4
 # The first presented frame is read from the first HEAD_PACKETS packets when they say it
 # unambiguously (see `VideoDecoder._head_start`); otherwise the first frame is decoded.
-HEAD_PACKETS = 32
+HEAD_PACKETS = REORDER_MAX_FRAMES + 1
 # A sample aspect ratio outside [1/MAX, MAX] is a damaged header, not a real anamorphic format
 # (those range from 8:9 to 2:1); it is ignored rather than turned into a huge resize.
 MAX_SAMPLE_ASPECT_RATIO = 4
