@@ -101,6 +101,8 @@ class DisplayTransform:
         if hflip:  # M = R H with H the mirror (p -> -p): R = M H negates the first column
             a, b = -a, -b
         quarter_turns = round(math.degrees(math.atan2(c, a)) / 90.0) % 4
+        if not quarter_turns and not hflip:
+            return IDENTITY
         return cls(rotation_degrees=90 * quarter_turns, hflip=hflip)
 
     @property
@@ -284,7 +286,7 @@ def model_crop(frame, geometry: FrameGeometry, resized: tuple[int, int], *, tran
     # gbrp plane order is G, B, R.
     for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
         data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-        if transform != IDENTITY:
+        if transform is not IDENTITY:
             data = transform.apply(data[:, :stored_w])  # without the row padding, which would move
         out[:, :, channel] = data[top:top + g.crop_height, left:left + g.crop_width]
     return out
@@ -340,8 +342,11 @@ def _sample_aspect_ratio(stream) -> Fraction:
 
 def display_matrix_of(frame) -> bytes | None:
     """The raw display matrix (36 bytes) libavcodec attached to a decoded frame, or None."""
-    side_data = frame.side_data.get(SideDataType.DISPLAYMATRIX)
-    return bytes(side_data) if side_data is not None else None
+    # Iterating is 5x cheaper than the container's Mapping.get (1.7 vs 8.6 us a frame).
+    for side_data in frame.side_data:
+        if side_data.type == SideDataType.DISPLAYMATRIX:
+            return bytes(side_data)
+    return None
 
 
 def display_transform_of(frame) -> DisplayTransform:
