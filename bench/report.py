@@ -123,11 +123,11 @@ ranged reads (64 KiB blocks):
 
 The probe now reads the header, the first packets and the last GOP, not the file
 (`pytest -s tests/test_timing.py -k finding` measures its own copy of the file the same way,
-prints the bytes and asserts the probe reads under 15% of them). A sparse plan's decode reads more than the file with either decoder: the
-keyframe-seek path demuxes every packet for its frame index (exact frame numbers need every
-timestamp), then reads each seek's GOP again through the read-ahead cache; that is older than
-this change (building the index from the MP4 sample table, or keeping the blocks the index
-scan read, would cut it).
+prints the bytes and asserts the probe reads under 15% of them). A sparse plan's decode
+reads more than the file with either decoder: the keyframe-seek path demuxes every packet for
+its frame index (exact frame numbers need every timestamp), then reads each seek's GOP again
+through the read-ahead cache; that is older than this change (building the index from the
+MP4 sample table, or keeping the blocks the index scan read, would cut it).
 """
 
 
