@@ -63,6 +63,76 @@ best of 2; "straight" is the libavcodec baseline measured in the same run; 224x2
 | ssv2, uniform 16 (60 videos) | 24.9 | 57.5 | 31.7 | 2.20 | **1.33** | 1.34 |
 """
 
+# Measured once while changing vmae_ray/decoding.py for issue 10 (`python -m bench.geometry_bench`,
+# which loads the previous decoder from git); `make bench` does not re-measure it.
+GEOMETRY_CHANGES = """\
+## Display geometry and time span (issue 10)
+
+What frames-as-displayed costs the decode stage: the span read from the video packets (the
+first packets, and the last GOP found by a seek), the display matrix and sample aspect ratio
+applied per frame. Measured with `python -m bench.geometry_bench --workdir bench_out --repeats 5`
+on 2026-11-29 (330 s; this 2-core machine, load average 0.8 at the start, 3.5 at the end).
+CPU time, best of 5; before = the decoder of commit 0e16f13 (the bench loads it from git),
+after = this one, each video decoded by both in turn; straight and seek floor are `make
+bench`'s decode-target baselines, measured in the same run. 224x224 crop (resize 232).
+
+| workload | straight ms/clip | seek floor | before | after | before / straight | after / straight | after / before |
+|---|---:|---:|---:|---:|---:|---:|---:|
+| kinetics, stride 4x16, 4 clips/video (6 videos, 24 clips) | 416.3 | 194.6 | 185.8 | 187.4 | 0.45 | **0.45** | 1.01 |
+| ssv2, uniform 16 (60 videos) | 18.3 | 18.3 | 24.2 | 25.0 | 1.32 | **1.37** | 1.03 |
+
+Other runs of the same comparison while the code settled put after/before at 1.00-1.02 on
+kinetics (run-to-run noise on HD video is a few percent) and 1.03-1.04 on ssv2: 0.6-0.8 ms
+per 240p clip. Measured apart on the same 60 WebM files: reading the first 17 packets 0.05
+ms, the seek to the last keyframe and the demux to the end 0.12 ms, the rewind 0.02 ms per
+video (before, the decoder trusted the header, which for these files happens to be right);
+looking up each converted frame's display matrix 2-5 us a frame; the rest is not
+attributable above the noise. The
+first frame is decoded while probing only when the first packets leave it open (an open GOP,
+a stream cut mid-GOP); an intermediate version that always did so cost kinetics 3% (a
+keyframe decoded twice when the plan seeks).
+
+Display transforms per clip: the same videos remuxed with a display matrix or a sample
+aspect ratio (`synthetic.remux_with_display_geometry`, no re-encoding: identical decoding
+work), `VideoDecoder` CPU ms per clip, best of 5:
+
+| workload | original | rotate 90 | mirror | sample aspect ratio 4:3 |
+|---|---:|---:|---:|---:|
+| kinetics (720p/1080p H.264, stride 4x16, 4 clips/video) | 194.4 | 193.3 | 200.1 | 193.9 |
+| ssv2 (428x240 VP9, uniform 16) | 24.8 | 25.2 | 24.7 | 24.5 |
+
+All within the noise: the quarter turn commutes with the resize (libswscale resizes the
+stored frame to the transposed size) and the rotation or mirror is a numpy view the crop copy
+reads through. `model_crop` alone, 16 decoded frames (one clip), ms:
+
+| frames | identity | rotate 90 | mirror | rotate 270 + mirror | sample aspect ratio 4:3 |
+|---|---:|---:|---:|---:|---:|
+| 1280x720 | 10.6 | 10.2 | 9.5 | 9.4 | 11.3 |
+| 428x240 | 3.3 | 3.3 | 3.2 | 3.3 | 4.0 |
+
+A sample aspect ratio costs what its larger picture costs: 4:3 widens the resized frame by a
+third before the crop (+0.7 ms per 240p clip, +0.7-1.7 ms per 720p clip across runs).
+
+Bytes on object storage: tests/test_timing.py's long Matroska file (30 s of 160x120 H.264 at
+2 Mbit/s, 3.87 MB, timestamps from 10 s; no stream duration, the container's Duration element
+says 40 s, the end time) on a moto S3 server over HTTP, read through `storage.open_input`'s
+ranged reads (64 KiB blocks):
+
+| decoder | probe reads | span found | uniform-16 decode reads in all |
+|---|---:|---:|---:|
+| before | 98 KB (2.5%) | 40.0 s (wrong: the container's end time) | 5.67 MB (1.47x the file) |
+| after | 196 KB (5.1%) | 30.0 s | 6.52 MB (1.69x) |
+
+The probe now reads the header, the first packets and the last GOP, not the file
+(`pytest -s tests/test_timing.py -k finding` measures its own copy of the file the same way,
+prints the bytes and asserts the probe reads under 15% of them). A sparse plan's decode
+reads more than the file with either decoder: the keyframe-seek path demuxes every packet for
+its frame index (exact frame numbers need every timestamp), then reads each seek's GOP again
+through the read-ahead cache; that is older than this change (building the index from the
+MP4 sample table, or keeping the blocks the index scan read, would cut it).
+"""
+
+
 
 def _f(x: Any, nd: int = 2) -> str:
     if x is None:
@@ -392,6 +462,7 @@ def render(results: dict) -> str:
                   f"{1000 * row['seek_cpu']:.0f} | {1000 * row['vmae_cpu']:.0f} |")
             w("\n</details>\n")
     w(DECODER_CHANGES)
+    w(GEOMETRY_CHANGES)
 
     # ---------------------------------------------------------------- memory
     w("## Decode-task memory on long 1080p video\n")

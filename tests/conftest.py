@@ -159,3 +159,61 @@ def long_videos(tmp_path_factory):
         "h264_longgop.mp4": dict(codec="h264", width=160, height=120, fps=30, num_frames=480, gop_size=200),
     }
     return {name: make_video(str(root / name), seed=i, **kw) for i, (name, kw) in enumerate(recipes.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# ../shared/media/cases: small videos reproducing public bug reports, with the right values its
+# README states (declared once here; tests assert them against frame codes read from pixels).
+
+CASES_DIR = os.path.join(SHARED_MEDIA, "cases")
+UNIFORM16_60_FRAMES = (1, 5, 9, 13, 16, 20, 24, 28, 31, 35, 39, 43, 46, 50, 54, 58)
+
+
+@dataclass(frozen=True)
+class CaseFile:
+    name: str  # path under cases/
+    what: str
+    num_frames: int | None = None
+    fps: float | None = None
+    duration_seconds: float | None = None
+    start_seconds: float | None = None  # presentation time of frame 0
+    displayed_size: tuple[int, int] | None = None  # (width, height) as players show it
+    uniform16: tuple[int, ...] | None = None  # frame indices of uniform 16
+    stride4_clip0: tuple[int, ...] | None = None  # frame indices of stride 4, clip 0
+    stride4_all_clips: int | None = None  # clips of stride 4 with --clips-per-video all
+    expect_error: str | None = None
+    first_code: int = 0  # the frame code drawn on frame 0
+
+    @property
+    def path(self) -> str:
+        return os.path.join(CASES_DIR, self.name)
+
+
+CASE_FILES = {c.name: c for c in [
+    CaseFile("c01_phone_portrait_rot90.mp4", "H.264 320x180 stored, display matrix rotate 90", 60, 30, 2.0, 0.0,
+             (180, 320), UNIFORM16_60_FRAMES),
+    CaseFile("c02_audio_with_cover.mp4", "AAC + MJPEG cover art (attached_pic)", expect_error="no_video_stream"),
+    CaseFile("c05_resolution_change.ts", "H.264 in MPEG-TS, 320x240 then 480x270 from frame 30", 60, 30, 2.0, 1.4,
+             (320, 240)),
+    CaseFile("c08_mpeg4_bframes.avi", "MPEG-4 Part 2 with B-frames in AVI, header start 0.0 s", 75, 25, 3.0, 0.04,
+             (320, 240), (2, 7, 11, 16, 21, 25, 30, 35, 39, 44, 49, 53, 58, 63, 67, 72), tuple(range(0, 64, 4))),
+    CaseFile("c12_mkv_starts_at_10s.mkv", "H.264 in Matroska from 10.0 s, Duration element 12.0 s", 60, 30, 2.0, 10.0,
+             (320, 240), UNIFORM16_60_FRAMES, stride4_all_clips=1),
+    CaseFile("c13_anamorphic_sar.mp4", "H.264 240x160 stored, sample aspect ratio 32:27", 60, 30, 2.0, 0.0, (284, 160)),
+    CaseFile("brackets/talk [1].mp4", "named as yt-dlp names downloads", 30, 30, 1.0, 0.0, (160, 120), first_code=100),
+    CaseFile("brackets/talk 1.mp4", "the neighbour a glob reading of 'talk [1].mp4' matches", 30, 30, 1.0, 0.0,
+             (160, 120), first_code=500),
+]}
+
+
+def case_file(name: str) -> CaseFile:
+    """The case ``name`` (skipped with a visible reason when ../shared/media/cases is missing)."""
+    if not os.path.isdir(CASES_DIR):
+        pytest.skip(f"shared media cases not found at {CASES_DIR}")
+    return CASE_FILES[name]
+
+
+def uniform_indices(num_frames: int, segments: int) -> list[int]:
+    """Brute force for constant-rate video: the frame on screen at the middle of each of
+    ``segments`` equal segments of ``num_frames`` frames (frame k covers [k, k + 1))."""
+    return [int((i + 0.5) * num_frames / segments) for i in range(segments)]

@@ -15,7 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import SHARED_FILES, SHARED_MEDIA
+from tests.conftest import CASE_FILES, CASES_DIR, SHARED_FILES, SHARED_MEDIA
 from vmae_ray.cli import config_from_args
 from vmae_ray.config import ConfigError
 from vmae_ray.pipeline import run
@@ -52,13 +52,15 @@ def manifest_run(ray_session, tiny_classifier, synthetic_corpus, tmp_path_factor
     uris = list(synthetic_corpus.values())
     shared = [m for m in SHARED_FILES if os.path.isdir(SHARED_MEDIA)]
     uris += [m.path for m in shared]
+    cases = list(CASE_FILES.values()) if os.path.isdir(CASES_DIR) else []
+    uris += [c.path for c in cases]
     ids = [f"vid-{i:02d}" for i in range(len(uris))]
     manifest = work / "manifest.csv"
     pacsv.write_csv(pa.table({"uri": uris, "video_id": ids, "split": [f"s{i % 3}" for i in range(len(uris))]}),
                     manifest)
     out = str(work / "out")
     summary = run_job("--input", str(manifest), "--output", out, "--model", tiny_classifier, "--top-k", "3")
-    return {"out": out, "ids": dict(zip(ids, uris)), "summary": summary, "shared": shared}
+    return {"out": out, "ids": dict(zip(ids, uris)), "summary": summary, "shared": shared, "cases": cases}
 
 
 def test_manifest_tables_schema_and_counts(manifest_run):
@@ -109,6 +111,40 @@ def test_shared_media_outcomes(manifest_run):
             if media.video_stream is not None:
                 assert videos[vid]["stream_index"] == media.video_stream
                 assert videos[vid]["width"] == 480
+
+
+def test_real_world_cases_right_values(manifest_run):
+    """../shared/media/cases through the job: time span, displayed size, frames, cover art."""
+    if not manifest_run["cases"]:
+        pytest.skip(f"shared media cases not found at {CASES_DIR}")
+    out, ids = manifest_run["out"], manifest_run["ids"]
+    by_uri = {u: v for v, u in ids.items()}
+    videos = {r["video_id"]: r for r in read_table(out, "videos").to_pylist()}
+    errors = {r["video_id"]: r for r in read_table(out, "errors").to_pylist()}
+    clips = {r["video_id"]: r for r in read_table(out, "clips").to_pylist()}
+    for case in manifest_run["cases"]:
+        vid = by_uri[case.path]
+        if case.expect_error:
+            assert errors[vid]["error_type"] == case.expect_error and "still picture" in errors[vid]["message"]
+            continue
+        row = videos[vid]
+        assert row["duration_seconds"] == pytest.approx(case.duration_seconds, abs=1e-3), case.name
+        assert (row["width"], row["height"]) == case.displayed_size, case.name
+        # Uniform sampling with the checkpoint's 8 frames: brute-force segment midpoints.
+        expected = [int((i + 0.5) * case.num_frames / 8) for i in range(8)]
+        assert clips[vid]["frame_indices"] == expected, case.name
+        assert clips[vid]["start_seconds"] == pytest.approx(expected[0] / case.fps, abs=1e-3), case.name
+    facts = {c.name: videos[by_uri[c.path]] for c in manifest_run["cases"] if not c.expect_error}
+    for name, row in facts.items():
+        rotation = 90 if name == "c01_phone_portrait_rot90.mp4" else 0
+        sar = 32 / 27 if name == "c13_anamorphic_sar.mp4" else 1.0
+        assert (row["display_rotation_degrees"], row["display_hflip"]) == (rotation, False), name
+        assert row["sample_aspect_ratio"] == pytest.approx(sar), name
+        assert row["num_streams"] == 1
+    schema = read_table(out, "videos").schema
+    for name, typ in [("display_rotation_degrees", pa.int32()), ("display_hflip", pa.bool_()),
+                      ("sample_aspect_ratio", pa.float64())]:
+        assert schema.field(name).type == typ
 
 
 def test_video_embedding_is_mean_of_clips(manifest_run):

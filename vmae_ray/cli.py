@@ -21,6 +21,7 @@ from vmae_ray.config import (
     DEFAULT_STRIDE_CLIPS_PER_VIDEO,
     DEVICES,
     DTYPES,
+    GEOMETRY_MODES,
     INTERPOLATIONS,
     LABEL_MODES,
     ConfigError,
@@ -107,6 +108,9 @@ def add_sampling_arguments(group) -> None:
                        f"(default {DEFAULT_STRIDE_CLIPS_PER_VIDEO}), or 'all' to cover the video")
     group.add_argument("--interpolation", choices=INTERPOLATIONS,
                        help="libswscale resize filter (default auto: the one matching the checkpoint's resample)")
+    group.add_argument("--geometry", choices=GEOMETRY_MODES,
+                       help="displayed (default): frames as players show them, display matrix (rotation, mirror) and "
+                       "sample aspect ratio applied; stored: the picture as stored in the file")
 
 
 def add_mask_arguments(group) -> None:

@@ -21,6 +21,9 @@ DEFAULT_MODEL = "MCG-NJU/videomae-base-short-ssv2"
 DEVICES = ("auto", "cpu", "cuda")
 LABEL_MODES = ("auto", "on", "off")
 INTERPOLATIONS = ("auto", "BILINEAR", "AREA", "BICUBIC", "FAST_BILINEAR", "LANCZOS", "POINT")
+# displayed: frames as a player shows them (display matrix and sample aspect ratio applied);
+# stored: the decoded picture as stored in the file (the behaviour before display geometry).
+GEOMETRY_MODES = ("displayed", "stored")
 
 # Defaults that depend on the cluster, stated once (the help text and `plan_resources` read
 # them): clips per model call, and clips per video for stride sampling.
@@ -75,6 +78,7 @@ class EmbedConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     extensions: tuple[str, ...] | None = None
     interpolation: str = "auto"  # auto: the swscale filter closest to the checkpoint's resample
+    geometry: str = "displayed"  # one of GEOMETRY_MODES
     max_frame_pixels: int = 8192 * 8192
     max_duration_seconds: float = 6 * 3600.0
     max_bytes: int = 64 * 2**30
@@ -98,6 +102,7 @@ class EmbedConfig:
         _choice("--device", self.device, DEVICES)
         _choice("--labels", self.labels, LABEL_MODES)
         _choice("--interpolation", self.interpolation, INTERPOLATIONS)
+        _choice("--geometry", self.geometry, GEOMETRY_MODES)
         _positive("--num-frames", self.num_frames, allow_none=True)
         _positive("--frame-stride", self.frame_stride)
         _positive("--batch-size", self.batch_size, allow_none=True)

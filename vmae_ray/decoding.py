@@ -14,12 +14,15 @@ from __future__ import annotations
 import bisect
 import errno
 import itertools
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import BinaryIO
 
 import av
 import numpy as np
+from av.sidedata.sidedata import Type as SideDataType
 
 from vmae_ray.sampling import ClipPlan, FrameMatcher, plan_clips
 from vmae_ray.schema import check_error_code
@@ -42,6 +45,96 @@ SEEK_MIN_SKIP_FRAMES = 16
 # switch on, decoded frames must again be consecutive, so a needed frame is never missed.
 PREROLL_MARGIN_FRAMES = 24
 PREROLL_CHECK_FRAMES = 16
+
+# A frame's place in decode order is at most the decoder's reordering delay (16 frames in
+# H.264/HEVC) away from its place in presentation order.
+REORDER_MAX_FRAMES = 16
+# The end of a video is found as probing tools find it: seek to the last keyframe and demux
+# to the end of the file (no decoding). The frame shown last is among the last
+# REORDER_MAX_FRAMES + 1 packets, so the tail must start at a keyframe or hold more packets
+# than that; otherwise the seek steps back (TAIL_STEP_SECONDS, then 4x as far each time) at
+# most TAIL_ATTEMPTS times.
+TAIL_MIN_PACKETS = REORDER_MAX_FRAMES + 1
+TAIL_STEP_SECONDS = 2.0
+TAIL_ATTEMPTS = 4
+# The first presented frame is read from the first HEAD_PACKETS packets when they say it
+# unambiguously (see `VideoDecoder._head_start`); otherwise the first frame is decoded.
+HEAD_PACKETS = REORDER_MAX_FRAMES + 1
+# A sample aspect ratio outside [1/MAX, MAX] is a damaged header, not a real anamorphic format
+# (those range from 8:9 to 2:1); it is ignored rather than turned into a huge resize.
+MAX_SAMPLE_ASPECT_RATIO = 4
+
+
+@dataclass(frozen=True)
+class DisplayTransform:
+    """What a player does to a stored picture before showing it: mirror it left-right when
+    ``hflip``, then rotate it counterclockwise by ``rotation_degrees`` (0, 90, 180 or 270).
+
+    Read from the display matrix (libavutil/display.h; the MP4/MOV ``tkhd`` matrix, Matroska's
+    projection, H.264/HEVC display-orientation SEI), which libavcodec attaches to every decoded
+    frame. ``rotation_degrees`` has the sense of ffprobe's ``rotation`` and PyAV's
+    ``VideoFrame.rotation`` (counterclockwise; a phone held upright is usually 90 or 270).
+    Each of the eight matrices that cameras and editors write (quarter turns, optionally
+    mirrored) is exactly one transform; other angles are snapped to the nearest quarter turn.
+    """
+
+    rotation_degrees: int = 0
+    hflip: bool = False
+
+    @classmethod
+    def from_display_matrix(cls, matrix: Sequence[int] | bytes) -> DisplayTransform:
+        """The transform of a 3x3 display matrix: 9 int32 (16.16 fixed point), or its side-data bytes.
+
+        The matrix maps a stored point (p, q) (x right, y down) to (a p + c q, b p + d q) with
+        a, b, c, d = matrix[0], matrix[1], matrix[3], matrix[4]. A negative determinant is a
+        mirror image: the left-right mirror is taken out first, what remains is a rotation whose
+        counterclockwise angle is atan2(c, a). A singular matrix (a damaged one) is ignored,
+        as libavutil's av_display_rotation_get ignores it.
+        """
+        if isinstance(matrix, (bytes, bytearray, memoryview)):
+            matrix = np.frombuffer(bytes(matrix)[:36], dtype=np.int32).tolist()
+        a, b, c, d = (float(matrix[i]) for i in (0, 1, 3, 4))
+        det = a * d - b * c
+        if det == 0:
+            return IDENTITY
+        hflip = det < 0
+        if hflip:  # M = R H with H the mirror (p -> -p): R = M H negates the first column
+            a, b = -a, -b
+        quarter_turns = round(math.degrees(math.atan2(c, a)) / 90.0) % 4
+        if not quarter_turns and not hflip:
+            return IDENTITY
+        return cls(rotation_degrees=90 * quarter_turns, hflip=hflip)
+
+    @property
+    def swaps_axes(self) -> bool:
+        """True for quarter turns: the displayed width is the stored height."""
+        return self.rotation_degrees in (90, 270)
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """``pixels`` (H, W, ...) as displayed: a numpy view, no copy."""
+        if self.hflip:
+            pixels = pixels[:, ::-1]
+        return np.rot90(pixels, self.rotation_degrees // 90) if self.rotation_degrees else pixels
+
+
+IDENTITY = DisplayTransform()
+
+
+def displayed_size(width: int, height: int, sample_aspect_ratio: Fraction,
+                   transform: DisplayTransform = IDENTITY) -> tuple[int, int]:
+    """(width, height) of a stored width x height picture as a player shows it.
+
+    The sample aspect ratio (pixel width / pixel height) widens the picture when above 1 and
+    heightens it when below 1, never shrinks it (Chromium's natural size, mpv's display
+    size): 240x160 at 32:27 shows as 284x160, 720x480 at 8:9 as 720x540. A quarter turn of
+    the display matrix then swaps width and height.
+    """
+    sar = sample_aspect_ratio
+    if sar > 1:
+        width = max(1, round(width * sar))
+    elif sar < 1:
+        height = max(1, round(height / sar))
+    return (height, width) if transform.swaps_axes else (width, height)
 
 
 class DecodeError(Exception):
@@ -78,12 +171,18 @@ class FrameGeometry:
     Mirrors the Hugging Face VideoMAE image processor (resize with shortest_edge keeping
     the aspect ratio, then a center crop), with values from the checkpoint's
     preprocessor_config.json. ``interpolation`` is a libswscale filter name.
+
+    With ``apply_display`` (the default) the frame is first taken as a player shows it: its
+    display matrix (`DisplayTransform`) and the stream's sample aspect ratio are applied, so
+    the resize starts from the displayed size (`displayed_size`). Without, the stored picture
+    is used as it is. Either way each frame is resized from its own decoded size.
     """
 
     resize_shortest_edge: int
     crop_height: int
     crop_width: int
     interpolation: str = "BILINEAR"
+    apply_display: bool = True
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after resizing the short side, as transformers computes it."""
@@ -95,7 +194,15 @@ class FrameGeometry:
 
 @dataclass(frozen=True)
 class VideoProbe:
-    """Facts about the chosen video stream, written to the `videos/` table."""
+    """Facts about the chosen video stream, written to the `videos/` table.
+
+    ``start_seconds`` is the presentation time of the first frame, ``duration_seconds`` the
+    span from it to the end of the last frame, both from the video stream's own packets.
+    ``width`` x ``height`` is the stored size the stream's header gives and
+    ``sample_aspect_ratio`` the stream's (1 when absent); what a player shows of the first
+    frame is `VideoDecoder.shown`. ``num_video_streams`` counts real video streams (not
+    cover art).
+    """
 
     stream_index: int
     num_video_streams: int
@@ -106,6 +213,7 @@ class VideoProbe:
     pix_fmt: str
     duration_seconds: float
     start_seconds: float
+    sample_aspect_ratio: Fraction = Fraction(1)
 
 
 @dataclass
@@ -144,30 +252,42 @@ def center_crop(rgb: np.ndarray, crop_height: int, crop_width: int) -> np.ndarra
     return rgb[top : top + crop_height, left : left + crop_width]
 
 
-def model_crop(frame, geometry: FrameGeometry, resized: tuple[int, int], *, threads: int = 1) -> np.ndarray:
+def model_crop(frame, geometry: FrameGeometry, resized: tuple[int, int], *, transform: DisplayTransform = IDENTITY,
+               threads: int = 1) -> np.ndarray:
     """The model's crop of one decoded frame: (crop_height, crop_width, 3) uint8 RGB, contiguous.
 
-    ``resized`` is the (width, height) the frame is resized to before the center crop
-    (`FrameGeometry.resized_size`). Resize + convert in one libswscale call to planar RGB
-    (gbrp): libswscale's planar writer is 1.5-2.5x faster than its packed rgb24 writer when
-    scaling (measured with libswscale 9: 0.30 vs 0.79 ms for 428x240 -> 413x232, 1.2 vs 1.7 ms
-    from 1080p) and interpolates chroma fully, so on HD input it is closer to the reference
-    (full resolution RGB then PIL bilinear): mean error 2.2 vs 4.4 levels on 720p test video;
-    identical output where both are exact. The crop is then copied plane by plane straight
-    into the output, which saves interleaving the whole resized frame first (as `to_ndarray`
-    would) and then copying the crop again.
+    ``resized`` is the (width, height) the frame *as displayed* is resized to before the center
+    crop (`FrameGeometry.resized_size` of `displayed_size`); ``transform`` is the frame's
+    display transform (identity for the stored picture). Resize + convert in one libswscale
+    call to planar RGB (gbrp): libswscale's planar writer is 1.5-2.5x faster than its packed
+    rgb24 writer when scaling (measured with libswscale 9: 0.30 vs 0.79 ms for 428x240 ->
+    413x232, 1.2 vs 1.7 ms from 1080p) and interpolates chroma fully, so on HD input it is
+    closer to the reference (full resolution RGB then PIL bilinear): mean error 2.2 vs 4.4
+    levels on 720p test video; identical output where both are exact. The crop is then copied
+    plane by plane straight into the output, which saves interleaving the whole resized frame
+    first (as `to_ndarray` would) and then copying the crop again.
+
+    The display transform costs no extra pass: a quarter turn commutes with the (separable)
+    resize, so libswscale resizes the stored frame to the transposed size, and the rotation
+    and mirror are numpy views that the crop copy reads through. The sample aspect ratio is
+    part of ``resized`` (one resize from the stored size straight to the target).
     """
     g = geometry
     out_w, out_h = resized
     top, left = (out_h - g.crop_height) // 2, (out_w - g.crop_width) // 2
-    planar = frame.reformat(format="gbrp", width=out_w, height=out_h, interpolation=g.interpolation, threads=threads)
+    stored_w, stored_h = (out_h, out_w) if transform.swaps_axes else (out_w, out_h)
+    planar = frame.reformat(format="gbrp", width=stored_w, height=stored_h, interpolation=g.interpolation,
+                            threads=threads)
     if top < 0 or left < 0:
         # Resized smaller than the crop (an odd preprocessor config): transformers zero-pads.
-        return np.ascontiguousarray(center_crop(planar.to_ndarray(), g.crop_height, g.crop_width))
+        shown = transform.apply(planar.to_ndarray())
+        return np.ascontiguousarray(center_crop(shown, g.crop_height, g.crop_width))
     out = np.empty((g.crop_height, g.crop_width, 3), dtype=np.uint8)
     # gbrp plane order is G, B, R.
     for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
         data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
+        if transform is not IDENTITY:
+            data = transform.apply(data[:, :stored_w])  # without the row padding, which would move
         out[:, :, channel] = data[top:top + g.crop_height, left:left + g.crop_width]
     return out
 
@@ -192,6 +312,49 @@ def _error_from_av(exc: BaseException, stage: str) -> DecodeError:
     return DecodeError("unknown", stage, f"{type(exc).__name__}: {exc}")
 
 
+_DISPOSITION_ATTACHED_PIC = int(av.stream.Disposition.attached_pic)
+_DISPOSITION_DEFAULT = int(av.stream.Disposition.default)
+
+
+def _is_still_picture(stream) -> bool:
+    """Cover art and thumbnails: a picture stored as a one-frame video stream (attached_pic)."""
+    return bool(int(stream.disposition) & _DISPOSITION_ATTACHED_PIC)
+
+
+def _codec_name(stream) -> str:
+    return stream.codec_context.name if stream.codec_context is not None else "unknown codec"
+
+
+def _sample_aspect_ratio(stream) -> Fraction:
+    """The stream's sample aspect ratio as libavformat guesses it (the container's, else the
+    codec's); 1 when absent or implausible (see MAX_SAMPLE_ASPECT_RATIO)."""
+    try:
+        sar = stream.sample_aspect_ratio
+    except Exception:  # noqa: BLE001 - no usable value is the same as none
+        return Fraction(1)
+    if not sar or sar <= 0:
+        return Fraction(1)
+    sar = Fraction(sar.numerator, sar.denominator)
+    if not Fraction(1, MAX_SAMPLE_ASPECT_RATIO) <= sar <= MAX_SAMPLE_ASPECT_RATIO:
+        return Fraction(1)
+    return sar
+
+
+def display_matrix_of(frame) -> bytes | None:
+    """The raw display matrix (36 bytes) libavcodec attached to a decoded frame, or None."""
+    # Iterating is 5x cheaper than the container's Mapping.get (1.7 vs 8.6 us a frame).
+    for side_data in frame.side_data:
+        if side_data.type == SideDataType.DISPLAYMATRIX:
+            return bytes(side_data)
+    return None
+
+
+def display_transform_of(frame) -> DisplayTransform:
+    """The `DisplayTransform` of a decoded frame (identity when it has no display matrix)."""
+    matrix = display_matrix_of(frame)
+    return DisplayTransform.from_display_matrix(matrix) if matrix else IDENTITY
+
+
 class VideoDecoder:
     """Probe and decode one video. Use as a context manager; errors raise `DecodeError`.
 
@@ -203,6 +366,8 @@ class VideoDecoder:
                  size_bytes: int | None = None, threads: int = 1, record_frames: bool = False):
         self._limits = limits
         self._skipping = False
+        self._primed = None  # (first frame, the decode iterator after it) until something else reads
+        self._first_frame: tuple[int, int, DisplayTransform] | None = None  # size, display of the first decoded
         self.stats = DecodeStats(decoded_indices=[] if record_frames else None)
         try:
             self._seekable = isinstance(file, str) or bool(file.seekable())
@@ -245,12 +410,26 @@ class VideoDecoder:
         self._container.close()
 
     def _choose_stream(self):
-        videos = [s for s in self._container.streams.video]
+        streams = list(self._container.streams.video)
+        videos = [s for s in streams if not _is_still_picture(s)]
         if not videos:
+            if streams:
+                pictures = ", ".join(f"stream {s.index} ({_codec_name(s)} {s.codec_context.width}x{s.codec_context.height})"
+                                     if s.codec_context else f"stream {s.index}" for s in streams)
+                raise DecodeError("no_video_stream", "probe",
+                                  f"the file has no video stream, only a still picture (cover art or thumbnail, "
+                                  f"attached_pic disposition): {pictures}")
             raise DecodeError("no_video_stream", "probe", "the file has no video stream")
-        # libavformat's av_find_best_stream: the default/most suitable stream, so a file
-        # with several video streams gets the one a player would show; we record which.
-        return self._container.streams.best("video") or videos[0]
+        self._num_video_streams = len(videos)
+        # libavformat's av_find_best_stream: the default/most suitable stream, so a file with
+        # several video streams gets the one a player would show; we record which. It ranks
+        # still pictures too, so when it picks one, take the best real video stream by its
+        # first criteria: the default disposition, then the bit rate.
+        best = self._container.streams.best("video")
+        if best is not None and any(best.index == s.index for s in videos):
+            return best
+        return max(videos, key=lambda s: (bool(int(s.disposition) & _DISPOSITION_DEFAULT),
+                                          (s.codec_context.bit_rate or 0) if s.codec_context else 0, -s.index))
 
     def _probe(self) -> VideoProbe:
         stream, limits = self._stream, self._limits
@@ -263,16 +442,32 @@ class VideoDecoder:
                 f"{width}x{height} = {width * height} pixels per frame exceeds max_frame_pixels={limits.max_frame_pixels}",
             )
         time_base = stream.time_base
-        start = float(stream.start_time * time_base) if stream.start_time is not None and time_base else 0.0
-        duration = None
-        if stream.duration is not None and time_base:
-            duration = float(stream.duration * time_base)
-        elif self._container.duration is not None:
-            duration = self._container.duration / av.time_base
+        header_start = float(stream.start_time * time_base) if stream.start_time is not None and time_base else 0.0
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
-        if duration is None or duration <= 0 or fps <= 0:
-            duration, fps = self._scan_timing(duration, fps)
+        # A file that cannot seek is read once, from the start: no look ahead at its packets.
+        start = self._head_start() if self._seekable else None
+        end, tail_fps = self._find_end(fps)
+        if end is None:
+            end = self._header_end()
+        if fps <= 0:
+            fps = tail_fps or 30.0
+        # Refused before a single frame is decoded (from the header's start when the first
+        # packets leave the first frame open: at or a few frames before it).
+        if end is not None and end - (header_start if start is None else start) > limits.max_duration_seconds:
+            raise DecodeError(
+                "too_large", "probe",
+                f"duration {end - (header_start if start is None else start):.1f}s exceeds "
+                f"max_duration_seconds={limits.max_duration_seconds}",
+            )
+        if self._seekable:
+            self._rewind()
+        if start is None:
+            # The first packets leave open which frame the decoder shows first (an open GOP, a
+            # stream cut mid-GOP): decode it. Decoding straight through goes on from it.
+            first = self._prime()
+            start = float(first.time) if first.time is not None else header_start
+        duration = max(end - start, 0.0) if end is not None else 0.0
         if duration > limits.max_duration_seconds:
             raise DecodeError(
                 "too_large", "probe",
@@ -280,7 +475,7 @@ class VideoDecoder:
             )
         return VideoProbe(
             stream_index=stream.index,
-            num_video_streams=len(self._container.streams.video),
+            num_video_streams=self._num_video_streams,
             width=width,
             height=height,
             fps=fps,
@@ -288,33 +483,139 @@ class VideoDecoder:
             pix_fmt=stream.codec_context.pix_fmt or "",
             duration_seconds=duration,
             start_seconds=start,
+            sample_aspect_ratio=_sample_aspect_ratio(stream),
         )
 
-    def _scan_timing(self, duration: float | None, fps: float) -> tuple[float, float]:
-        """Duration and rate from packet timestamps when the container does not say.
+    def shown(self, apply_display: bool = True) -> tuple[int, int, DisplayTransform, Fraction]:
+        """(width, height, display transform, sample aspect ratio) of the picture a player shows
+        of the first decoded frame: the picture the model's resize starts from. Without
+        ``apply_display``: the stored size, identity and 1.
 
-        Demuxing reads packets without decoding them, so this costs I/O, not decode time.
+        Known once a frame is decoded (the first frame, or with a sparse plan the keyframe its
+        first seek lands on); before any decoding this decodes the first frame.
+        """
+        if self._first_frame is None:
+            self._prime()
+        width, height, display = self._first_frame
+        if not apply_display:
+            return width, height, IDENTITY, Fraction(1)
+        sar = self.probe.sample_aspect_ratio
+        return (*displayed_size(width, height, sar, display), display, sar)
+
+    def _note_first(self, frame) -> None:
+        if self._first_frame is None:
+            self._first_frame = (int(frame.width), int(frame.height), display_transform_of(frame))
+
+    # -- time span ----------------------------------------------------------------------------
+
+    def _find_end(self, fps: float) -> tuple[float | None, float]:
+        """(end of the last frame in seconds, frame rate seen in the tail) from the video packets.
+
+        As probing tools do: seek to the last keyframe and demux to the end of the file (no
+        decoding), so a long file costs its last GOP's bytes, not all of them. The end is the
+        largest pts + duration among those packets (a packet without a duration lasts the
+        typical gap between the tail's timestamps). Container durations are not used: they
+        cover every stream (audio often runs longer), and Matroska's Duration can be an end
+        time. Returns (None, 0.0) when the input cannot seek; a failed seek falls back to
+        demuxing the whole stream. Leaves the demuxer anywhere: the caller rewinds.
         """
         stream = self._stream
-        first = last = None
-        count = 0
-        for packet in self._container.demux(stream):
-            if packet.pts is None:
-                continue
-            t = float(packet.pts * stream.time_base)
-            end = t + float((packet.duration or 0) * stream.time_base)
-            first = t if first is None else min(first, t)
-            last = end if last is None else max(last, end)
-            count += 1
-        self._container.seek(0)
-        if count == 0:
-            raise DecodeError("corrupt", "probe", "no video packets with timestamps")
-        scanned = max((last or 0.0) - (first or 0.0), 0.0)
-        if not duration or duration <= 0:
-            duration = scanned
-        if fps <= 0:
-            fps = count / scanned if scanned > 0 else 30.0
-        return duration, fps
+        time_base = stream.time_base
+        if not self._seekable or not time_base:
+            return None, 0.0
+        origin = stream.start_time or 0
+        target = origin + int(30 * 86400 / time_base)  # a month in: past the end of any video here
+        step = max(1, int(TAIL_STEP_SECONDS / time_base))
+        packets: list[tuple[int, int, bool]] = []
+        try:
+            for _ in range(TAIL_ATTEMPTS):
+                self._container.seek(target, stream=stream, backward=True)
+                packets = self._video_packets()
+                if packets and (packets[0][2] or len(packets) >= TAIL_MIN_PACKETS):
+                    break
+                # Landed inside the last frames' reordering window (or past them): step back.
+                target = (min(p[0] for p in packets) if packets else target) - step
+                step *= 4
+        except av.error.FFmpegError:
+            packets = []
+        if not packets:
+            self._rewind()
+            packets = self._video_packets()
+        if not packets:
+            return None, 0.0
+        pts = sorted({p[0] for p in packets})
+        gaps = sorted(b - a for a, b in zip(pts, pts[1:]))
+        if gaps:
+            typical = gaps[len(gaps) // 2]
+        else:
+            typical = int(round(1 / (fps * time_base))) if fps > 0 else 0
+        end = max(p + (d if d > 0 else typical) for p, d, _ in packets)
+        tail_fps = len(gaps) / float((pts[-1] - pts[0]) * time_base) if gaps else 0.0
+        return float(end * time_base), tail_fps
+
+    def _head_start(self) -> float | None:
+        """The first presented frame's time from the first packets (demux only), or None.
+
+        Unambiguous when the stream opens with a keyframe that is shown first: no packet among
+        the first HEAD_PACKETS (more than any decoder's reordering delay) is presented before
+        it. B-frame delay is read right here: an AVI whose header starts at 0 s and whose first
+        frame is presented at 0.04 s gives 0.04. An open GOP's leading frames, or a stream cut
+        mid-GOP, leave it to the decoder (None).
+        """
+        packets = self._video_packets(limit=HEAD_PACKETS)
+        if not packets or not packets[0][2] or min(p[0] for p in packets) != packets[0][0]:
+            return None
+        return float(packets[0][0] * self._stream.time_base)
+
+    def _video_packets(self, limit: int | None = None) -> list[tuple[int, int, bool]]:
+        """(pts, duration, keyframe) of the chosen stream's packets from here to the end.
+
+        Packets the demuxer marks discard (outside an MP4 edit list) produce no frame and are
+        left out; a packet without pts counts by its dts. Damaged data ends the list (a
+        truncated tail still gives the packets before it); an I/O error of the file itself
+        (storage) is raised, so it is not mistaken for the end of the video.
+        """
+        out = []
+        try:
+            for packet in self._container.demux(self._stream):
+                if packet.size == 0 or packet.is_discard:
+                    continue
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is not None:
+                    out.append((int(ts), int(packet.duration or 0), bool(packet.is_keyframe)))
+                    if limit is not None and len(out) >= limit:
+                        break
+        except (av.error.FFmpegError, EOFError):
+            pass
+        return out
+
+    def _header_end(self) -> float | None:
+        """The end time the headers claim: only for inputs that cannot seek to their end."""
+        stream, container = self._stream, self._container
+        if stream.duration is not None and stream.time_base:
+            return float(((stream.start_time or 0) + stream.duration) * stream.time_base)
+        if container.duration is not None:
+            return ((container.start_time or 0) + container.duration) / av.time_base
+        return None
+
+    def _prime(self):
+        """Decode the first frame (the first presented one), from the start of the stream.
+
+        Decoding straight through goes on from it, so it costs nothing there.
+        """
+        if self._seekable:
+            self._rewind()
+        frames = self._container.decode(self._stream)
+        try:
+            first = next(frames, None)
+        except Exception as exc:  # noqa: BLE001 - a broken first frame is a per-video error
+            raise _error_from_av(exc, "decode") from exc
+        if first is None:
+            raise DecodeError("corrupt", "decode", "no frame could be decoded")
+        self.stats.frames_decoded += 1
+        self._note_first(first)
+        self._primed = (first, frames)
+        return first
 
     def plan(self, *, sampling: str, num_frames: int, frame_stride: int, clips_per_video: int | None) -> list[ClipPlan]:
         p = self.probe
@@ -345,6 +646,7 @@ class VideoDecoder:
         ``seek=False`` always decodes straight through.
         """
         if seek and self._should_scan(plans):
+            self._rewind()  # the index is demuxed from the first packet on
             index = self.packet_index()
             if index is not None and self._worth_seeking(plans, index):
                 yield from self._clips_seeking(plans, geometry, index)
@@ -360,10 +662,14 @@ class VideoDecoder:
         index = -1
         last_time = None
         period = asm.period
+        primed, self._primed = self._primed, None
+        frames = itertools.chain((primed[0],), primed[1]) if primed else self._container.decode(self._stream)
         try:
-            for frame in self._container.decode(self._stream):
+            for frame in frames:
                 index += 1
-                self.stats.frames_decoded += 1
+                if index or not primed:  # the primed frame was counted when decoded
+                    self.stats.frames_decoded += 1
+                    self._note_first(frame)
                 self._record(index)
                 t = frame.time
                 if t is None:  # no timestamp: continue the previous one at the nominal rate
@@ -450,6 +756,7 @@ class VideoDecoder:
             self.stats.decoded_indices.append(index)
 
     def _rewind(self) -> None:
+        self._primed = None
         try:
             self._container.seek(0)
         except Exception as exc:  # noqa: BLE001
@@ -518,6 +825,7 @@ class VideoDecoder:
                 ended = True
                 for frame in frames:
                     self.stats.frames_decoded += 1
+                    self._note_first(frame)
                     if frame.pts is None:
                         raise _IndexMismatch("a decoded frame has no pts")
                     rank = index.rank.get(frame.pts)
@@ -600,7 +908,11 @@ class _ClipAssembler:
         # libswscale threads: like libavcodec's, one per decode task by default (PyAV's own
         # default, 0, starts a thread per CPU in every task).
         self.threads = threads
-        self.out_w, self.out_h = geometry.resized_size(probe.width, probe.height)
+        # Per distinct (decoded size, display matrix): the resized size and display transform.
+        # Each frame is sized from itself, so a stream that changes resolution keeps every
+        # frame's own aspect ratio, as the Hugging Face processor does frame by frame.
+        self._targets: dict[tuple, tuple[tuple[int, int], DisplayTransform]] = {}
+        self._sar = probe.sample_aspect_ratio if geometry.apply_display else Fraction(1)
         self.matcher = FrameMatcher(plans)
         num_frames = [len(p.target_seconds) for p in plans]
         self.chosen: list[list[int | None]] = [[None] * n for n in num_frames]
@@ -630,7 +942,15 @@ class _ClipAssembler:
             self.converted[index] = (self._rgb_crop(frame), seconds)
 
     def _rgb_crop(self, frame) -> np.ndarray:
-        return model_crop(frame, self.geometry, (self.out_w, self.out_h), threads=self.threads)
+        matrix = display_matrix_of(frame) if self.geometry.apply_display else None
+        key = (frame.width, frame.height, matrix)
+        target = self._targets.get(key)
+        if target is None:
+            transform = DisplayTransform.from_display_matrix(matrix) if matrix else IDENTITY
+            shown = displayed_size(frame.width, frame.height, self._sar, transform)
+            target = self._targets[key] = (self.geometry.resized_size(*shown), transform)
+        resized, transform = target
+        return model_crop(frame, self.geometry, resized, transform=transform, threads=self.threads)
 
     def _fill(self, slots, frames_by_index) -> None:
         for clip_pos, frame_pos, owner in slots:

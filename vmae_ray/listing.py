@@ -5,6 +5,10 @@
 (``.parquet``, ``.csv``, ``.jsonl``/``.json``) with a ``uri`` column, an optional
 ``video_id`` and other columns that pass through to the output tables.
 
+A name that exists is that file (or directory), whatever characters it holds (``[ ] * ?``
+included); only a name that does not exist is read as a glob. Manifest URIs, and the
+``uri`` of every manifest row, are always taken as they are, never as globs.
+
 Directory and glob listings come from one recursive listing call (``fs.find``/``fs.glob``
 with details), so a prefix of many objects costs the listing requests only, and each record
 carries size and ETag/mtime: the input's identity for resume.
@@ -108,11 +112,17 @@ def list_inputs(
 
 def _list_files(uri: str, storage: StorageOptions, extensions: tuple[str, ...]) -> list[VideoInput]:
     fs, path = url_to_fs(uri, storage)
-    if _GLOB_CHARS & set(path):
+    # A name that exists is that file or directory, whatever characters it holds: downloaders
+    # name files "Title [id].mp4", and a glob reading of that name matches other files (here
+    # "Title i.mp4") or none. Only a name that does not exist is read as a glob.
+    info = _info_or_none(fs, path) if _GLOB_CHARS & set(path) else None
+    if info is not None and info.get("type", "file") == "file":
+        entries = {path: info}
+    elif _GLOB_CHARS & set(path) and info is None:
         found = fs.glob(path, detail=True)
         entries = {p: info for p, info in found.items() if info.get("type", "file") == "file"}
         if not entries:
-            raise ValueError(f"the glob {uri!r} matches no file")
+            raise ValueError(f"the glob {uri!r} matches no file (and no file has that exact name)")
     elif fs.isdir(path):
         found = fs.find(path, detail=True)
         lower_ext = tuple(e.lower() for e in extensions)
@@ -142,6 +152,14 @@ def _list_files(uri: str, storage: StorageOptions, extensions: tuple[str, ...]) 
             )
         )
     return inputs
+
+
+def _info_or_none(fs, path: str) -> dict | None:
+    """The listing details of the file or directory named exactly ``path``, or None if none."""
+    try:
+        return fs.info(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def read_table_file(uri: str, storage: StorageOptions, what: str = "manifest") -> pa.Table:

@@ -35,7 +35,7 @@ from vmae_ray.writing import CommittedState, OutputStore, ShardWriter, new_run_i
 log = logging.getLogger("vmae_ray")
 
 # Bump when the meaning of the output changes, so old and new rows are never mixed.
-OUTPUT_VERSION = 1
+OUTPUT_VERSION = 2  # 2: time span from the video packets, displayed geometry, no cover art
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _embedding_settings(config: EmbedConfig, spec: ModelSpec, num_frames: int) -
         "output_version": OUTPUT_VERSION, "model": spec.fingerprint, "sampling": config.sampling,
         "num_frames": num_frames, "frame_stride": config.frame_stride if config.sampling == "stride" else None,
         "clips_per_video": config.clips_per_video if config.sampling == "stride" else 1,
-        "interpolation": interpolation_for(config, spec),
+        "interpolation": interpolation_for(config, spec), "geometry": config.geometry,
     }
 
 
@@ -120,7 +120,7 @@ def decode_params(config: EmbedConfig, spec: ModelSpec, num_frames: int) -> Deco
         sampling=config.sampling, num_frames=num_frames, frame_stride=config.frame_stride,
         clips_per_video=config.clips_per_video,
         geometry=FrameGeometry(spec.resize_shortest_edge, spec.crop_height, spec.crop_width,
-                               interpolation_for(config, spec)),
+                               interpolation_for(config, spec), apply_display=config.geometry == "displayed"),
         limits=DecodeLimits(config.max_frame_pixels, config.max_duration_seconds, config.max_bytes),
         threads=config.decode_threads,
         isolate=config.decode_isolation,

@@ -56,9 +56,20 @@ RESERVED_COLUMNS = frozenset(
         "height", "fps", "codec", "stream_index", "num_streams", "stage", "error_type",
         "message", "run_id", "input_fingerprint", "settings_fingerprint", "size_bytes",
         "reconstruction_loss", "reconstruction_mask",
+        "display_rotation_degrees", "display_hflip", "sample_aspect_ratio",
     }
 )
 
+
+# What turned the stored picture into the one the model's resize started from (`width` x
+# `height` is that picture): the display matrix's counterclockwise quarter turns and left-right
+# mirror (applied mirror first), and the sample aspect ratio. 0 / false / 1.0 when the file has
+# none, or when the run kept the stored geometry (--geometry stored).
+DISPLAY_FACT_FIELDS = (
+    pa.field("display_rotation_degrees", pa.int32()),
+    pa.field("display_hflip", pa.bool_()),
+    pa.field("sample_aspect_ratio", pa.float64()),
+)
 
 # Facts about a video's chosen stream, carried on each of its clip rows and written to videos/.
 VIDEO_FACT_FIELDS = (
@@ -69,6 +80,7 @@ VIDEO_FACT_FIELDS = (
     pa.field("codec", pa.string()),
     pa.field("stream_index", pa.int32()),
     pa.field("num_streams", pa.int32()),
+    *DISPLAY_FACT_FIELDS,
 )
 VIDEO_FACTS = tuple(f.name for f in VIDEO_FACT_FIELDS)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from vmae_ray.decoding import DecodeError, DecodeLimits, FrameGeometry, VideoDecoder, VideoProbe
+from vmae_ray.decoding import DecodeError, DecodeLimits, FrameGeometry, VideoDecoder
 from vmae_ray.isolation import IsolatedDecoder
 from vmae_ray.reconstruction import clip_mask, pack_mask
 from vmae_ray.schema import DECODED_SCHEMA, KIND_CLIP, embedded_schema, error_row
@@ -90,11 +90,15 @@ def _base(item: dict) -> dict:
     }
 
 
-def _video_facts(probe: VideoProbe) -> dict[str, Any]:
+def _video_facts(decoder: VideoDecoder, geometry: FrameGeometry) -> dict[str, Any]:
+    """The video's facts for its rows; asked once a clip is decoded, so the first frame is known."""
+    probe = decoder.probe
+    width, height, display, sample_aspect_ratio = decoder.shown(geometry.apply_display)
     return {
-        "duration_seconds": probe.duration_seconds, "width": probe.width, "height": probe.height,
+        "duration_seconds": probe.duration_seconds, "width": width, "height": height,
         "fps": probe.fps, "codec": probe.codec, "stream_index": probe.stream_index,
-        "num_streams": probe.num_video_streams,
+        "num_streams": probe.num_video_streams, "display_rotation_degrees": display.rotation_degrees,
+        "display_hflip": display.hflip, "sample_aspect_ratio": float(sample_aspect_ratio),
     }
 
 
@@ -128,10 +132,13 @@ def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *
                               threads=params.threads) as decoder:
                 plans = decoder.plan(sampling=params.sampling, num_frames=params.num_frames,
                                      frame_stride=params.frame_stride, clips_per_video=params.clips_per_video)
-                common = {**_base(item), "kind": KIND_CLIP, "num_clips": len(plans), **_video_facts(decoder.probe)}
+                common = None
                 last = started
                 made = 0
                 for clip in decoder.clips(plans, params.geometry):
+                    if common is None:
+                        common = {**_base(item), "kind": KIND_CLIP, "num_clips": len(plans),
+                                  **_video_facts(decoder, params.geometry)}
                     now = time.perf_counter()
                     yield clip_table({
                         **common, "clip_index": clip.clip_index,

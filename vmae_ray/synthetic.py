@@ -50,10 +50,13 @@ __all__ = [
     "HUGE_HEIGHT",
     "frame_number_from_rgb",
     "make_audio_only",
+    "make_displayed_video",
     "make_hostile_corpus",
     "make_scene_corpus",
     "make_huge_dims_video",
     "clustered_unit_vectors",
+    "make_resolution_change_video",
+    "remux_with_display_geometry",
     "make_tiny_checkpoint",
     "make_video",
     "texture_clip",
@@ -344,7 +347,9 @@ def _audio_frames(stream, rate: int, freq: float, start_sample: int, end_sample:
 
 
 def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=60, gop_size=30,
-               pix_fmt="yuv420p", vfr=False, seed=0, bit_rate=None, audio=False, scene: str | None = None) -> str:
+               pix_fmt="yuv420p", vfr=False, seed=0, bit_rate=None, audio=False, scene: str | None = None,
+               start_seconds=0.0, audio_seconds=None, max_b_frames=None, container_options=None,
+               cover_art=False) -> str:
     """Encode a synthetic video whose frames are distinguishable; return ``path``.
 
     Frame k shows a moving background (seeded by ``seed``) and, in the centre, a 4x4 black/white
@@ -360,11 +365,20 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
     ``vfr=True`` makes a variable-frame-rate stream: time base 1/1000 and frame durations of 20,
     60 or 33 ms chosen pseudo-randomly from ``seed`` (``fps`` is then only the encoder's rate
     hint); otherwise frame k has pts k in time base 1/fps. ``audio=True`` adds a sine-tone audio
-    stream as long as the video (AAC in mp4/mkv/mov, Opus in webm, PCM in avi).
+    stream as long as the video (AAC in mp4/mkv/mov, Opus in webm, PCM in avi), or
+    ``audio_seconds`` long (e.g. longer than the video, as in a recording whose audio runs on).
 
     ``scene`` (one of `SCENES`) tints the background's palette (`SCENE_TINTS`): videos of one
     scene share a colour cast and differ in everything else the seed draws (stripe direction,
     width and speed, colours, the bouncing square), which makes labelled classes for probes.
+
+    Real-world timing: ``start_seconds`` shifts every timestamp (a chunk cut from a longer
+    recording; whole frames at constant rate); ``max_b_frames`` sets the encoder's B-frames
+    (e.g. 'mpeg4' in .avi: the first frame is then presented one tick after the header's
+    start, as in UCF101/HMDB51); ``container_options`` are muxer options (e.g.
+    ``{"use_editlist": "0"}`` keeps an MP4's B-frame delay visible instead of hiding it
+    behind an edit list). ``cover_art=True`` adds a still picture stream (attached_pic), as
+    downloaders embed a thumbnail.
     """
     path = os.fspath(path)
     if num_frames < 1:
@@ -378,15 +392,18 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
         rng = np.random.default_rng(seed + 7919)  # offset: independent of the picture's rng
         durations_ms = rng.choice(np.array([20, 60, 33]), size=num_frames)
         time_base = Fraction(1, 1000)
-        pts = np.concatenate([[0], np.cumsum(durations_ms)[:-1]]).astype(int).tolist()
+        offset = int(round(start_seconds * 1000))
+        pts = (offset + np.concatenate([[0], np.cumsum(durations_ms)[:-1]])).astype(int).tolist()
         end_seconds = float(np.sum(durations_ms)) / 1000.0
     else:
         time_base = 1 / rate
-        pts = list(range(num_frames))
+        offset = int(round(start_seconds * rate))
+        pts = list(range(offset, offset + num_frames))
         end_seconds = float(num_frames / rate)
+    audio_end_seconds = end_seconds if audio_seconds is None else float(audio_seconds)
 
     background = _Background(width, height, seed, tint=SCENE_TINTS[scene] if scene else None)
-    with av.open(path, mode="w") as container:
+    with av.open(path, mode="w", options=dict(container_options or {})) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = width, height
         stream.pix_fmt = pix_fmt
@@ -394,6 +411,8 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
         stream.codec_context.time_base = time_base
         if bit_rate is not None:
             stream.codec_context.bit_rate = int(bit_rate)
+        if max_b_frames is not None:
+            stream.codec_context.max_b_frames = int(max_b_frames)
         stream.codec_context.options = _video_encoder_options(stream.codec_context.name, bit_rate)
         if vfr:
             stream.time_base = time_base  # mkv/mp4 keep 1 ms ticks: the irregular pts survive
@@ -402,6 +421,8 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
         if audio:
             audio_stream, audio_rate, freq = _add_audio_stream(container, _audio_codec_for(path), seed)
             audio_done = 0
+        if cover_art:
+            _add_cover_art(container, seed)
 
         for k in range(num_frames):
             rgb = background.frame(k)
@@ -413,7 +434,7 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
                 container.mux(packet)
             if audio_stream is not None:
                 # Interleave audio up to this frame's time so the file is muxed like a real one.
-                upto = int(round(float(pts[k] * time_base) * audio_rate))
+                upto = int(round(float((pts[k] - pts[0]) * time_base) * audio_rate))
                 if upto > audio_done:
                     for packet in _audio_frames(audio_stream, audio_rate, freq, audio_done, upto):
                         container.mux(packet)
@@ -421,7 +442,7 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
         for packet in stream.encode(None):
             container.mux(packet)
         if audio_stream is not None:
-            end = int(round(end_seconds * audio_rate))
+            end = int(round(audio_end_seconds * audio_rate))
             for packet in _audio_frames(audio_stream, audio_rate, freq, audio_done, end):
                 container.mux(packet)
             for packet in audio_stream.encode(None):
@@ -540,16 +561,208 @@ def clustered_unit_vectors(num_rows: int, dim: int, *, num_clusters: int, cluste
     return out, source
 
 
-def make_audio_only(path, *, seconds=2.0) -> str:
+# Markers of `make_displayed_video`, on the picture as displayed: a red bar across the top and
+# a blue bar across the bottom (MARKER_FRACTION of the height each), and a green square at the
+# left end of the red bar, so a test can tell every rotation and mirror apart.
+MARKER_FRACTION = 0.1
+MARKER_RED, MARKER_GREEN, MARKER_BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def _draw_markers(rgb: np.ndarray) -> None:
+    height = rgb.shape[0]
+    bar = max(2, int(round(MARKER_FRACTION * height)))
+    rgb[:bar] = MARKER_RED
+    rgb[-bar:] = MARKER_BLUE
+    rgb[:bar, :bar] = MARKER_GREEN
+
+
+def _stored_size(display_width: int, display_height: int, quarter_turn: bool,
+                 sample_aspect_ratio: Fraction) -> tuple[int, int]:
+    """The stored size that a player shows as display_width x display_height (players widen a
+    picture whose pixels are wider than tall, and heighten one whose pixels are taller)."""
+    width, height = (display_height, display_width) if quarter_turn else (display_width, display_height)
+    if sample_aspect_ratio > 1:
+        width = width / sample_aspect_ratio
+    elif sample_aspect_ratio < 1:
+        height = height * sample_aspect_ratio
+    if width != int(width) or height != int(height) or int(width) % 2 or int(height) % 2:
+        raise ValueError(f"choose a display size whose stored size is whole and even, got {width}x{height}")
+    return int(width), int(height)
+
+
+def make_displayed_video(path, *, display_width=180, display_height=320, rotation_degrees=0, hflip=False,
+                         vflip=False, sample_aspect_ratio=None, codec="h264", fps=30, num_frames=60,
+                         gop_size=30, seed=0) -> str:
+    """A video whose picture *as a player shows it* carries the frame code and the markers; return ``path``.
+
+    Frame k as displayed is ``display_width`` x ``display_height``: the moving background, the
+    code of k in the centre and the markers (`MARKER_FRACTION`: red bar on top, blue at the
+    bottom, a green square at the top-left). What is stored is that picture taken back through
+    the display geometry: un-mirrored (``hflip``/``vflip``), rotated clockwise by
+    ``rotation_degrees`` and squeezed by ``sample_aspect_ratio`` (a Fraction, pixel width /
+    pixel height). The stream then carries a display matrix (libavutil's
+    av_display_rotation_set and av_display_matrix_flip, through PyAV's
+    ``set_display_rotation``: rotate counterclockwise by ``rotation_degrees``, then mirror, as
+    ffmpeg and players read it) and the sample aspect ratio, as phone videos (rotation 90 or
+    270) and DVD/broadcast captures (8:9, 32:27) do. A decoder that ignores them returns a
+    sideways, mirrored or squeezed picture, whose code does not read and whose markers are
+    elsewhere. Constant rate, frame k at pts k in time base 1/fps.
+    """
+    if rotation_degrees % 90:
+        raise ValueError(f"rotation_degrees must be a multiple of 90, got {rotation_degrees}")
+    sar = _rational(sample_aspect_ratio) if sample_aspect_ratio is not None else Fraction(1)
+    quarter_turns = (rotation_degrees // 90) % 4
+    stored_w, stored_h = _stored_size(display_width, display_height, quarter_turns % 2 == 1, sar)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rate = _rational(fps)
+    background = _Background(display_width, display_height, seed)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height = stored_w, stored_h
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = gop_size
+        stream.codec_context.time_base = 1 / rate
+        stream.codec_context.options = _video_encoder_options(stream.codec_context.name, None)
+        if sample_aspect_ratio is not None:
+            stream.codec_context.sample_aspect_ratio = sar
+        if quarter_turns or hflip or vflip:
+            if not hasattr(stream, "set_display_rotation"):
+                raise RuntimeError("writing a display matrix needs PyAV >= 18 (VideoStream.set_display_rotation)")
+            stream.set_display_rotation(rotation_degrees, hflip=hflip, vflip=vflip)
+        for k in range(num_frames):
+            shown = background.frame(k)
+            _draw_code(shown, k)
+            _draw_markers(shown)
+            if hflip:
+                shown = shown[:, ::-1]
+            if vflip:
+                shown = shown[::-1]
+            stored = np.ascontiguousarray(np.rot90(shown, -quarter_turns))
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            if (frame.width, frame.height) != (stored_w, stored_h):  # undo the sample aspect ratio
+                frame = frame.reformat(width=stored_w, height=stored_h, interpolation="AREA")
+            frame = frame.reformat(format="yuv420p")
+            frame.pts = k
+            frame.time_base = 1 / rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def remux_with_display_geometry(source, path, *, rotation_degrees=0, hflip=False, vflip=False,
+                                sample_aspect_ratio=None, max_frames=None) -> str:
+    """Copy the best video stream of ``source`` (no re-encoding) into ``path`` with a display
+    matrix and/or a container sample aspect ratio; return ``path``.
+
+    Real footage as a phone or an anamorphic capture would store it: the same coded pictures,
+    shown rotated (counterclockwise ``rotation_degrees``, then mirrored, as
+    `make_displayed_video`) or stretched. ``max_frames`` stops at the first keyframe from that
+    many packets on, so the copy is whole GOPs. Use .mp4/.mov (the ``tkhd`` matrix and ``pasp``
+    box) or .mkv.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with av.open(os.fspath(source)) as source_container, av.open(path, mode="w") as container:
+        original = source_container.streams.best("video")
+        stream = container.add_stream_from_template(original)
+        if sample_aspect_ratio is not None:
+            stream.codec_context.sample_aspect_ratio = _rational(sample_aspect_ratio)
+        if rotation_degrees or hflip or vflip:
+            if not hasattr(stream, "set_display_rotation"):
+                raise RuntimeError("writing a display matrix needs PyAV >= 18 (VideoStream.set_display_rotation)")
+            stream.set_display_rotation(rotation_degrees, hflip=hflip, vflip=vflip)
+        for count, packet in enumerate(source_container.demux(original)):
+            if packet.dts is None:
+                continue  # the flush packet
+            if max_frames is not None and count >= max_frames and packet.is_keyframe:
+                break
+            packet.stream = stream
+            container.mux(packet)
+    return path
+
+
+def make_resolution_change_video(path, *, sizes=((320, 240), (480, 270)), frames_per_size=30, fps=30,
+                                 gop_size=15, seed=0, start_seconds=0.0) -> str:
+    """One H.264 stream whose frame size changes mid-stream; return ``path``.
+
+    Frames ``i * frames_per_size`` to ``(i + 1) * frames_per_size - 1`` are ``sizes[i]`` (width,
+    height), each carrying its frame code on its own background, as a WebRTC or broadcast
+    recording that switches resolution: every size is its own libx264 encode whose keyframes
+    carry their parameter sets in-band (Annex B), and the packets follow each other in one
+    stream of the container (use .ts, as broadcasts are; the stream's header says the first
+    size). Frame k has pts ``start_seconds * fps + k`` in time base 1/fps.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rate = _rational(fps)
+    offset = int(round(start_seconds * rate))
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("h264", rate=rate)
+        stream.width, stream.height = sizes[0]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = 1 / rate
+        k = 0
+        for i, (width, height) in enumerate(sizes):
+            if i == 0:
+                encoder = stream.codec_context
+            else:
+                encoder = av.CodecContext.create("libx264", "w")
+                encoder.width, encoder.height = width, height
+                encoder.pix_fmt = "yuv420p"
+                encoder.time_base = 1 / rate
+                encoder.framerate = rate
+            encoder.gop_size = gop_size
+            encoder.options = _video_encoder_options("libx264", None)
+            background = _Background(width, height, seed + i)
+
+            def mux(packets):
+                for packet in packets:
+                    packet.stream = stream
+                    container.mux(packet)
+
+            for _ in range(frames_per_size):
+                rgb = background.frame(k)
+                _draw_code(rgb, k)
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+                frame.pts = offset + k
+                frame.time_base = 1 / rate
+                mux(encoder.encode(frame))
+                k += 1
+            mux(encoder.encode(None))
+    return path
+
+
+def _add_cover_art(container, seed: int, size: int = 96) -> None:
+    """Store a JPEG picture as music files and downloaders do: a one-frame MJPEG stream with the
+    attached_pic disposition (MP4 ``covr``, MP3 ID3 APIC). Players show it as artwork; it is not
+    video."""
+    stream = container.add_stream("mjpeg", rate=1)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuvj420p"
+    stream.disposition = av.stream.Disposition.attached_pic
+    rgb = _Background(size, size, seed).frame(0)
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
+    frame.pts = 0
+    for packet in [*stream.encode(frame), *stream.encode(None)]:
+        container.mux(packet)
+
+
+def make_audio_only(path, *, seconds=2.0, cover_art=False) -> str:
     """Write a sine-tone file with an audio stream and no video stream; return ``path``.
 
     The codec follows the extension: .mp3 (MP3), .m4a (AAC), .ogg/.opus (Opus), .wav (PCM),
     .flac (FLAC); also .mp4/.mkv/.webm, which makes a video container with no video in it.
+    ``cover_art=True`` adds album art as a still picture stream (attached_pic; .mp3 and .mp4).
     """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with av.open(path, mode="w") as container:
         stream, rate, freq = _add_audio_stream(container, _audio_codec_for(path), seed=0)
+        if cover_art:
+            _add_cover_art(container, seed=0)
         for packet in _audio_frames(stream, rate, freq, 0, int(round(seconds * rate))):
             container.mux(packet)
         for packet in stream.encode(None):
