@@ -15,9 +15,9 @@ model, so BENCHMARKS.md can state what each one is worth here:
   video), CPU ms per clip.
 * ``cluster_autoscaler``: the job end to end with Ray Data's cluster autoscaler as vmae-ray
   sets it (V2) and with Ray 2.60's default (RATE_BASED), on a running Ray.
-* ``model_batches``: the job end to end with full model batches (clip rows cut into blocks of
-  exactly ``--batch-size`` by a strict streaming repartition) and with Ray Data's own bundling
-  of the decode tasks' blocks: clips/s, and clips per model call.
+* ``model_batches``: the job end to end with full model batches (one clip per block, so the
+  actor pool's bundler fills every call) and with Ray Data's default block size (a decode
+  task's clips in one block): clips/s, and clips per model call.
 * ``reconstruction``: the model stage without and with ``--reconstruction``
   (`VideoMAEEmbedder.embed` against `embed_with_reconstruction`, which also runs the encoder on
   the visible tenth of the tokens and the pretraining decoder), clips per CPU second, on the
@@ -195,7 +195,8 @@ def cluster_autoscaler(wl, checkpoint: str, res, output: str) -> dict[str, Any]:
 
 
 def model_batches(wl, checkpoint: str, res, output: str, *, repeats: int = 2) -> dict[str, Any]:
-    """The job end to end with and without the full-batch repartition (Ray already started)."""
+    """The job end to end with full batches (one clip per block) and with Ray Data's default
+    block size (Ray already started)."""
     from bench.peers import vmae_ray_peer
     from vmae_ray import pipeline
 

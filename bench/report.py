@@ -562,7 +562,7 @@ def _ablations(ab: dict) -> str:
             f"{c['RATE_BASED']['clips_per_second']:.2f} clips/s | {c['V2']['clips_per_second']:.2f} clips/s | "
             f"**{c['speedup']:.2f}x** |"),
         "model_batches": lambda b: (
-            f"| full model batches: clip rows only, cut to exactly `--batch-size` by a strict streaming repartition | "
+            f"| full model batches: clip rows only, one clip per block, so every model call but the last gets `--batch-size` | "
             f"ssv2, {b['full_batches']['clips']} clips, whole job on a running Ray | "
             f"{b['ray_bundling']['clips_per_second']:.2f} clips/s, "
             f"{b['ray_bundling']['clips_per_model_call'] or 0:.1f} clips per model call | "
