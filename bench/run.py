@@ -450,7 +450,7 @@ def main(argv=None) -> int:
 
                     _guard(ablations, "model_batches", ablation.model_batches, by_name["ssv2"],
                            checkpoint, res, os.path.join(workdir, "out", "model_batches"),
-                           repeats=1 if args.preset == "tiny" else 2)
+                           repeats=1 if args.preset == "tiny" else 3)
         finally:
             if owns_ray:
                 ray.shutdown()

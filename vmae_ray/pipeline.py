@@ -338,10 +338,11 @@ def build_dataset(plan: Plan, res: Resources, *, full_batches: bool = True):
     Every model call but the last gets exactly `batch_size` clips. The model stage sees clip
     rows only (every clip row carries its video's facts, so no other row is needed; only a
     failed video's error row shares its batches), and every decoded clip is a block of its own:
-    the actor pool's bundler gathers whole blocks until it holds `batch_size` rows, so with
-    one-row blocks each bundle is exactly one full batch. With Ray Data's default block size a
-    decode task's clips share one block, and bundles of such blocks leave a partial batch
-    each. ``full_batches=False`` keeps the default (`make bench` measures both).
+    the actor pool's bundler gathers whole blocks until it holds a task's rows (a multiple of
+    `batch_size`), so with one-row blocks each bundle is exactly that many, and the actor
+    splits it into full model calls. With Ray Data's default block size a decode task's clips
+    share one block, and bundles of such blocks leave a partial call each. ``full_batches=False``
+    keeps the default (`make bench` measures both).
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -369,24 +370,29 @@ def build_dataset(plan: Plan, res: Resources, *, full_batches: bool = True):
         # the model actors: CPU decode and GPU embedding must scale apart.
         memory=config.decode_memory_mb * 2**20,
     )
+    clip_bytes = plan.num_frames * plan.spec.crop_height * plan.spec.crop_width * 3
+    rows_per_task = res.batch_size
     if full_batches:
         # A decode task's output buffer closes a block once it holds more than the target
-        # size: below one clip's bytes, every clip row leaves as a block of its own. This
-        # costs no task and no copy (a strict StreamingRepartition to batch_size rows gave
-        # full batches too, but its extra tasks cost 25% of the clips/s after start-up on
-        # 2 CPUs). The dataset's own context: no other dataset is affected.
-        clip_bytes = plan.num_frames * plan.spec.crop_height * plan.spec.crop_width * 3
+        # size: below one clip's bytes, every clip row leaves as a block of its own, at no
+        # cost in tasks or copies (a strict StreamingRepartition to batch_size rows gave full
+        # batches too, but its extra tasks cost 25% of the clips/s after start-up on 2 CPUs).
+        # The dataset's own context: no other dataset is affected.
         ds.context.target_max_block_size = max(1, clip_bytes // 2)
+        # Several model calls per actor task, up to ~64 MiB of clips: a Ray task costs a few
+        # ms of scheduling and transfer, as much as a small model's whole call on CPU.
+        rows_per_task *= max(1, min(8, (64 * 2**20) // (res.batch_size * clip_bytes)))
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
             "model_ref": config.model, "storage": plan.storage, "cache_root": config.model_cache_dir,
             "device": res.device, "dtype": config.dtype, "compile": config.compile,
             "with_logits": plan.with_labels and plan.head is None,  # a head's logits come from the embedding
+            "batch_size": res.batch_size,
             "reconstruction": (config.mask_ratio, config.mask_seed) if config.reconstruction else None,
         },
         compute=ActorPoolStrategy(min_size=res.num_actors[0], max_size=res.num_actors[1]),
-        batch_size=res.batch_size,
+        batch_size=rows_per_task,
         batch_format="pyarrow",
         num_gpus=res.gpus_per_actor,
         num_cpus=config.cpus_per_actor,

@@ -203,16 +203,18 @@ def _isolated_decoder(params: DecodeParams, storage: StorageOptions) -> Isolated
 class EmbedActor:
     """Ray Data UDF (actor pool): loads VideoMAE once, embeds the clip rows of each batch.
 
-    Error rows pass through. Pixels are dropped here, so only embeddings (D floats per clip)
-    travel on to the driver. A batch the model fails on becomes error rows (`embed_failed`),
-    not a failed job.
+    A Ray Data batch may hold several model calls' worth of clips: they go to the model
+    ``batch_size`` at a time (the last call of a batch takes the rest), so `--batch-size` is
+    the clips per model call whatever Ray Data's batches are. Error rows pass through. Pixels
+    are dropped here, so only embeddings (D floats per clip) travel on to the driver. A model
+    call that fails makes its clips error rows (`embed_failed`), not a failed job.
 
     ``reconstruction`` = (mask_ratio, mask_seed): each clip also gets its pretraining loss under
     the tube mask `reconstruction.clip_mask` draws for its (video_id, clip_index), and the mask.
     """
 
     def __init__(self, model_ref: str, *, storage: StorageOptions, cache_root: str | None,
-                 device: str, dtype: str, compile: bool, with_logits: bool,
+                 device: str, dtype: str, compile: bool, with_logits: bool, batch_size: int,
                  reconstruction: tuple[float, int] | None = None):
         from vmae_ray.embedder import VideoMAEEmbedder
 
@@ -221,6 +223,7 @@ class EmbedActor:
                                          reconstruction=reconstruction is not None)
         self.dim = self.embedder.spec.hidden_size
         self.with_logits = with_logits
+        self.batch_size = batch_size
         self.reconstruction = reconstruction
         self.schema = embedded_schema(self.dim, with_logits=with_logits, with_reconstruction=reconstruction is not None)
         self._actor = uuid.uuid4().hex[:12]
@@ -230,50 +233,56 @@ class EmbedActor:
         kinds = batch.column("kind").to_pylist()
         clip_rows = [i for i, k in enumerate(kinds) if k == KIND_CLIP]
         n = batch.num_rows
-        flat = np.zeros((n, self.dim), dtype=np.float32)
-        valid = np.zeros(n, dtype=bool)
-        embed_seconds: list[float | None] = [None] * n
-        call: list[str | None] = [None] * n
-        call_clips: list[int | None] = [None] * n
-        logits_out: list = [None] * n
-        losses_out: list = [None] * n
-        masks_out: list = [None] * n
-        if clip_rows:
-            started = time.perf_counter()
-            self._calls += 1
-            call_id = f"{self._actor}:{self._calls}"
-            try:
-                clips = clip_pixels(batch, clip_rows)
-                if self.reconstruction is None:
-                    embeddings, logits = self.embedder.embed(clips)
-                else:
-                    masks = self._masks(batch, clip_rows)
-                    embeddings, logits, losses = self.embedder.embed_with_reconstruction(clips, masks)
-                    for j, i in enumerate(clip_rows):
-                        losses_out[i], masks_out[i] = float(losses[j]), pack_mask(masks[j])
-            except Exception as exc:  # noqa: BLE001 - a failed batch becomes error rows, not a failed job
-                return self._as_errors(batch, clip_rows, f"{type(exc).__name__}: {exc}")
-            flat[clip_rows] = embeddings
-            valid[clip_rows] = True
-            if self.with_logits and logits is not None:
-                for j, i in enumerate(clip_rows):
-                    logits_out[i] = logits[j].astype(np.float32).tolist()
-            per_clip = (time.perf_counter() - started) / len(clip_rows)
-            for i in clip_rows:
-                embed_seconds[i], call[i], call_clips[i] = per_clip, call_id, len(clip_rows)
-        out = batch.drop_columns(["pixels"])
-        out = out.append_column(self.schema.field("embed_seconds"), pa.array(embed_seconds, pa.float64()))
-        out = out.append_column(self.schema.field("model_call"), pa.array(call, pa.string()))
-        out = out.append_column(self.schema.field("model_call_clips"), pa.array(call_clips, pa.int32()))
-        values = pa.array(flat.reshape(-1), type=pa.float32())
-        embedding = pa.FixedSizeListArray.from_arrays(values, self.dim, mask=pa.array(~valid))
-        out = out.append_column(self.schema.field("embedding"), embedding)
+        out = {
+            "embedding": np.zeros((n, self.dim), dtype=np.float32), "valid": np.zeros(n, dtype=bool),
+            "embed_seconds": [None] * n, "model_call": [None] * n, "model_call_clips": [None] * n,
+            "logits": [None] * n, "reconstruction_loss": [None] * n, "reconstruction_mask": [None] * n,
+        }
+        failed: dict[int, str] = {}
+        for start in range(0, len(clip_rows), self.batch_size):
+            self._model_call(batch, clip_rows[start:start + self.batch_size], out, failed)
+        table = batch.drop_columns(["pixels"])
+        table = table.append_column(self.schema.field("embed_seconds"), pa.array(out["embed_seconds"], pa.float64()))
+        table = table.append_column(self.schema.field("model_call"), pa.array(out["model_call"], pa.string()))
+        table = table.append_column(self.schema.field("model_call_clips"), pa.array(out["model_call_clips"], pa.int32()))
+        values = pa.array(out["embedding"].reshape(-1), type=pa.float32())
+        embedding = pa.FixedSizeListArray.from_arrays(values, self.dim, mask=pa.array(~out["valid"]))
+        table = table.append_column(self.schema.field("embedding"), embedding)
         if self.with_logits:
-            out = out.append_column(self.schema.field("logits"), pa.array(logits_out, pa.list_(pa.float32())))
+            table = table.append_column(self.schema.field("logits"), pa.array(out["logits"], pa.list_(pa.float32())))
         if self.reconstruction is not None:
-            out = out.append_column(self.schema.field("reconstruction_loss"), pa.array(losses_out, pa.float32()))
-            out = out.append_column(self.schema.field("reconstruction_mask"), pa.array(masks_out, pa.binary()))
-        return out
+            table = table.append_column(self.schema.field("reconstruction_loss"),
+                                        pa.array(out["reconstruction_loss"], pa.float32()))
+            table = table.append_column(self.schema.field("reconstruction_mask"),
+                                        pa.array(out["reconstruction_mask"], pa.binary()))
+        return self._as_errors(table, failed) if failed else table
+
+    def _model_call(self, batch: pa.Table, rows: list[int], out: dict, failed: dict[int, str]) -> None:
+        """One model call on the clips of ``rows``; results go into ``out`` at those rows."""
+        started = time.perf_counter()
+        self._calls += 1
+        call_id = f"{self._actor}:{self._calls}"
+        try:
+            clips = clip_pixels(batch, rows)
+            if self.reconstruction is None:
+                embeddings, logits = self.embedder.embed(clips)
+            else:
+                masks = self._masks(batch, rows)
+                embeddings, logits, losses = self.embedder.embed_with_reconstruction(clips, masks)
+                for j, i in enumerate(rows):
+                    out["reconstruction_loss"][i], out["reconstruction_mask"][i] = float(losses[j]), pack_mask(masks[j])
+        except Exception as exc:  # noqa: BLE001 - a failed call makes error rows, not a failed job
+            for i in rows:
+                failed[i] = f"{type(exc).__name__}: {exc}"
+            return
+        out["embedding"][rows] = embeddings
+        out["valid"][rows] = True
+        if self.with_logits and logits is not None:
+            for j, i in enumerate(rows):
+                out["logits"][i] = logits[j].astype(np.float32).tolist()
+        per_clip = (time.perf_counter() - started) / len(rows)
+        for i in rows:
+            out["embed_seconds"][i], out["model_call"][i], out["model_call_clips"][i] = per_clip, call_id, len(rows)
 
     def _masks(self, batch: pa.Table, clip_rows: list[int]) -> np.ndarray:
         """(clips, N) bool tube masks of the batch's clip rows, from their video_id and clip_index."""
@@ -286,8 +295,9 @@ class EmbedActor:
             for i in clip_rows
         ])
 
-    def _as_errors(self, batch: pa.Table, clip_rows: list[int], message: str) -> pa.Table:
-        rows = batch.drop_columns(["pixels"]).to_pylist()
-        for i in clip_rows:
+    def _as_errors(self, table: pa.Table, failed: dict[int, str]) -> pa.Table:
+        """The embedded table with the rows of failed model calls turned into error rows."""
+        rows = table.to_pylist()
+        for i, message in failed.items():
             rows[i] = error_row(rows[i], stage="embed", error_type="embed_failed", message=message)
         return pa.Table.from_pylist(rows, schema=self.schema)
