@@ -131,3 +131,24 @@ def test_config_round_trips_through_success_dict():
     assert again.num_actors == (1, 3) and again.extensions == (".mp4", ".mkv") and again.clips_per_video is None
     assert again.storage_options == {}  # redacted secrets are never read back as values
     assert {**again.to_dict(), "storage_options": None} == {**c.to_dict(), "storage_options": None}
+
+
+def test_a_bad_input_with_overwrite_keeps_the_committed_tables(tmp_path, classifier_dir):
+    """--input is listed before --output is touched: a typo costs nothing under --overwrite."""
+    import os
+
+    import pyarrow as pa
+
+    from vmae_ray.config import ConfigError
+    from vmae_ray.pipeline import prepare
+    from vmae_ray.storage import StorageOptions
+    from vmae_ray.writing import write_committed
+
+    out = str(tmp_path / "out")
+    write_committed(out, StorageOptions(), {"videos": pa.table({"video_id": ["a"], "uri": ["/a.mp4"]})}, {})
+    before = sorted(os.listdir(out))
+    config = config_from_args(["--input", str(tmp_path / "typo"), "--output", out, "--model", classifier_dir,
+                               "--overwrite"])
+    with pytest.raises(ConfigError, match="--input"):
+        prepare(config)
+    assert sorted(os.listdir(out)) == before and os.path.exists(os.path.join(out, "_SUCCESS"))

@@ -231,3 +231,49 @@ def test_planar_conversion_is_as_close_to_the_reference(long_videos, name):
             errors["packed"].append(np.abs(crop(packed) - crop(ref)).mean())
     planar, packed = np.mean(errors["planar"]), np.mean(errors["packed"])
     assert planar <= packed + 0.1, (planar, packed)
+
+
+class _FlakyFile:
+    """A seekable file whose reads past ``fail_at`` bytes raise a connection reset (as a
+    ranged S3 read can), as many times as ``failures``."""
+
+    def __init__(self, path: str, fail_at: int, failures: int = 1):
+        self._f = open(path, "rb")
+        self.fail_at, self.failures = fail_at, failures
+
+    def read(self, n=-1):
+        if self.failures and self._f.tell() + max(n, 1) > self.fail_at:
+            self.failures -= 1
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return self._f.read(n)
+
+    def seek(self, offset, whence=0):
+        return self._f.seek(offset, whence)
+
+    def tell(self):
+        return self._f.tell()
+
+    def seekable(self):
+        return True
+
+    def close(self):
+        self._f.close()
+
+
+def test_a_transient_read_error_is_not_a_broken_video(long_videos):
+    """A connection reset while probing the end of a file is raised as itself (the decode step
+    retries it), never turned into a `corrupt` DecodeError."""
+    import os
+
+    from vmae_ray.storage import classify_storage_error
+
+    path = long_videos["h264.mkv"]
+    flaky = _FlakyFile(path, fail_at=int(os.path.getsize(path) * 0.8))
+    try:
+        with pytest.raises(ConnectionResetError) as info:
+            with VideoDecoder(flaky) as decoder:
+                list(decoder.clips(decoder.plan(sampling="uniform", num_frames=4, frame_stride=1,
+                                                clips_per_video=1), GEOMETRY))
+        assert classify_storage_error(info.value) == "transient"
+    finally:
+        flaky.close()

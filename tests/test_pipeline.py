@@ -268,19 +268,20 @@ def test_stage_report_times_start_up_apart(manifest_run):
 def test_model_calls_get_full_batches(ray_session, tiny_classifier, tmp_path):
     """--batch-size is clips per model call: every call but the last embeds exactly that many.
 
-    Five videos of three clips each and a batch of four: the decode tasks' blocks (three clips
-    each) do not add up to batches by themselves. Each model actor tags the rows of a call with
-    the number of clips it handed the model; the driver counts calls by their id
-    (`stage_report["model_call_sizes"]`)."""
+    Twelve videos of three clips each and a batch of four: the decode tasks' clips (three per
+    video) do not add up to batches by themselves, and 36 clips are more than one actor task
+    takes (8 calls' worth with this checkpoint's small clips), so the blocks' layout decides.
+    Each model actor tags the rows of a call with the number of clips it handed the model; the
+    driver counts calls by their id (`stage_report["model_call_sizes"]`)."""
     from vmae_ray.synthetic import make_video
 
     corpus = tmp_path / "corpus"
-    for i in range(5):
-        make_video(str(corpus / f"v{i}.mp4"), width=64, height=48, num_frames=48, gop_size=12, seed=i)
+    for i in range(12):
+        make_video(str(corpus / f"v{i:02d}.mp4"), width=64, height=48, num_frames=48, gop_size=12, seed=i)
     summary = run_job("--input", str(corpus), "--output", str(tmp_path / "out"), "--model", tiny_classifier,
                       "--sampling", "stride", "--clips-per-video", "3", "--batch-size", "4")
     report = summary.stage_report
     sizes = {int(k): v for k, v in report["model_call_sizes"].items()}
-    assert summary.clips == 15 and summary.videos_failed == 0
+    assert summary.clips == 36 and summary.videos_failed == 0
     assert sum(size * calls for size, calls in sizes.items()) == summary.clips
-    assert sizes == {4: 3, 3: 1}, sizes
+    assert sizes == {4: 9}, sizes

@@ -374,15 +374,22 @@ def test_head_is_the_sklearn_pipeline(tmp_path, num_classes):
                                rtol=1e-9, atol=1e-12)
     with pytest.raises(HeadError, match="dimension 31"):
         again.logits(x[:, :31])
+    # Weights of another fit beside this head.json (an overwrite caught half way) are refused.
+    other = LinearHead(weight=weight[::-1].copy(), bias=bias[::-1].copy(), id2label=head.id2label, level="video",
+                       model_fingerprint="m", embedding_fingerprint="e", settings_fingerprint="s")
+    other.save(str(tmp_path / "other"))
+    (tmp_path / "h" / "head.safetensors").write_bytes((tmp_path / "other" / "head.safetensors").read_bytes())
+    with pytest.raises(HeadError, match="not from the same fit"):
+        LinearHead.load(str(tmp_path / "h"))
 
 
 def test_stratified_group_folds_keep_videos_apart():
     """Clip-level folds: no video on both sides of a split, every class on both sides."""
-    from vmae_ray.probe import _splits
+    from vmae_ray.probe import cv_splits
 
     videos = np.repeat([f"v{i}" for i in range(9)], 3)
     y = np.repeat(["a", "b", "c"] * 3, 3)
-    splits = _splits(y, videos, grouped=True)
+    splits = cv_splits(y, videos, grouped=True)
     assert splits is not None and len(splits) == 3
     for train, test in splits:
         assert not set(videos[train]) & set(videos[test])

@@ -74,8 +74,13 @@ def test_errors(tmp_path):
         CommittedOutput.open(out).read("items", ["nope"])
     with pytest.raises(ValueError, match="no committed rows"):
         CommittedOutput.open(out).embeddings("other")
+    # A run writing there now has staged shards: refusing the folder must not touch them.
+    staged = os.path.join(out, "_staging", "run-now", "items", "part.parquet")
+    os.makedirs(os.path.dirname(staged))
+    pq.write_table(table_of(["b"], vectors(1)), staged)
     with pytest.raises(ValueError, match="another committed output"):
         write_committed(out, StorageOptions(), {"labels": pa.table({"video_id": ["a"]})}, {})
+    assert os.path.exists(staged)
 
 
 def test_embedding_matrix_of_sliced_chunks():

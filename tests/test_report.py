@@ -29,7 +29,7 @@ from tests.browser import DomReader, render_page
 from vmae_ray import report, schema
 from vmae_ray.cli import config_from_args
 from vmae_ray.cli import main as cli_main
-from vmae_ray.pipeline import _ClipTimeline, run
+from vmae_ray.pipeline import ClipTimeline, run
 from vmae_ray.storage import StorageOptions
 from vmae_ray.synthetic import make_hostile_corpus
 from vmae_ray.writing import write_committed
@@ -88,7 +88,7 @@ def test_timeline_rates_and_the_recorded_series():
     np.testing.assert_allclose(edges, [0, 4, 8, 12, 16, 20, 24, 28, 30])
     np.testing.assert_allclose(rates, [7] * 8)
     # The job's recorder: bounded however long the run, starts at (0, 0), ends at the run's end.
-    timeline = _ClipTimeline(interval_seconds=1.0, max_points=64)
+    timeline = ClipTimeline(interval_seconds=1.0, max_points=64)
     for step in range(20_000):
         timeline.saw(step * 0.5, step * 3)
     series = timeline.report(10_000.2, 60_001)["clips_timeline"]

@@ -120,3 +120,16 @@ def test_show_refuses_bad_arguments(classifier_dir, pretraining_dir, synthetic_c
         assert exc.value.code == 2
         assert re.search(message, capsys.readouterr().err), argv
     assert not (tmp_path / "x.png").exists()
+
+
+def test_every_pixel_and_mask_option_reaches_the_config():
+    """show must decode and mask exactly as the job with the same flags did (its loss is the table's)."""
+    from vmae_ray.show import build_parser, show_config
+
+    args = vars(build_parser().parse_args(["--model", "m", "--video", "v.mp4", "--geometry", "stored",
+                                           "--interpolation", "AREA", "--sampling", "stride", "--frame-stride", "2",
+                                           "--mask-ratio", "0.75", "--mask-seed", "3"]))
+    args.pop("clip", None), args.pop("video_id", None)
+    config = show_config(args)
+    assert (config.geometry, config.interpolation, config.sampling, config.frame_stride) == ("stored", "AREA", "stride", 2)
+    assert (config.mask_ratio, config.mask_seed, config.reconstruction) == (0.75, 3, True)

@@ -60,3 +60,21 @@ def test_a_failed_model_call_makes_error_rows_of_its_clips_only(actor):
     ok = [r for r in out if r["kind"] == "clip"]
     assert [r["video_id"] for r in ok] == ["v0", "v1", "v2", "v3", "v8", "v9"]
     assert all(r["embedding"] is not None for r in ok)
+
+
+def test_a_video_that_yields_fewer_clips_than_planned_is_an_error_row(synthetic_corpus, monkeypatch):
+    """Downstream a video is complete when all its planned clips arrived: one whose decoder
+    stops short (zero clips here) must end as an error row, not wait unfinished forever."""
+    from vmae_ray.decoding import DecodeLimits, FrameGeometry, VideoDecoder
+    from vmae_ray.stages import DecodeParams, decode_video
+
+    params = DecodeParams(sampling="stride", num_frames=4, frame_stride=1, clips_per_video=2,
+                          geometry=FrameGeometry(40, 32, 32), limits=DecodeLimits(), isolate=False)
+    path = synthetic_corpus["a_h264.mp4"]
+    item = {"video_id": "v", "uri": path}
+    good = [r for t in decode_video(item, params, StorageOptions()) for r in t.to_pylist()]
+    assert [r["kind"] for r in good] == ["clip", "clip"] and {r["num_clips"] for r in good} == {2}
+    monkeypatch.setattr(VideoDecoder, "clips", lambda self, plans, geometry, **kw: iter(()))
+    (row,) = [r for t in decode_video(item, params, StorageOptions()) for r in t.to_pylist()]
+    assert (row["kind"], row["stage"], row["error_type"]) == ("error", "decode", "corrupt")
+    assert "0 of 2 planned clips" in row["message"]

@@ -24,6 +24,7 @@ from vmae_ray.config import (
     GEOMETRY_MODES,
     INTERPOLATIONS,
     LABEL_MODES,
+    STORAGE_OPTIONS_ENV,
     ConfigError,
     EmbedConfig,
     load_yaml,
@@ -141,8 +142,8 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
         values.update(args)
         # Secrets can come from the environment instead of the command line, which Ray
         # records as the job's entrypoint.
-        if "storage_options" not in values and os.environ.get("VMAE_RAY_STORAGE_OPTIONS"):
-            values["storage_options"] = os.environ["VMAE_RAY_STORAGE_OPTIONS"]
+        if "storage_options" not in values and os.environ.get(STORAGE_OPTIONS_ENV):
+            values["storage_options"] = os.environ[STORAGE_OPTIONS_ENV]
         for name, convert in _CONVERTERS.items():
             if name in values:
                 values[name] = convert(values[name])

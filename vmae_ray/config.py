@@ -288,6 +288,20 @@ def parse_storage_options(text: str | dict | None) -> dict[str, Any]:
     return value
 
 
+STORAGE_OPTIONS_ENV = "VMAE_RAY_STORAGE_OPTIONS"
+
+
+def storage_for(text: str | dict | None, uris: list[str]):
+    """A command's storage options: ``--storage-options`` (JSON or ``@FILE``), else
+    ``$VMAE_RAY_STORAGE_OPTIONS``, plus the driver's S3 environment for ``uris``
+    (`StorageOptions.with_driver_environment`). Raises ConfigError naming --storage-options."""
+    from vmae_ray.storage import StorageOptions
+
+    if text is None:
+        text = os.environ.get(STORAGE_OPTIONS_ENV)
+    return StorageOptions(parse_storage_options(text)).with_driver_environment([u for u in uris if u])
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     """Options from a YAML file: keys are option names with '-' or '_'."""
     import yaml

@@ -26,6 +26,7 @@ from av.sidedata.sidedata import Type as SideDataType
 
 from vmae_ray.sampling import ClipPlan, FrameMatcher, plan_clips
 from vmae_ray.schema import check_error_code
+from vmae_ray.storage import classify_storage_error
 
 # PIL resample codes (what preprocessor_config.json stores) -> the libswscale filter that
 # comes closest; parity with the PIL resize is tested with a stated tolerance.
@@ -292,6 +293,17 @@ def model_crop(frame, geometry: FrameGeometry, resized: tuple[int, int], *, tran
     return out
 
 
+def _raise_as_decode_error(exc: BaseException, stage: str):
+    """Raise ``exc`` as the DecodeError it means, from an ``except`` block, keeping its cause.
+
+    A transient storage error (a reset connection, a timeout, throttling) is re-raised as it
+    is: the video is not broken, and the decode step retries it (`stages.decode_video`).
+    """
+    if not isinstance(exc, av.error.FFmpegError) and classify_storage_error(exc) == "transient":
+        raise exc
+    raise _error_from_av(exc, stage) from exc
+
+
 def _error_from_av(exc: BaseException, stage: str) -> DecodeError:
     if isinstance(exc, DecodeError):
         return exc
@@ -380,7 +392,7 @@ class VideoDecoder:
         try:
             self._container = av.open(file, mode="r", metadata_errors="ignore")
         except Exception as exc:  # noqa: BLE001 - every open failure is a per-video error
-            raise _error_from_av(exc, "probe") from exc
+            _raise_as_decode_error(exc, "probe")
         try:
             self._stream = self._choose_stream()
             if self._stream.codec_context is None:
@@ -395,7 +407,7 @@ class VideoDecoder:
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a failed seek in the timing scan
             self._container.close()
-            raise _error_from_av(exc, "probe") from exc
+            _raise_as_decode_error(exc, "probe")
         except BaseException:
             self._container.close()
             raise
@@ -609,7 +621,7 @@ class VideoDecoder:
         try:
             first = next(frames, None)
         except Exception as exc:  # noqa: BLE001 - a broken first frame is a per-video error
-            raise _error_from_av(exc, "decode") from exc
+            _raise_as_decode_error(exc, "decode")
         if first is None:
             raise DecodeError("corrupt", "decode", "no frame could be decoded")
         self.stats.frames_decoded += 1
@@ -683,7 +695,7 @@ class VideoDecoder:
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken stream is a per-video error
-            raise _error_from_av(exc, "decode") from exc
+            _raise_as_decode_error(exc, "decode")
         if index < 0:
             raise DecodeError("corrupt", "decode", "no frame could be decoded")
         for clip in asm.finish():
@@ -760,7 +772,7 @@ class VideoDecoder:
         try:
             self._container.seek(0)
         except Exception as exc:  # noqa: BLE001
-            raise _error_from_av(exc, "decode") from exc
+            _raise_as_decode_error(exc, "decode")
 
     def _seek_to_keyframe(self, index: PacketIndex, key_pos: int) -> None:
         self.stats.seeks.append(index.keyframes[key_pos])
@@ -861,7 +873,7 @@ class VideoDecoder:
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken stream is a per-video error
-            raise _error_from_av(exc, "decode") from exc
+            _raise_as_decode_error(exc, "decode")
         finally:
             self._skip_nonref(False)
 

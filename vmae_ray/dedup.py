@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from vmae_ray import neighbours as nb
-from vmae_ray.search import CommandError, add_tables_arguments, open_tables, tie_rank
+from vmae_ray.search import ConfigError, add_tables_arguments, open_tables, tie_rank
 from vmae_ray.storage import StorageOptions
 
 DUPLICATES = "duplicates"
@@ -86,8 +86,8 @@ def run_dedup(argv: Sequence[str], prog: str = "vmae-ray dedup") -> int:
         try:
             matrix, meta = committed.embeddings("videos", ["video_id", "uri"])
         except ValueError as exc:
-            raise CommandError("--tables", str(exc)) from None
-    except CommandError as exc:
+            raise ConfigError("--tables", str(exc)) from None
+    except ConfigError as exc:
         parser.error(str(exc))
     table, facts = find_duplicates(matrix, meta, args.threshold, exact=True if args.exact else None, nprobe=args.nprobe)
     from vmae_ray.writing import write_committed
@@ -117,17 +117,17 @@ def _check_output(output: str, tables: str, storage: StorageOptions) -> None:
     from vmae_ray.writing import OutputStore
 
     if output.rstrip("/") == tables.rstrip("/"):
-        raise CommandError("--output", "must be a folder of its own, not --tables")
+        raise ConfigError("--output", "must be a folder of its own, not --tables")
     store = OutputStore(output, storage, tables=(DUPLICATES,))
     try:
         state = store.read_state()
     except ValueError as exc:
-        raise CommandError("--output", str(exc)) from None
+        raise ConfigError("--output", str(exc)) from None
     others = sorted(t for t, rels in state.files.items() if rels and t != DUPLICATES)
     if others:
-        raise CommandError("--output", f"{output} holds another committed output (tables {', '.join(others)}); "
+        raise ConfigError("--output", f"{output} holds another committed output (tables {', '.join(others)}); "
                            "use a folder of its own")
     try:
         store.check_writable()
     except OSError as exc:
-        raise CommandError("--output", f"cannot write to {output}: {type(exc).__name__}: {exc}") from None
+        raise ConfigError("--output", f"cannot write to {output}: {type(exc).__name__}: {exc}") from None

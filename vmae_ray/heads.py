@@ -182,6 +182,11 @@ class LinearHead:
         if config.get("embedding_dim") != head.embedding_dim:
             raise HeadError(f"{uri}: {HEAD_FILE} says embedding_dim {config.get('embedding_dim')}, the weights "
                             f"are {head.weight.shape}")
+        # head.json names the weights and labels it was written with: a directory caught half
+        # way through an overwrite (new weights, old labels) must not label anything.
+        if config.get("head_fingerprint") not in (None, head.fingerprint):
+            raise HeadError(f"{uri}: {WEIGHTS_FILE} and {HEAD_FILE} are not from the same fit (an interrupted "
+                            "overwrite?); fit the head again")
         return head
 
 

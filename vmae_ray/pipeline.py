@@ -27,6 +27,7 @@ from vmae_ray.config import ConfigError, EmbedConfig, Resources, plan_resources
 from vmae_ray.decoding import SWSCALE_FOR_PIL_RESAMPLE, DecodeLimits, FrameGeometry
 from vmae_ray.heads import HeadError, LinearHead
 from vmae_ray.listing import VIDEO_EXTENSIONS, VideoInput, list_inputs
+from vmae_ray.reading import CommittedOutput
 from vmae_ray.reconstruction import masked_per_frame
 from vmae_ray.stages import DecodeParams, EmbedActor, decode_batch
 from vmae_ray.storage import StorageOptions
@@ -196,6 +197,19 @@ def prepare(config: EmbedConfig) -> Plan:
     fingerprint = settings_fingerprint(config, spec, num_frames, with_labels,
                                        head_fingerprint=head.fingerprint if head else None)
 
+    # The input is listed before --output is touched: a typo in --input must not cost the
+    # committed tables of an --overwrite run.
+    try:
+        listing = list_inputs(config.input, storage, extensions=config.extensions or VIDEO_EXTENSIONS,
+                              limit=config.limit)
+    except FileNotFoundError as exc:
+        raise ConfigError("--input", f"not found: {exc}") from exc
+    except PermissionError as exc:
+        raise ConfigError("--input", f"access denied listing {config.input}: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError("--input", str(exc)) from exc
+    inputs = {item.video_id: item for item in listing.inputs}
+
     store = OutputStore(config.output, storage)
     if config.overwrite:
         store.wipe()
@@ -223,22 +237,12 @@ def prepare(config: EmbedConfig) -> Plan:
             config.output, old.get("model"), old.get("sampling"))
         replace_all = True
 
-    try:
-        listing = list_inputs(config.input, storage, extensions=config.extensions or VIDEO_EXTENSIONS,
-                              limit=config.limit)
-    except FileNotFoundError as exc:
-        raise ConfigError("--input", f"not found: {exc}") from exc
-    except PermissionError as exc:
-        raise ConfigError("--input", f"access denied listing {config.input}: {exc}") from exc
-    except ValueError as exc:
-        raise ConfigError("--input", str(exc)) from exc
-    inputs = {item.video_id: item for item in listing.inputs}
-
     todo, superseded, skipped = list(listing.inputs), set(), 0
     if state.exists and not replace_all:
         done: dict[str, tuple[str, str]] = {}
+        committed = CommittedOutput(config.output, state.manifest, storage)
         for table in (schema.VIDEOS, schema.ERRORS):
-            t = store.read_committed_column_table(state, table, ["video_id", "input_fingerprint"])
+            t = committed.read(table, ["video_id", "input_fingerprint"])
             for vid, fp in zip(t.column("video_id").to_pylist(), t.column("input_fingerprint").to_pylist()):
                 done[vid] = (table, fp)
         todo = []
@@ -512,7 +516,7 @@ def run(config: EmbedConfig) -> RunSummary:
         pipeline_started = time.perf_counter()
         last_report = pipeline_started
         flow = _Flow(pipeline_started)
-        timeline = _ClipTimeline()
+        timeline = ClipTimeline()
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
                 _write(writer, assembler.add(batch))
@@ -601,7 +605,7 @@ class _Flow:
         return out
 
 
-class _ClipTimeline:
+class ClipTimeline:
     """Clips of finished videos against seconds since the pipeline started, for `vmae-ray report`'s
     clips/s chart (``stage_report.clips_timeline`` in _SUCCESS: ``seconds`` and cumulative ``clips``).
 

@@ -24,7 +24,6 @@ The head written is fitted on all examples, with C chosen the same way on all of
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from vmae_ray import schema
-from vmae_ray.config import ConfigError, parse_storage_options
+from vmae_ray.config import ConfigError, storage_for
 from vmae_ray.heads import LEVELS, HeadError, LinearHead, head_exists
 from vmae_ray.labels import top_k_labels
 from vmae_ray.listing import read_table_file
@@ -165,7 +164,7 @@ def check_classes(examples: Examples) -> None:
 # Fitting (scikit-learn)
 
 
-def _splits(y: np.ndarray, groups: np.ndarray, grouped: bool, max_folds: int = MAX_FOLDS) -> list | None:
+def cv_splits(y: np.ndarray, groups: np.ndarray, grouped: bool, max_folds: int = MAX_FOLDS) -> list | None:
     """Stratified (and, with ``grouped``, video-grouped) folds in which every class is on both
     sides, as many as the smallest class allows (<= max_folds); None when not even 2 exist."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -195,7 +194,7 @@ def _fit_choosing_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, grouped: b
     """(fitted pipeline, C, inner folds used or 0) with C chosen by cross-validated log loss."""
     from sklearn.model_selection import GridSearchCV
 
-    splits = _splits(y, groups, grouped)
+    splits = cv_splits(y, groups, grouped)
     if splits is None:
         return _pipeline(DEFAULT_C).fit(x, y), DEFAULT_C, 0
     search = GridSearchCV(_pipeline(DEFAULT_C), {"logreg__C": list(C_GRID)}, cv=splits, scoring="neg_log_loss",
@@ -255,7 +254,7 @@ def _fit_head(examples: Examples, *, model_fingerprint: str, embedding_fingerpri
     x, y, groups = examples.embeddings.astype(np.float64), examples.labels, examples.video_ids
     grouped = examples.level == "clip"
     classes = examples.classes
-    outer = _splits(y, groups, grouped)
+    outer = cv_splits(y, groups, grouped)
     if outer is None:  # check_classes makes this unreachable for stratified folds
         raise ConfigError("--labels", "too few labelled videos per class to cross-validate")
     predicted = np.empty(len(y), dtype=object)
@@ -434,8 +433,7 @@ def run_probe(argv: Sequence[str], prog: str = "vmae-ray probe") -> int:
 
 
 def _storage(args: argparse.Namespace, uris: list[str]) -> StorageOptions:
-    text = args.storage_options if args.storage_options is not None else os.environ.get("VMAE_RAY_STORAGE_OPTIONS")
-    return StorageOptions(parse_storage_options(text)).with_driver_environment(uris)
+    return storage_for(args.storage_options, uris)
 
 
 def _open_tables(uri: str, storage: StorageOptions) -> CommittedOutput:

@@ -26,10 +26,8 @@ import base64
 import hashlib
 import html
 import io
-import os
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vmae_ray import schema
+from vmae_ray.config import ConfigError, storage_for
 
 # Above this many videos, the PCA map and the nearest-neighbour similarities use a random
 # sample of this many (seed 0), and the page says so: exact nearest neighbours cost N^2 * D
@@ -74,14 +73,6 @@ IMAGE_CHECK_SCRIPT = (
 )
 
 
-class ReportError(ValueError):
-    """A bad --color-by (or similar) found after reading the output's schema; names the flag."""
-
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"{flag}: {message}")
-        self.flag = flag
-
-
 # ------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------
@@ -110,7 +101,7 @@ def load_report_data(uri: str, storage=None, *, color_by: str | None = None) -> 
     """Read what the report needs from the committed output at ``uri`` (local or any fsspec URI).
 
     Raises NotCommittedError (no `_SUCCESS`), ValueError (not a vmae-ray manifest), and
-    ReportError naming --color-by when ``color_by`` is not a column of videos/, checked from
+    ConfigError naming --color-by when ``color_by`` is not a column of videos/, checked from
     the Parquet footers before any table is read.
     """
     from vmae_ray.reading import CommittedOutput, embedding_matrix
@@ -120,7 +111,7 @@ def load_report_data(uri: str, storage=None, *, color_by: str | None = None) -> 
     if color_by is not None:
         choices = [n for n in videos_schema.names if n != "embedding"]
         if color_by not in choices:
-            raise ReportError("--color-by", f"videos/ has no column {color_by!r}; choose one of: "
+            raise ConfigError("--color-by", f"videos/ has no column {color_by!r}; choose one of: "
                               + (", ".join(choices) if choices else "(no videos committed)"))
     videos = committed.read(schema.VIDEOS)
     embeddings = None
@@ -168,7 +159,8 @@ def pca_2d(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def nearest_neighbour_cosine(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the cosine similarity to its nearest other row and that row's index.
 
-    Exact (FAISS IndexFlatIP on L2-normalised rows, a brute-force inner-product search).
+    Exact search (FAISS IndexFlatIP on L2-normalised rows, brute-force inner products), in
+    float32: plenty for a histogram of similarities, unlike `neighbours`, which ranks in float64.
     ``matrix``: (N, D) float, N >= 2. Returns (similarities (N,) float32, indices (N,) int64).
     A zero row has similarity 0 to everything. Ties between equal rows are fine: the row
     itself is skipped by index, not by score.
@@ -828,21 +820,13 @@ def write_report(tables: str, output: str, storage=None, *, color_by: str | None
 
 
 def write_html(page_text: str, output: str, storage) -> None:
-    """Write the page to ``output``: a local path atomically (write, then rename), or one PUT."""
+    """Write the page to ``output`` (local path or fsspec URI) so that a browser never opens half
+    a page (`writing.write_bytes_atomic`: write then rename locally, one PUT on object stores)."""
     from vmae_ray.storage import url_to_fs
+    from vmae_ray.writing import write_bytes_atomic
 
-    page = page_text.encode("utf-8")
-    if "://" not in output or output.startswith("file://"):
-        path = output[len("file://"):] if output.startswith("file://") else output
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(page)
-        os.replace(tmp, path)  # a browser never opens half a page
-    else:
-        fs, path = url_to_fs(output, storage)
-        with fs.open(path, "wb") as f:  # object stores: one PUT
-            f.write(page)
+    fs, path = url_to_fs(output, storage)
+    write_bytes_atomic(fs, path, page_text.encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -862,22 +846,18 @@ def build_parser(prog: str = "vmae-ray report") -> argparse.ArgumentParser:
 
 def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
     """The report command: exit status 0, or 2 for a bad argument (named) before anything is written."""
-    from vmae_ray.config import ConfigError, parse_storage_options
     from vmae_ray.reading import NotCommittedError
-    from vmae_ray.storage import StorageOptions
 
     parser = build_parser(prog)
     args = parser.parse_args(list(argv))
     try:
-        options = parse_storage_options(args.storage_options if args.storage_options is not None
-                                        else os.environ.get("VMAE_RAY_STORAGE_OPTIONS"))
+        storage = storage_for(args.storage_options, [args.tables, args.output])
     except ConfigError as exc:
         parser.error(str(exc))
     started = time.perf_counter()
-    storage = StorageOptions(options)
     try:
         data = load_report_data(args.tables, storage, color_by=args.color_by)
-    except ReportError as exc:
+    except ConfigError as exc:
         parser.error(str(exc))
     except (NotCommittedError, ValueError) as exc:  # no _SUCCESS, or not a vmae-ray manifest
         parser.error(f"--tables: {exc}")

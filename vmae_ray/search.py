@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vmae_ray import neighbours as nb
-from vmae_ray.config import ConfigError, parse_storage_options
+from vmae_ray.config import ConfigError, storage_for
 from vmae_ray.reading import CommittedOutput, NotCommittedError
 from vmae_ray.storage import StorageOptions, join, url_to_fs
 
@@ -47,16 +47,8 @@ INDEX_DIR = "_index"
 INDEX_MANIFEST = "INDEX.json"
 INDEX_FORMAT = "vmae-ray-index/1"
 # An IVF index is rebuilt (k-means again) once the table holds this many times the rows its
-# lists were trained on: its nlist (4 sqrt(N) at training) is then half what the size asks for.
+# lists were trained on: its nlist (sqrt(N) at training) is then half what the size asks for.
 REBUILD_GROWTH = 4.0
-
-
-class CommandError(Exception):
-    """Bad input found while running a command: exit status 2, message naming ``option``."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}")
-        self.option = option
 
 
 # ------------------------------------------------------------------------------ shared CLI
@@ -69,24 +61,20 @@ def add_tables_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_tables(args: argparse.Namespace, uris: Sequence[str] = ()) -> tuple[CommittedOutput, StorageOptions]:
-    """The committed tables of ``--tables`` and the storage options; CommandError if there are none."""
-    text = args.storage_options if args.storage_options is not None else os.environ.get("VMAE_RAY_STORAGE_OPTIONS")
-    try:
-        storage = StorageOptions(parse_storage_options(text)).with_driver_environment([args.tables, *uris])
-    except ConfigError as exc:
-        raise CommandError(exc.option, str(exc).split(": ", 1)[1]) from None
+    """The committed tables of ``--tables`` and the storage options; ConfigError if there are none."""
+    storage = storage_for(args.storage_options, [args.tables, *uris])
     try:
         return CommittedOutput.open(args.tables, storage), storage
     except (NotCommittedError, ValueError) as exc:
-        raise CommandError("--tables", str(exc)) from None
+        raise ConfigError("--tables", str(exc)) from None
     except PermissionError as exc:
-        raise CommandError("--tables", f"access denied: {exc}") from None
+        raise ConfigError("--tables", f"access denied: {exc}") from None
 
 
 def _level_table(committed: CommittedOutput, level: str) -> str:
     table = LEVELS[level]
     if not committed.committed_files(table):
-        raise CommandError("--tables", f"{committed.uri} has no committed {table}/ rows (is it a `vmae-ray embed` output?)")
+        raise ConfigError("--tables", f"{committed.uri} has no committed {table}/ rows (is it a `vmae-ray embed` output?)")
     return table
 
 
@@ -144,7 +132,7 @@ class Query:
 
 def match_query(text: str, meta: pa.Table) -> str | None:
     """The video_id that ``text`` names in ``meta`` (a video_id, or a URI, also as an absolute
-    local path), or None. Raises CommandError when a URI names several videos."""
+    local path), or None. Raises ConfigError when a URI names several videos."""
     ids = meta.column("video_id")
     if pc.any(pc.equal(ids, text)).as_py():
         return text
@@ -153,7 +141,7 @@ def match_query(text: str, meta: pa.Table) -> str | None:
         names.add(os.path.abspath(text))
     hits = pc.unique(pc.filter(ids, pc.is_in(meta.column("uri"), value_set=pa.array(sorted(names))))).to_pylist()
     if len(hits) > 1:
-        raise CommandError("--query", f"{text} is the uri of several videos ({', '.join(sorted(hits))}); give a video_id")
+        raise ConfigError("--query", f"{text} is the uri of several videos ({', '.join(sorted(hits))}); give a video_id")
     return hits[0] if hits else None
 
 
@@ -174,7 +162,7 @@ def query_from_rows(video_id: str, matrix: np.ndarray, meta: pa.Table, level: st
     clip_indices = meta.column("clip_index").to_numpy()[rows]
     chosen = rows[clip_indices == clip_index]
     if not len(chosen):
-        raise CommandError("--clip-index", f"video {video_id} has clips {sorted(clip_indices.tolist())}, not {clip_index}")
+        raise ConfigError("--clip-index", f"video {video_id} has clips {sorted(clip_indices.tolist())}, not {clip_index}")
     return Query(matrix[chosen[0]].astype(np.float64), video_id, uri, True,
                  f"clip {clip_index} of video {video_id} ({uri}), in the tables")
 
@@ -185,7 +173,7 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
     The settings come from `_SUCCESS` (`EmbedConfig.from_dict` of its `config`, the model's
     ModelSpec, `pipeline.decode_params`), decoding runs in this process (`stages.decode_video`)
     and the model is `VideoMAEEmbedder`. Returns (clip embeddings (C, D) float32 in clip order,
-    clip facts [{clip_index, start_seconds, end_seconds}]). Raises CommandError when the video
+    clip facts [{clip_index, start_seconds, end_seconds}]). Raises ConfigError when the video
     cannot be read or decoded, or the checkpoint is not the one that made the tables.
     """
     from vmae_ray.checkpoint import CheckpointError, load_model_spec
@@ -201,10 +189,10 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
     try:
         spec = load_model_spec(config.model, storage, config.model_cache_dir)
     except CheckpointError as exc:
-        raise CommandError("--query", f"{uri} is not in the tables, and the model that made them ({config.model}) "
+        raise ConfigError("--query", f"{uri} is not in the tables, and the model that made them ({config.model}) "
                            f"cannot be loaded here to embed it: {exc}") from None
     if model.get("fingerprint") and spec.fingerprint != model["fingerprint"]:
-        raise CommandError("--query", f"{uri} is not in the tables, and the checkpoint now at {config.model} is not the "
+        raise ConfigError("--query", f"{uri} is not in the tables, and the checkpoint now at {config.model} is not the "
                            "one that made them (its fingerprint differs): embeddings would not be comparable")
     params = dataclasses.replace(decode_params(config, spec, model.get("num_frames") or spec.num_frames), isolate=False)
     item = {"video_id": video_id_for_uri(uri), "uri": uri}
@@ -213,7 +201,7 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
     kinds = batch.column("kind").to_pylist() if batch is not None else []
     if not kinds or any(k != KIND_CLIP for k in kinds):
         bad = batch.filter(pc.not_equal(batch.column("kind"), KIND_CLIP)).to_pylist()[0] if kinds else {}
-        raise CommandError("--query", f"{uri} is neither a video_id nor a uri in {committed.uri}, and not a readable video "
+        raise ConfigError("--query", f"{uri} is neither a video_id nor a uri in {committed.uri}, and not a readable video "
                            f"({bad.get('error_type', 'no clips')}: {bad.get('message', '')})")
     from vmae_ray.embedder import VideoMAEEmbedder
 
@@ -240,14 +228,14 @@ def query_outside(text: str, committed: CommittedOutput, storage: StorageOptions
     except (OSError, ValueError):
         exists = False
     if not exists:
-        raise CommandError("--query", f"{text} is neither a video_id nor a uri in {committed.uri}, and no such file exists")
+        raise ConfigError("--query", f"{text} is neither a video_id nor a uri in {committed.uri}, and no such file exists")
     embeddings, facts = embed_outside_video(text, committed, storage)
     if clip_index is None:
         return Query(video_embedding(embeddings).astype(np.float64), None, text, False,
                      f"{text}, not in the tables: embedded here, the mean of its {_clips(len(facts))}")
     indices = [f["clip_index"] for f in facts]
     if clip_index not in indices:
-        raise CommandError("--clip-index", f"{text} has clips {indices}, not {clip_index}")
+        raise ConfigError("--clip-index", f"{text} has clips {indices}, not {clip_index}")
     return Query(embeddings[indices.index(clip_index)].astype(np.float64), None, text, False,
                  f"clip {clip_index} of {text}, not in the tables: embedded here")
 
@@ -617,7 +605,7 @@ def run_search(argv: Sequence[str], prog: str = "vmae-ray search") -> int:
         query, results, method = search(committed, storage, args.query, k=args.k, level=args.level,
                                         clip_index=args.clip_index, exact=args.exact,
                                         log=lambda m: print(f"{prog}: {m}", file=sys.stderr))
-    except CommandError as exc:
+    except ConfigError as exc:
         parser.error(str(exc))
     print(f"{prog}: query: {query.description}; {method}"
           + ("; its own rows excluded" if query.in_tables else ""), file=sys.stderr)
@@ -646,6 +634,6 @@ def run_index(argv: Sequence[str], prog: str = "vmae-ray index") -> int:
         committed, _ = open_tables(args)
         build_or_update(committed, args.level, rebuild=args.rebuild, target_recall=args.target_recall,
                         log=lambda m: print(f"{prog}: {m}"))
-    except CommandError as exc:
+    except ConfigError as exc:
         parser.error(str(exc))
     return 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vmae_ray.config import DEFAULT_MODEL, DEFAULT_STRIDE_CLIPS_PER_VIDEO, DEVICES, ConfigError, EmbedConfig
+from vmae_ray.config import DEFAULT_MODEL, DEFAULT_STRIDE_CLIPS_PER_VIDEO, DEVICES, ConfigError, EmbedConfig, storage_for
 from vmae_ray.embedder import DTYPES
 
 MASK_FILL = (128, 128, 128)  # masked patches in the middle panel: blank, mid grey
@@ -162,19 +162,23 @@ def build_parser(prog: str = "vmae-ray show") -> argparse.ArgumentParser:
     return p
 
 
-def _config(args: dict) -> EmbedConfig:
+def show_config(args: dict) -> EmbedConfig:
+    """The job's config for show's parsed flags (``vars(build_parser().parse_args(...))`` less
+    --clip and --video-id); raises ConfigError for a bad value."""
     from vmae_ray.config import parse_clips_per_video, parse_storage_options
 
     values = {"input": args.pop("video"), "output": args.pop("output", "reconstruction.png"), "reconstruction": True}
+    # Every option that decides the pixels and the mask, so that show's loss is the table's.
     for name in ("model", "mask_ratio", "mask_seed", "sampling", "num_frames", "frame_stride", "interpolation",
-                 "device", "dtype", "model_cache_dir"):
+                 "geometry", "device", "dtype", "model_cache_dir"):
         if name in args:
             values[name] = args[name]
     if "clips_per_video" in args:
         values["clips_per_video"] = parse_clips_per_video(args["clips_per_video"])
     elif values.get("sampling") == "stride":
         values["clips_per_video"] = DEFAULT_STRIDE_CLIPS_PER_VIDEO
-    values["storage_options"] = parse_storage_options(args.get("storage_options"))
+    if args.get("storage_options") is not None:
+        values["storage_options"] = parse_storage_options(args["storage_options"])
     return EmbedConfig(**values).validate()
 
 
@@ -185,7 +189,7 @@ def run_show(argv: Sequence[str], prog: str = "vmae-ray show") -> int:
     clip_index = args.pop("clip", 0)
     video_id = args.pop("video_id", None)
     try:
-        config = _config(args)
+        config = show_config(args)
         if clip_index < 0:
             raise ConfigError("--clip", f"expected a clip index >= 0; got {clip_index}")
         return _show(config, clip_index, video_id)
@@ -198,9 +202,7 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     from vmae_ray.checkpoint import CheckpointError, load_model_spec
     from vmae_ray.listing import list_inputs
     from vmae_ray.reconstruction import clip_mask, masked_per_frame
-    from vmae_ray.storage import StorageOptions
-
-    storage = StorageOptions(config.storage_options).with_driver_environment([config.input, config.model])
+    storage = storage_for(config.storage_options or None, [config.input, config.model])
     try:
         spec = load_model_spec(config.model, storage, config.model_cache_dir)
     except CheckpointError as exc:

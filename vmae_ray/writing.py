@@ -114,16 +114,6 @@ class OutputStore:
             raise ValueError(f"{self.output}/_SUCCESS is not a vmae-ray manifest (format {data.get('format')!r})")
         return CommittedState(data)
 
-    def read_committed_column_table(self, state: CommittedState, table: str, columns: list[str]) -> pa.Table:
-        files = state.files_of(table)
-        if not files:
-            return pa.table({c: pa.array([], pa.string()) for c in columns})
-        parts = []
-        for rel in files:
-            with self.fs.open(self.path(rel), "rb") as f:
-                parts.append(pq.read_table(f, columns=columns))
-        return pa.concat_tables(parts, promote_options="permissive")
-
     # -- recovery ------------------------------------------------------------------------
     def recover(self) -> CommittedState:
         """Finish or undo what a killed run left, and return the committed state."""
@@ -352,11 +342,13 @@ def write_committed(output: str, storage: StorageOptions, tables: dict[str, pa.T
     """
     run_id = run_id or new_run_id()
     store = OutputStore(output, storage, tables=tuple(tables))
-    previous = store.recover()
-    others = sorted(t for t, rels in previous.files.items() if rels and t not in tables)
+    # Refuse another kind of output before recover(), which would clear its staging: that of a
+    # job writing there right now, say.
+    others = sorted(t for t, rels in store.read_state().files.items() if rels and t not in tables)
     if others:
         raise ValueError(f"{output} holds another committed output (tables {', '.join(others)}); "
                          "use a folder of its own")
+    previous = store.recover()
     staged: dict[str, list[str]] = {t: [] for t in tables}
     for name, table in tables.items():
         for i, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
