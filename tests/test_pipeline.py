@@ -270,7 +270,7 @@ def test_model_calls_get_full_batches(ray_session, tiny_classifier, tmp_path):
 
     Twelve videos of three clips each and a batch of four: the decode tasks' clips (three per
     video) do not add up to batches by themselves, and 36 clips are more than one actor task
-    takes (8 calls' worth with this checkpoint's small clips), so the blocks' layout decides.
+    takes (two calls' worth: see `model_task_rows`), so the blocks' layout decides.
     Each model actor tags the rows of a call with the number of clips it handed the model; the
     driver counts calls by their id (`stage_report["model_call_sizes"]`)."""
     from vmae_ray.synthetic import make_video
@@ -285,3 +285,19 @@ def test_model_calls_get_full_batches(ray_session, tiny_classifier, tmp_path):
     assert summary.clips == 36 and summary.videos_failed == 0
     assert sum(size * calls for size, calls in sizes.items()) == summary.clips
     assert sizes == {4: 9}, sizes
+
+
+def test_model_task_rows_bounds():
+    """An actor task is whole model calls, at most 8 of them, at most 64 MiB of clips, and at
+    least 4 tasks per actor for the run's clips; never less than one call."""
+    from vmae_ray.pipeline import model_task_rows
+
+    base = 16 * 224 * 224 * 3  # one VideoMAE-B clip of uint8 RGB: 2.4 MB
+    assert model_task_rows(8, base, 1_000_000, 4) == 8 * 3  # 64 MiB // (8 x 2.4 MB) = 3 calls
+    assert model_task_rows(4, 16 * 32 * 32 * 3, 1_000_000, 1) == 4 * 8  # small clips: 8 calls
+    assert model_task_rows(4, 16 * 32 * 32 * 3, 36, 1) == 4 * 2  # 36 clips: 36 // 16 = 2 calls
+    assert model_task_rows(2, 16 * 32 * 32 * 3, 12, 1) == 2  # fewer clips than 4 tasks: one call
+    assert model_task_rows(64, 10**9, 10**6, 1) == 64  # a call bigger than the byte cap is still one call
+    for batch in (1, 3, 8):
+        for clips in (0, 5, 100, 10_000):
+            assert model_task_rows(batch, 4096, clips, 2) % batch == 0

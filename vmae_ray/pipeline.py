@@ -336,6 +336,30 @@ CLUSTER_AUTOSCALER_ENV = "RAY_DATA_CLUSTER_AUTOSCALER"
 DEFAULT_CLUSTER_AUTOSCALER = "V2"
 
 
+# Most model calls per actor task, and the most bytes of clips a task holds.
+MAX_CALLS_PER_TASK = 8
+MAX_TASK_BYTES = 64 * 2**20
+# Fewest actor tasks per actor a run aims for: small runs keep commits and progress steady.
+MIN_TASKS_PER_ACTOR = 4
+
+
+def model_task_rows(batch_size: int, clip_bytes: int, least_clips: int, max_actors: int) -> int:
+    """Clips per model-actor task: a multiple k of `batch_size` (the actor splits the task into
+    k model calls), k at most MAX_CALLS_PER_TASK and at most MAX_TASK_BYTES of clips (a Ray task
+    costs a few ms of scheduling and transfer, as much as a small model's whole call on CPU),
+    and small enough that `least_clips` (a lower bound on the run's clips) gives every actor at
+    least MIN_TASKS_PER_ACTOR tasks: a small run is not one task, committed all at once.
+
+    >>> model_task_rows(8, 16 * 224 * 224 * 3, 10_000, 2)  # VideoMAE-B clips: 64 MiB is 3 calls
+    24
+    >>> model_task_rows(2, 16 * 224 * 224 * 3, 12, 1)
+    2
+    """
+    by_bytes = MAX_TASK_BYTES // (batch_size * clip_bytes)
+    by_run = least_clips // (batch_size * max_actors * MIN_TASKS_PER_ACTOR)
+    return batch_size * max(1, min(MAX_CALLS_PER_TASK, by_bytes, by_run))
+
+
 def build_dataset(plan: Plan, res: Resources, *, full_batches: bool = True):
     """The Ray Data graph: from_items -> decode (task pool) -> embed (actor pool).
 
@@ -383,9 +407,8 @@ def build_dataset(plan: Plan, res: Resources, *, full_batches: bool = True):
         # batches too, but its extra tasks cost 25% of the clips/s after start-up on 2 CPUs).
         # The dataset's own context: no other dataset is affected.
         ds.context.target_max_block_size = max(1, clip_bytes // 2)
-        # Several model calls per actor task, up to ~64 MiB of clips: a Ray task costs a few
-        # ms of scheduling and transfer, as much as a small model's whole call on CPU.
-        rows_per_task *= max(1, min(8, (64 * 2**20) // (res.batch_size * clip_bytes)))
+        least_clips = len(plan.todo) * ((config.clips_per_video or 1) if config.sampling == "stride" else 1)
+        rows_per_task = model_task_rows(res.batch_size, clip_bytes, least_clips, res.num_actors[1])
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
