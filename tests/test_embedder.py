@@ -43,6 +43,13 @@ def _hf_processor(model_dir: str):
     return VideoMAEImageProcessorPil.from_pretrained(model_dir)
 
 
+def _hf_pixel_values(model_dir: str, clips: np.ndarray) -> torch.Tensor:
+    """transformers' pixel values for already-cropped clips (no resize, no crop): (B, T, C, H, W)."""
+    out = _hf_processor(model_dir)([list(c) for c in clips], do_resize=False, do_center_crop=False,
+                                   return_tensors="np")["pixel_values"]
+    return torch.from_numpy(out)
+
+
 # --------------------------------------------------------------------------------------
 # Normalization parity with transformers' image processor
 
@@ -50,9 +57,7 @@ def _hf_processor(model_dir: str):
 def test_pixel_values_match_hf_processor_without_resize(classifier_dir, classifier_embedder):
     spec = classifier_embedder.spec
     clips = _random_clips(spec, batch=2)
-    expected = _hf_processor(classifier_dir)(
-        [list(clip) for clip in clips], do_resize=False, do_center_crop=False, return_tensors="np"
-    )["pixel_values"]
+    expected = _hf_pixel_values(classifier_dir, clips).numpy()
     ours = classifier_embedder.pixel_values(clips)
     assert ours.shape == (2, 8, 3, 64, 64)  # VideoMAE's (B, T, C, H, W)
     assert ours.dtype == torch.float32
@@ -134,10 +139,7 @@ def test_classifier_embed_matches_transformers(classifier_dir, classifier_embedd
     from transformers import VideoMAEForVideoClassification
 
     clips = _random_clips(classifier_embedder.spec, batch=3, seed=3)
-    pixel_values = torch.from_numpy(
-        _hf_processor(classifier_dir)([list(c) for c in clips], do_resize=False, do_center_crop=False,
-                                      return_tensors="np")["pixel_values"]
-    )
+    pixel_values = _hf_pixel_values(classifier_dir, clips)
     reference = VideoMAEForVideoClassification.from_pretrained(classifier_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         expected_logits = reference(pixel_values=pixel_values).logits.numpy()
@@ -155,10 +157,7 @@ def test_pretraining_embed_matches_transformers(pretraining_dir, pretraining_emb
     from transformers import VideoMAEModel
 
     clips = _random_clips(pretraining_embedder.spec, batch=2, seed=4)
-    pixel_values = torch.from_numpy(
-        _hf_processor(pretraining_dir)([list(c) for c in clips], do_resize=False, do_center_crop=False,
-                                       return_tensors="np")["pixel_values"]
-    )
+    pixel_values = _hf_pixel_values(pretraining_dir, clips)
     reference = VideoMAEModel.from_pretrained(pretraining_dir, attn_implementation="eager").eval()
     assert reference.layernorm is not None  # use_mean_pooling=false: the final encoder norm is used
     with torch.no_grad():
@@ -183,8 +182,7 @@ def test_folded_patch_embedding_equals_model_embeddings(classifier_dir, tmp_path
     edit_json(model_dir / "preprocessor_config.json", **preprocessing)
     embedder = VideoMAEEmbedder(str(model_dir), device="cpu")
     clips = _random_clips(embedder.spec, batch=2, seed=11)
-    processed = _hf_processor(str(model_dir))([list(c) for c in clips], do_resize=False, do_center_crop=False,
-                                              return_tensors="pt")["pixel_values"]
+    processed = _hf_pixel_values(str(model_dir), clips)
     np.testing.assert_allclose(embedder.pixel_values(clips).numpy(), processed.numpy(), atol=1e-4, rtol=1e-6)
     owner = embedder.model.videomae
     with torch.no_grad():

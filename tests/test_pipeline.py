@@ -95,13 +95,18 @@ def test_manifest_tables_schema_and_counts(manifest_run):
     assert manifest["config"]["model"]
 
 
+def _rows_by_video(out: str, table: str) -> dict[str, dict]:
+    """A committed table's rows by video_id (uniform sampling here: one clip per video)."""
+    return {r["video_id"]: r for r in read_table(out, table).to_pylist()}
+
+
 def test_shared_media_outcomes(manifest_run):
     if not manifest_run["shared"]:
         pytest.skip(f"shared media folder not found at {SHARED_MEDIA}")
     out, ids = manifest_run["out"], manifest_run["ids"]
     by_uri = {u: v for v, u in ids.items()}
-    videos = {r["video_id"]: r for r in read_table(out, "videos").to_pylist()}
-    errors = {r["video_id"]: r for r in read_table(out, "errors").to_pylist()}
+    videos = _rows_by_video(out, "videos")
+    errors = _rows_by_video(out, "errors")
     for media in manifest_run["shared"]:
         vid = by_uri[media.path]
         if media.expect_error:
@@ -119,9 +124,9 @@ def test_real_world_cases_right_values(manifest_run):
         pytest.skip(f"shared media cases not found at {CASES_DIR}")
     out, ids = manifest_run["out"], manifest_run["ids"]
     by_uri = {u: v for v, u in ids.items()}
-    videos = {r["video_id"]: r for r in read_table(out, "videos").to_pylist()}
-    errors = {r["video_id"]: r for r in read_table(out, "errors").to_pylist()}
-    clips = {r["video_id"]: r for r in read_table(out, "clips").to_pylist()}
+    videos = _rows_by_video(out, "videos")
+    errors = _rows_by_video(out, "errors")
+    clips = _rows_by_video(out, "clips")
     for case in manifest_run["cases"]:
         vid = by_uri[case.path]
         if case.expect_error:
