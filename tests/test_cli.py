@@ -117,8 +117,9 @@ def test_bad_path_reported_fast_without_torch(tmp_path, classifier_dir, bad):
     proc = subprocess.run([sys.executable, "-c", code, paths["--input"], str(tmp_path / "out"), paths["--model"]],
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["exit", "2", "False", "False"], proc.stderr
-    error_line = proc.stderr.strip().splitlines()[-1]
-    assert error_line.count(bad) == 1, error_line
+    lines = proc.stderr.strip().splitlines()
+    (error_line,) = [line for line in lines if "error:" in line]
+    assert error_line.count(bad) == 1 and proc.stderr.count(bad) == 1, proc.stderr  # named once, no usage dump
     assert ("does not exist" if bad == "--input" else "no such local directory") in error_line
 
 
@@ -152,3 +153,25 @@ def test_a_bad_input_with_overwrite_keeps_the_committed_tables(tmp_path, classif
     with pytest.raises(ConfigError, match="--input"):
         prepare(config)
     assert sorted(os.listdir(out)) == before and os.path.exists(os.path.join(out, "_SUCCESS"))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_folder_holding_other_files_is_refused(tmp_path, classifier_dir, overwrite):
+    """--output pointed at a folder of the user's (its videos/ sub-folder is one of the job's
+    table names): exit-2 error naming --output, nothing deleted, nothing written."""
+    import os
+
+    from vmae_ray.config import ConfigError
+    from vmae_ray.pipeline import prepare
+    from vmae_ray.synthetic import make_video
+
+    corpus = tmp_path / "corpus"
+    make_video(str(corpus / "videos" / "pan.mp4"), width=64, height=48, num_frames=8)
+    (corpus / "notes.txt").write_text("mine")
+    before = sorted(os.path.relpath(os.path.join(d, n), corpus) for d, _, ns in os.walk(corpus) for n in ns)
+    args = ["--input", str(corpus / "videos"), "--output", str(corpus), "--model", classifier_dir]
+    with pytest.raises(ConfigError, match="vmae-ray did not write") as err:
+        prepare(config_from_args([*args, "--overwrite"] if overwrite else args))
+    assert err.value.option == "--output" and "videos/pan.mp4" in str(err.value)
+    after = sorted(os.path.relpath(os.path.join(d, n), corpus) for d, _, ns in os.walk(corpus) for n in ns)
+    assert after == before == ["notes.txt", "videos/pan.mp4"]

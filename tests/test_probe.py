@@ -191,6 +191,24 @@ def test_clip_level_head(scenes, tmp_path):
         assert video_rows[vid]["top_labels"][0] == reference.classes_[p.argmax()]
         np.testing.assert_allclose(video_rows[vid]["top_scores"][0], p.max(), rtol=1e-6)
 
+    # A video-level head applied to the same output replaces both folders' rows.
+    assert main(["probe", "apply", "--tables", scenes["out"], "--head", scenes["head"], "--output", out_labels]) == 0
+    success = CommittedOutput.open(out_labels).manifest
+    assert success["files"].get("video_labels", []) == [] and len(read_labels(out_labels)) == len(set(ids))
+    assert os.listdir(os.path.join(out_labels, "video_labels")) == []
+
+
+def test_apply_refuses_a_folder_of_other_files_before_any_work(scenes, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "labels").mkdir(parents=True)
+    (out / "labels" / "labels.csv").write_text("video_id,label\n")
+    with pytest.raises(SystemExit) as info:
+        main(["probe", "apply", "--tables", scenes["out"], "--head", scenes["head"], "--output", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --output:" in err and "labels/labels.csv" in err
+    assert sorted(os.listdir(out)) == ["labels"] and os.listdir(out / "labels") == ["labels.csv"]
+
 
 def test_embed_with_head_gives_the_labels_of_apply(scenes, tmp_path):
     """`embed --head` labels clips and videos in the job exactly as `probe apply` labels the

@@ -289,6 +289,18 @@ def test_bad_arguments_exit_2_naming_the_flag(hostile_run, tmp_path, capsys, arg
         assert "split" in err and "codec" in err  # the columns one may choose
 
 
+def test_an_output_folder_is_refused_before_any_work(hostile_run, tmp_path, capsys):
+    """--output naming a folder: exit 2 naming --output, and nothing written or left behind."""
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    with pytest.raises(SystemExit) as info:
+        report.run_report(["--tables", hostile_run["out"], "--output", str(folder)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --output:" in err and "is a folder" in err and "Traceback" not in err
+    assert os.listdir(folder) == [] and sorted(os.listdir(tmp_path)) == ["a folder"]
+
+
 def test_counts_tiles_follow_success_not_a_constant(hostile_run, tmp_path):
     """The tiles come from _SUCCESS: edit its counts and the page changes with them."""
     uri = str(tmp_path / "edited")

@@ -152,8 +152,51 @@ def test_other_tables_use_the_same_protocol(tmp_path):
     success = store.commit("r1", {"labels": ["labels/part-r1-00000.parquet"]}, {"run_id": "r1"}, CommittedState(), set())
     assert success["files"] == {"labels": ["labels/part-r1-00000.parquet"]}
     os.makedirs(os.path.join(out, "labels"), exist_ok=True)
-    with open(os.path.join(out, "labels", "stray.parquet"), "wb") as f:
-        f.write(b"not committed")
+    with open(os.path.join(out, "labels", "part-r2-00000.parquet"), "wb") as f:
+        f.write(b"not committed: a killed run's shard")
     state = store.recover()
     assert os.listdir(os.path.join(out, "labels")) == ["part-r1-00000.parquet"]
     assert state.files_of("labels") == ["labels/part-r1-00000.parquet"] and state.files_of("clips") == []
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(root) for n in names}
+
+
+@pytest.mark.parametrize("foreign", ["videos/pan.mp4", "clips/my.parquet", "errors/sub/x.txt",
+                                     "videos/part-00000-1b2c-c000.snappy.parquet"])
+def test_files_vmae_ray_did_not_write_are_never_removed(tmp_path, foreign):
+    """A folder of the user's (a corpus with a videos/ folder, a Spark table): recovery and
+    --overwrite refuse before removing anything; with or without a committed state."""
+    for committed in (False, True):
+        out = tmp_path / f"out-{committed}"
+        store = OutputStore(str(out), StorageOptions())
+        if committed:
+            commit_run(store, store.recover(), "r1", ["a", "b", "c"])
+        (out / foreign).parent.mkdir(parents=True, exist_ok=True)
+        (out / foreign).write_bytes(b"the user's")
+        (out / "notes.txt").write_bytes(b"beside the tables: never touched anyway")
+        before = _tree(out)
+        for action in (store.recover, store.wipe, store.check_owned):
+            with pytest.raises(writing.ForeignFilesError, match=foreign.split("/")[0] + "/"):
+                action()
+            assert _tree(out) == before, action.__name__
+
+
+def test_a_stray_shard_of_ours_is_still_removed(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), StorageOptions())
+    commit_run(store, store.recover(), "r1", ["a", "b", "c"])
+    committed = folder_files(store.output)
+    stray = tmp_path / "out" / "videos" / "part-r2-00000.parquet"  # a killed run's, say
+    stray.write_bytes(b"")
+    store.recover()
+    assert folder_files(store.output) == committed
+
+
+def test_an_output_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "afile"
+    path.write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file"):
+        OutputStore(str(path), StorageOptions()).recover()
+    assert path.read_bytes() == b"x"

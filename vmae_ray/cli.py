@@ -25,6 +25,7 @@ from vmae_ray.config import (
     INTERPOLATIONS,
     LABEL_MODES,
     STORAGE_OPTIONS_ENV,
+    CommandParser,
     ConfigError,
     EmbedConfig,
     load_yaml,
@@ -37,7 +38,7 @@ from vmae_ray.sampling import SAMPLING_POLICIES
 
 
 def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=prog,
         description="Embed a video corpus with VideoMAE on Ray and write Parquet tables "
         "(clips/, videos/, errors/, _SUCCESS) under --output.",

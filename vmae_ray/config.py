@@ -7,9 +7,11 @@ option and its allowed values, so a bad flag fails before any work starts.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,22 @@ class ConfigError(ValueError):
     def __init__(self, option: str, message: str):
         super().__init__(f"{option}: {message}")
         self.option = option
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: --flag: what is wrong`` and a pointer to
+    --help, exit status 2 (argparse's own contract), instead of the whole usage text first."""
+
+    def error(self, message: str):
+        # argparse says "argument --sampling: invalid choice: ..."; our own errors "--flag: ...".
+        if message.startswith("argument "):
+            message = message[len("argument "):]
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            sys.stderr.write(message)
+        raise SystemExit(status)
 
 
 @dataclass

@@ -16,7 +16,6 @@ same for every member), similarity (float64 cosine to the representative, 1 for 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from vmae_ray import neighbours as nb
-from vmae_ray.search import ConfigError, add_tables_arguments, open_tables, tie_rank
+from vmae_ray.config import CommandParser, ConfigError
+from vmae_ray.search import add_tables_arguments, open_tables, tie_rank
 from vmae_ray.storage import StorageOptions
 
 DUPLICATES = "duplicates"
@@ -64,7 +64,7 @@ def find_duplicates(matrix: np.ndarray, meta: pa.Table, threshold: float, *, exa
 
 def run_dedup(argv: Sequence[str], prog: str = "vmae-ray dedup") -> int:
     """`vmae-ray dedup`; exit status 0, or 2 for bad input."""
-    parser = argparse.ArgumentParser(prog=prog, description="Near-duplicate groups of the videos in the tables: "
+    parser = CommandParser(prog=prog, description="Near-duplicate groups of the videos in the tables: "
                                      "videos are linked when their embeddings' cosine similarity is at least "
                                      "--threshold, and a group is a connected component of links.")
     add_tables_arguments(parser)
@@ -114,20 +114,13 @@ def run_dedup(argv: Sequence[str], prog: str = "vmae-ray dedup") -> int:
 
 def _check_output(output: str, tables: str, storage: StorageOptions) -> None:
     """Refuse, before any work, an --output that is the tables' folder or holds another output."""
-    from vmae_ray.writing import OutputStore
+    from vmae_ray.writing import check_committed_output
 
     if output.rstrip("/") == tables.rstrip("/"):
         raise ConfigError("--output", "must be a folder of its own, not --tables")
-    store = OutputStore(output, storage, tables=(DUPLICATES,))
     try:
-        state = store.read_state()
+        check_committed_output(output, storage, (DUPLICATES,))
     except ValueError as exc:
         raise ConfigError("--output", str(exc)) from None
-    others = sorted(t for t, rels in state.files.items() if rels and t != DUPLICATES)
-    if others:
-        raise ConfigError("--output", f"{output} holds another committed output (tables {', '.join(others)}); "
-                           "use a folder of its own")
-    try:
-        store.check_writable()
     except OSError as exc:
         raise ConfigError("--output", f"cannot write to {output}: {type(exc).__name__}: {exc}") from None

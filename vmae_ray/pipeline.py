@@ -211,16 +211,16 @@ def prepare(config: EmbedConfig) -> Plan:
     inputs = {item.video_id: item for item in listing.inputs}
 
     store = OutputStore(config.output, storage)
-    if config.overwrite:
-        store.wipe()
     try:
+        if config.overwrite:
+            store.wipe()
+        store.check_owned()  # before check_writable, which writes under _staging
         store.check_writable()
-    except (PermissionError, OSError) as exc:
-        raise ConfigError("--output", f"cannot write to {config.output}: {type(exc).__name__}: {exc}") from exc
-    try:
         state = store.recover()
     except ValueError as exc:
         raise ConfigError("--output", str(exc)) from exc
+    except (PermissionError, OSError) as exc:
+        raise ConfigError("--output", f"cannot write to {config.output}: {type(exc).__name__}: {exc}") from exc
     if config.run_id and any(r.get("run_id") == config.run_id for r in state.manifest.get("runs", [])):
         raise ConfigError("--run-id",
                           f"{config.run_id!r} was already used for {config.output}; run ids name files and must be new")

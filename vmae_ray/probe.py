@@ -34,13 +34,16 @@ import numpy as np
 import pyarrow as pa
 
 from vmae_ray import schema
-from vmae_ray.config import ConfigError, storage_for
+from vmae_ray.config import CommandParser, ConfigError, storage_for
 from vmae_ray.heads import LEVELS, HeadError, LinearHead, head_exists
 from vmae_ray.labels import top_k_labels
 from vmae_ray.listing import read_table_file
 from vmae_ray.reading import CommittedOutput, NotCommittedError
 from vmae_ray.storage import StorageOptions
-from vmae_ray.writing import write_committed
+from vmae_ray.writing import check_committed_output, write_committed
+
+# The folders `probe apply` writes: labels/, and video_labels/ for a clip-level head.
+LABEL_TABLES = (schema.LABELS, schema.VIDEO_LABELS)
 
 # Inverse regularisation strengths tried (scikit-learn's C; smaller = stronger). Frozen
 # embeddings with a handful of examples per class need strong regularisation as often as not.
@@ -388,7 +391,7 @@ def _labels_table(rest: pa.Table, labels: list[list[str]], scores: list[list[flo
 
 
 def build_parser(prog: str = "vmae-ray probe") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Linear heads on committed embeddings: labels from a few "
+    parser = CommandParser(prog=prog, description="Linear heads on committed embeddings: labels from a few "
                                      "examples, without decoding any video again.")
     sub = parser.add_subparsers(dest="action", required=True, metavar="{fit,apply}")
     fit = sub.add_parser("fit", help="fit a head on a few labelled videos per class and report its accuracy",
@@ -484,6 +487,12 @@ def apply_command(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--top-k", f"expected a positive number; got {args.top_k}")
     storage = _storage(args, [args.tables, args.head, args.output])
     tables = _open_tables(args.tables, storage)
+    try:  # before any work: the whole of a big table is read and labelled below
+        check_committed_output(args.output, storage, LABEL_TABLES)
+    except ValueError as exc:
+        raise ConfigError("--output", str(exc)) from exc
+    except OSError as exc:
+        raise ConfigError("--output", f"cannot write to {args.output}: {type(exc).__name__}: {exc}") from exc
     try:
         head = LinearHead.load(args.head, storage)
         head.check_embeddings(model_fingerprint=tables.model.get("fingerprint"),
@@ -503,7 +512,7 @@ def apply_command(args: argparse.Namespace) -> dict[str, Any]:
         "counts": {name: t.num_rows for name, t in out.items()},
     }
     try:
-        success = write_committed(args.output, storage, out, manifest)
+        success = write_committed(args.output, storage, out, manifest, owns=LABEL_TABLES)
     except ValueError as exc:
         raise ConfigError("--output", str(exc)) from exc
     counts = ", ".join(f"{name}/ {t.num_rows} rows" for name, t in out.items())

@@ -26,6 +26,7 @@ import base64
 import hashlib
 import html
 import io
+import os
 import sys
 import time
 from collections import Counter
@@ -38,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vmae_ray import schema
-from vmae_ray.config import ConfigError, storage_for
+from vmae_ray.config import CommandParser, ConfigError, storage_for
 
 # Above this many videos, the PCA map and the nearest-neighbour similarities use a random
 # sample of this many (seed 0), and the page says so: exact nearest neighbours cost N^2 * D
@@ -819,6 +820,22 @@ def write_report(tables: str, output: str, storage=None, *, color_by: str | None
     return output
 
 
+def check_html_output(output: str, storage) -> None:
+    """Before any work: ``output`` must name a file, not a folder, and (locally) its folder must
+    be one we can create or write in. Raises ValueError or OSError."""
+    from vmae_ray.storage import url_to_fs
+
+    fs, path = url_to_fs(output, storage)
+    if fs.isdir(path):
+        raise ValueError(f"{output} is a folder; give the path of the HTML file to write")
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"cannot write in {folder}")
+
+
 def write_html(page_text: str, output: str, storage) -> None:
     """Write the page to ``output`` (local path or fsspec URI) so that a browser never opens half
     a page (`writing.write_bytes_atomic`: write then rename locally, one PUT on object stores)."""
@@ -833,7 +850,7 @@ def write_html(page_text: str, output: str, storage) -> None:
 # Command line
 # ------------------------------------------------------------------------------------------
 def build_parser(prog: str = "vmae-ray report") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Write one self-contained HTML page about a committed "
+    p = CommandParser(prog=prog, description="Write one self-contained HTML page about a committed "
                                 "output: the run, failures, throughput, the corpus, the embeddings.")
     p.add_argument("--tables", required=True, help="the committed output (the embed job's --output); any fsspec URI")
     p.add_argument("--output", required=True, help="the HTML file to write (local path or fsspec URI)")
@@ -854,6 +871,10 @@ def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
         storage = storage_for(args.storage_options, [args.tables, args.output])
     except ConfigError as exc:
         parser.error(str(exc))
+    try:
+        check_html_output(args.output, storage)
+    except (ValueError, OSError) as exc:
+        parser.error(f"--output: {exc}")
     started = time.perf_counter()
     try:
         data = load_report_data(args.tables, storage, color_by=args.color_by)

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vmae_ray import neighbours as nb
-from vmae_ray.config import ConfigError, storage_for
+from vmae_ray.config import CommandParser, ConfigError, storage_for
 from vmae_ray.reading import CommittedOutput, NotCommittedError
 from vmae_ray.storage import StorageOptions, join, url_to_fs
 
@@ -578,7 +578,7 @@ def format_results(results: list[Result], level: str) -> str:
 
 
 def _search_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="The k nearest videos or clips by cosine similarity of their "
+    p = CommandParser(prog=prog, description="The k nearest videos or clips by cosine similarity of their "
                                 "embeddings. Exact unless a current index exists (see `vmae-ray index`).")
     add_tables_arguments(p)
     p.add_argument("--query", required=True, help="a video_id or uri in the tables, or the path/URI of another video "
@@ -619,7 +619,7 @@ def run_search(argv: Sequence[str], prog: str = "vmae-ray search") -> int:
 
 def run_index(argv: Sequence[str], prog: str = "vmae-ray index") -> int:
     """`vmae-ray index`; exit status 0, or 2 for bad input."""
-    parser = argparse.ArgumentParser(prog=prog, description="Build or update the approximate nearest-neighbour index "
+    parser = CommandParser(prog=prog, description="Build or update the approximate nearest-neighbour index "
                                      "of the committed tables under TABLES/_index/LEVEL (FAISS; flat below "
                                      f"{nb.FLAT_MAX_ROWS} rows, IVF-Flat above), which `vmae-ray search` then uses.")
     add_tables_arguments(parser)

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vmae_ray.config import DEFAULT_MODEL, DEFAULT_STRIDE_CLIPS_PER_VIDEO, DEVICES, ConfigError, EmbedConfig, storage_for
+from vmae_ray.config import (
+    DEFAULT_MODEL,
+    DEFAULT_STRIDE_CLIPS_PER_VIDEO,
+    DEVICES,
+    CommandParser,
+    ConfigError,
+    EmbedConfig,
+    storage_for,
+)
 from vmae_ray.embedder import DTYPES
 
 MASK_FILL = (128, 128, 128)  # masked patches in the middle panel: blank, mid grey
@@ -142,7 +150,7 @@ def draw(clip: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray, *, tube
 def build_parser(prog: str = "vmae-ray show") -> argparse.ArgumentParser:
     from vmae_ray.cli import add_mask_arguments, add_sampling_arguments
 
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=prog, argument_default=argparse.SUPPRESS,
         description="Draw one clip's masked-patch reconstruction by a VideoMAE pretraining checkpoint: for each "
         "tubelet the input, the masked input and the reconstruction, with the clip's loss in the title.")

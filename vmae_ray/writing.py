@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -41,6 +42,14 @@ log = logging.getLogger(__name__)
 FORMAT = "vmae-ray/1"
 STAGING = "_staging"
 JOURNAL = "_COMMIT.json"
+# The names of the shards vmae-ray writes: part-<run id>-<5 digits>.parquet, or -rw<5 digits>
+# for a shard rewritten without superseded videos (Spark's part-00000-<uuid>-c000.snappy.parquet
+# does not match). Nothing else in a table folder is ours, so nothing else is ever deleted.
+SHARD_NAME = re.compile(r"^part-.+-(rw)?[0-9]{5}[.]parquet$")
+
+
+class ForeignFilesError(ValueError):
+    """An output's table folders hold files vmae-ray did not write: nothing is written there."""
 
 
 # The named points of a commit, in order (see `failpoint`).
@@ -114,9 +123,49 @@ class OutputStore:
             raise ValueError(f"{self.output}/_SUCCESS is not a vmae-ray manifest (format {data.get('format')!r})")
         return CommittedState(data)
 
+    def foreign_files(self) -> list[str]:
+        """Relative paths in this store's table folders that vmae-ray did not write (sorted):
+        anything not named like a shard, sub-folders, or a table name that is a file."""
+        out = []
+        for table in self.tables:
+            folder = self.path(table)
+            if not self.fs.exists(folder):
+                continue
+            if not self.fs.isdir(folder):
+                out.append(table)
+                continue
+            for info in self.fs.ls(folder, detail=True):
+                name = posixpath.basename(info["name"].rstrip("/"))
+                if info["type"] != "file" or not SHARD_NAME.match(name):
+                    out.append(posixpath.join(table, name))
+        return sorted(out)
+
+    def check_owned(self) -> None:
+        """Raise ForeignFilesError when a table folder holds a file vmae-ray did not write
+        (ValueError when the output is a file).
+
+        Recovery deletes what `_SUCCESS` does not list in the table folders, and --overwrite
+        deletes the folders: pointed by mistake at a folder of videos (a ``videos/`` sub-folder
+        is common), either would delete the user's files. Checked before anything is touched.
+        """
+        if self.fs.exists(self.root) and not self.fs.isdir(self.root):
+            raise ValueError(f"{self.output} is a file; an output is a folder")
+        foreign = self.foreign_files()
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+            raise ForeignFilesError(
+                f"{self.output} holds files vmae-ray did not write in its table folders ({shown}); "
+                f"vmae-ray removes what its commits do not list in {', '.join(t + '/' for t in self.tables)}, "
+                "so it writes nothing here: choose a new or empty folder, or move those files away")
+
     # -- recovery ------------------------------------------------------------------------
     def recover(self) -> CommittedState:
-        """Finish or undo what a killed run left, and return the committed state."""
+        """Finish or undo what a killed run left, and return the committed state.
+
+        Raises ForeignFilesError (before touching anything) when a table folder holds files
+        vmae-ray did not write, and ValueError when `_SUCCESS` is not a vmae-ray manifest.
+        """
+        self.check_owned()
         staging = self.path(STAGING)
         if self.fs.exists(staging):
             for run_dir in sorted(self.fs.ls(staging, detail=False)):
@@ -151,7 +200,13 @@ class OutputStore:
             self.fs.rm(staging, recursive=True)
 
     def wipe(self) -> None:
-        """Remove the tables and the manifest (only this store's own names)."""
+        """Remove the tables and the manifest (only this store's own names).
+
+        Raises ForeignFilesError, removing nothing, when a table folder holds files vmae-ray
+        did not write, and ValueError when `_SUCCESS` is not a vmae-ray manifest.
+        """
+        self.check_owned()
+        self.read_state()
         for name in (*self.tables, STAGING, SUCCESS_FILE):
             p = self.path(name)
             if self.fs.exists(p):
@@ -304,9 +359,14 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if "file" in protocols:
         tmp = path + f".tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):  # never leave the temporary file behind
+                os.remove(tmp)
+            raise
     else:
         with fs.open(path, "wb") as f:
             f.write(data)
@@ -332,22 +392,39 @@ def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_committed(output: str, storage: StorageOptions, tables: dict[str, pa.Table], manifest: dict[str, Any],
-                    *, run_id: str | None = None, rows_per_shard: int = 500_000) -> dict[str, Any]:
-    """Write whole tables as a committed output, replacing what ``output`` held before.
+def check_committed_output(output: str, storage: StorageOptions, tables: tuple[str, ...]) -> OutputStore:
+    """Check, before any work, that `write_committed` may write ``tables`` under ``output``.
 
-    For commands whose result is small enough to hold (labels, duplicate groups): the same
-    staging, journal and `_SUCCESS`-last commit as the job, so a reader following `_SUCCESS`
-    sees the old result or the new one, never a mix. Returns the `_SUCCESS` manifest written.
+    Raises ValueError when ``output`` is a file, holds another committed output (refused before
+    recovery, which would clear its staging: that of a job writing there right now, say), or
+    holds files vmae-ray did not write in those table folders (ForeignFilesError); OSError when
+    it cannot be written. Returns the store.
     """
-    run_id = run_id or new_run_id()
-    store = OutputStore(output, storage, tables=tuple(tables))
-    # Refuse another kind of output before recover(), which would clear its staging: that of a
-    # job writing there right now, say.
+    store = OutputStore(output, storage, tables=tables)
+    store.check_owned()
     others = sorted(t for t, rels in store.read_state().files.items() if rels and t not in tables)
     if others:
         raise ValueError(f"{output} holds another committed output (tables {', '.join(others)}); "
                          "use a folder of its own")
+    store.check_writable()
+    return store
+
+
+def write_committed(output: str, storage: StorageOptions, tables: dict[str, pa.Table], manifest: dict[str, Any],
+                    *, run_id: str | None = None, rows_per_shard: int = 500_000,
+                    owns: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Write whole tables as a committed output, replacing what ``output`` held before.
+
+    For commands whose result is small enough to hold (labels, duplicate groups): the same
+    staging, journal and `_SUCCESS`-last commit as the job, so a reader following `_SUCCESS`
+    sees the old result or the new one, never a mix. ``owns`` names every table folder the
+    command may write (default: those of ``tables``), so a result without one of them replaces
+    one with it. Returns the `_SUCCESS` manifest written. Raises as `check_committed_output`.
+    """
+    run_id = run_id or new_run_id()
+    owns = tuple(owns or tables)
+    assert set(tables) <= set(owns), (tables.keys(), owns)
+    store = check_committed_output(output, storage, owns)
     previous = store.recover()
     staged: dict[str, list[str]] = {t: [] for t in tables}
     for name, table in tables.items():
