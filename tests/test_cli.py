@@ -1,5 +1,6 @@
 """Command line and config validation: bad flags fail before Ray starts, naming the flag."""
 
+import os
 import subprocess
 import sys
 
@@ -175,3 +176,28 @@ def test_an_output_folder_holding_other_files_is_refused(tmp_path, classifier_di
     assert err.value.option == "--output" and "videos/pan.mp4" in str(err.value)
     after = sorted(os.path.relpath(os.path.join(d, n), corpus) for d, _, ns in os.walk(corpus) for n in ns)
     assert after == before == ["notes.txt", "videos/pan.mp4"]
+
+
+NO_AWS_CREDENTIALS = {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+                      "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+@pytest.mark.parametrize("command, flag", [
+    (["embed", "--input", "s3://no-such-bucket/in/", "--output", "{tmp}/o", "--model", "{ckpt}"], "--input"),
+    (["embed", "--input", "{tmp}", "--output", "s3://no-such-bucket/out", "--model", "{ckpt}"], "--output"),
+    (["embed", "--input", "{tmp}", "--output", "{tmp}/o", "--model", "s3://no-such-bucket/model/"], "--model"),
+    (["search", "--tables", "s3://no-such-bucket/t", "--query", "a"], "--tables"),
+    (["report", "--tables", "s3://no-such-bucket/t", "--output", "{tmp}/r.html"], "--tables"),
+])
+def test_s3_without_credentials_is_a_named_error(tmp_path, classifier_dir, command, flag):
+    """No AWS credentials anywhere (botocore's NoCredentialsError, raised before any request):
+    exit 2 naming the flag and saying what to set, no traceback."""
+    argv = [a.format(tmp=tmp_path, ckpt=classifier_dir) for a in command]
+    (tmp_path / "a.mp4").write_bytes(b"")  # an input to list (it is never decoded)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "VMAE_RAY_STORAGE_OPTIONS"}
+    proc = subprocess.run([sys.executable, "-m", "vmae_ray.cli", *argv], capture_output=True, text=True, timeout=120,
+                          env={**env, **NO_AWS_CREDENTIALS})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (error_line,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert f"error: {flag}: s3://no-such-bucket" in error_line and "AWS_ACCESS_KEY_ID" in error_line
+    assert "Traceback" not in proc.stderr

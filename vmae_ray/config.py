@@ -8,6 +8,7 @@ option and its allowed values, so a bad flag fails before any work starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -307,6 +308,30 @@ def parse_storage_options(text: str | dict | None) -> dict[str, Any]:
 
 
 STORAGE_OPTIONS_ENV = "VMAE_RAY_STORAGE_OPTIONS"
+
+
+@contextlib.contextmanager
+def storage_errors_of(option: str, uri: str):
+    """Storage errors raised inside become ConfigError naming ``option`` and ``uri``: no or bad
+    credentials and access denied, not found, an endpoint that cannot be reached
+    (`storage.classify_storage_error`); anything else passes through."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as exc:
+        from vmae_ray.storage import classify_storage_error
+
+        kind, why = classify_storage_error(exc), f"{type(exc).__name__}: {exc}"
+        if kind == "access_denied":
+            raise ConfigError(option, f"{uri}: access denied or no credentials ({why}); for S3 set AWS_ACCESS_KEY_ID "
+                              "and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or key/secret in --storage-options") from exc
+        if kind == "not_found":
+            raise ConfigError(option, f"{uri}: not found ({why})") from exc
+        if kind == "transient":
+            raise ConfigError(option, f"{uri}: the storage did not answer ({why}); check the endpoint "
+                              "(endpoint_url in --storage-options, AWS_ENDPOINT_URL) and the network") from exc
+        raise
 
 
 def storage_for(text: str | dict | None, uris: list[str]):

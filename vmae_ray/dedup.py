@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from vmae_ray import neighbours as nb
-from vmae_ray.config import CommandParser, ConfigError
+from vmae_ray.config import CommandParser, ConfigError, storage_errors_of
 from vmae_ray.search import add_tables_arguments, open_tables, tie_rank
 from vmae_ray.storage import StorageOptions
 
@@ -118,9 +118,10 @@ def _check_output(output: str, tables: str, storage: StorageOptions) -> None:
 
     if output.rstrip("/") == tables.rstrip("/"):
         raise ConfigError("--output", "must be a folder of its own, not --tables")
-    try:
-        check_committed_output(output, storage, (DUPLICATES,))
-    except ValueError as exc:
-        raise ConfigError("--output", str(exc)) from None
-    except OSError as exc:
-        raise ConfigError("--output", f"cannot write to {output}: {type(exc).__name__}: {exc}") from None
+    with storage_errors_of("--output", output):  # credentials, endpoint
+        try:
+            check_committed_output(output, storage, (DUPLICATES,))
+        except ValueError as exc:
+            raise ConfigError("--output", str(exc)) from None
+        except OSError as exc:
+            raise ConfigError("--output", f"cannot write to {output}: {type(exc).__name__}: {exc}") from None

@@ -23,7 +23,7 @@ import pyarrow as pa
 from vmae_ray import schema
 from vmae_ray.assembly import Finished, ResultAssembler
 from vmae_ray.checkpoint import CheckpointError, ModelSpec, is_non_commercial, load_model_spec
-from vmae_ray.config import ConfigError, EmbedConfig, Resources, plan_resources
+from vmae_ray.config import ConfigError, EmbedConfig, Resources, plan_resources, storage_errors_of
 from vmae_ray.decoding import SWSCALE_FOR_PIL_RESAMPLE, DecodeLimits, FrameGeometry
 from vmae_ray.heads import HeadError, LinearHead
 from vmae_ray.listing import VIDEO_EXTENSIONS, VideoInput, list_inputs
@@ -175,7 +175,8 @@ def prepare(config: EmbedConfig) -> Plan:
     storage = StorageOptions(config.storage_options).with_driver_environment(
         [config.input, config.output, config.model])
     try:
-        spec = load_model_spec(config.model, storage, config.model_cache_dir)
+        with storage_errors_of("--model", config.model):
+            spec = load_model_spec(config.model, storage, config.model_cache_dir)
     except CheckpointError as exc:
         raise ConfigError("--model", str(exc)) from exc
     num_frames = config.num_frames or spec.num_frames
@@ -185,7 +186,8 @@ def prepare(config: EmbedConfig) -> Plan:
             f"the checkpoint was trained with num_frames={spec.num_frames} (its position embeddings are "
             f"fixed to that length); got {num_frames}",
         )
-    head = _load_head(config, spec, num_frames, storage) if config.head else None
+    with storage_errors_of("--head", config.head):
+        head = _load_head(config, spec, num_frames, storage) if config.head else None
     if config.labels == "on" and spec.id2label is None and head is None:
         raise ConfigError(
             "--labels",
@@ -199,28 +201,30 @@ def prepare(config: EmbedConfig) -> Plan:
 
     # The input is listed before --output is touched: a typo in --input must not cost the
     # committed tables of an --overwrite run.
-    try:
-        listing = list_inputs(config.input, storage, extensions=config.extensions or VIDEO_EXTENSIONS,
-                              limit=config.limit)
-    except FileNotFoundError as exc:
-        raise ConfigError("--input", f"not found: {exc}") from exc
-    except PermissionError as exc:
-        raise ConfigError("--input", f"access denied listing {config.input}: {exc}") from exc
-    except ValueError as exc:
-        raise ConfigError("--input", str(exc)) from exc
+    with storage_errors_of("--input", config.input):  # credentials, endpoint
+        try:
+            listing = list_inputs(config.input, storage, extensions=config.extensions or VIDEO_EXTENSIONS,
+                                  limit=config.limit)
+        except FileNotFoundError as exc:
+            raise ConfigError("--input", f"not found: {exc}") from exc
+        except PermissionError as exc:
+            raise ConfigError("--input", f"access denied listing {config.input}: {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError("--input", str(exc)) from exc
     inputs = {item.video_id: item for item in listing.inputs}
 
-    store = OutputStore(config.output, storage)
-    try:
-        if config.overwrite:
-            store.wipe()
-        store.check_owned()  # before check_writable, which writes under _staging
-        store.check_writable()
-        state = store.recover()
-    except ValueError as exc:
-        raise ConfigError("--output", str(exc)) from exc
-    except (PermissionError, OSError) as exc:
-        raise ConfigError("--output", f"cannot write to {config.output}: {type(exc).__name__}: {exc}") from exc
+    with storage_errors_of("--output", config.output):
+        try:
+            store = OutputStore(config.output, storage)
+            if config.overwrite:
+                store.wipe()
+            store.check_owned()  # before check_writable, which writes under _staging
+            store.check_writable()
+            state = store.recover()
+        except ValueError as exc:
+            raise ConfigError("--output", str(exc)) from exc
+        except OSError as exc:
+            raise ConfigError("--output", f"cannot write to {config.output}: {type(exc).__name__}: {exc}") from exc
     if config.run_id and any(r.get("run_id") == config.run_id for r in state.manifest.get("runs", [])):
         raise ConfigError("--run-id",
                           f"{config.run_id!r} was already used for {config.output}; run ids name files and must be new")

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from vmae_ray import schema
-from vmae_ray.config import CommandParser, ConfigError, storage_for
+from vmae_ray.config import CommandParser, ConfigError, storage_errors_of, storage_for
 from vmae_ray.heads import LEVELS, HeadError, LinearHead, head_exists
 from vmae_ray.labels import top_k_labels
 from vmae_ray.listing import read_table_file
@@ -85,10 +85,11 @@ def read_labels(uri: str, storage: StorageOptions, label_column: str) -> tuple[s
     """(key column, {key: label}) from a CSV, Parquet or JSON Lines file with ``video_id`` or
     ``uri`` and ``label_column``. Raises ConfigError naming --labels or --label-column for a
     missing column, empty values, or one video given two labels."""
-    try:
-        table = read_table_file(uri, storage, what="labels file")
-    except ValueError as exc:
-        raise ConfigError("--labels", str(exc)) from exc
+    with storage_errors_of("--labels", uri):  # credentials, endpoint
+        try:
+            table = read_table_file(uri, storage, what="labels file")
+        except ValueError as exc:
+            raise ConfigError("--labels", str(exc)) from exc
     columns = table.column_names
     key = next((c for c in KEY_COLUMNS if c in columns), None)
     if key is None:
@@ -440,10 +441,11 @@ def _storage(args: argparse.Namespace, uris: list[str]) -> StorageOptions:
 
 
 def _open_tables(uri: str, storage: StorageOptions) -> CommittedOutput:
-    try:
-        tables = CommittedOutput.open(uri, storage)
-    except (NotCommittedError, ValueError) as exc:
-        raise ConfigError("--tables", str(exc)) from exc
+    with storage_errors_of("--tables", uri):  # credentials, endpoint
+        try:
+            tables = CommittedOutput.open(uri, storage)
+        except (NotCommittedError, ValueError) as exc:
+            raise ConfigError("--tables", str(exc)) from exc
     missing = [name for name, value in (("model.fingerprint", tables.model.get("fingerprint")),
                                         ("embedding_fingerprint", tables.manifest.get("embedding_fingerprint")))
                if not value]
@@ -487,14 +489,16 @@ def apply_command(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--top-k", f"expected a positive number; got {args.top_k}")
     storage = _storage(args, [args.tables, args.head, args.output])
     tables = _open_tables(args.tables, storage)
-    try:  # before any work: the whole of a big table is read and labelled below
-        check_committed_output(args.output, storage, LABEL_TABLES)
-    except ValueError as exc:
-        raise ConfigError("--output", str(exc)) from exc
-    except OSError as exc:
-        raise ConfigError("--output", f"cannot write to {args.output}: {type(exc).__name__}: {exc}") from exc
+    with storage_errors_of("--output", args.output):  # credentials, endpoint
+        try:  # before any work: the whole of a big table is read and labelled below
+            check_committed_output(args.output, storage, LABEL_TABLES)
+        except ValueError as exc:
+            raise ConfigError("--output", str(exc)) from exc
+        except OSError as exc:
+            raise ConfigError("--output", f"cannot write to {args.output}: {type(exc).__name__}: {exc}") from exc
     try:
-        head = LinearHead.load(args.head, storage)
+        with storage_errors_of("--head", args.head):
+            head = LinearHead.load(args.head, storage)
         head.check_embeddings(model_fingerprint=tables.model.get("fingerprint"),
                               embedding_fingerprint=tables.manifest.get("embedding_fingerprint"),
                               embedding_dim=tables.model.get("embedding_dim"), what=f"the tables {tables.uri}")

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vmae_ray import schema
-from vmae_ray.config import CommandParser, ConfigError, storage_for
+from vmae_ray.config import CommandParser, ConfigError, storage_errors_of, storage_for
 
 # Above this many videos, the PCA map and the nearest-neighbour similarities use a random
 # sample of this many (seed 0), and the page says so: exact nearest neighbours cost N^2 * D
@@ -872,16 +872,24 @@ def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
-        check_html_output(args.output, storage)
-    except (ValueError, OSError) as exc:
-        parser.error(f"--output: {exc}")
-    started = time.perf_counter()
-    try:
-        data = load_report_data(args.tables, storage, color_by=args.color_by)
+        with storage_errors_of("--output", args.output):  # credentials, endpoint
+            try:
+                check_html_output(args.output, storage)
+            except (ValueError, OSError) as exc:
+                raise ConfigError("--output", str(exc)) from exc
     except ConfigError as exc:
         parser.error(str(exc))
-    except (NotCommittedError, ValueError) as exc:  # no _SUCCESS, or not a vmae-ray manifest
-        parser.error(f"--tables: {exc}")
+    started = time.perf_counter()
+    try:
+        with storage_errors_of("--tables", args.tables):  # credentials, endpoint
+            try:
+                data = load_report_data(args.tables, storage, color_by=args.color_by)
+            except ConfigError:
+                raise
+            except (NotCommittedError, ValueError) as exc:  # no _SUCCESS, or not a vmae-ray manifest
+                raise ConfigError("--tables", str(exc)) from exc
+    except ConfigError as exc:
+        parser.error(str(exc))
     write_html(render_html(data, color_by=args.color_by), args.output, storage)
     print(f"report: {args.output} ({time.perf_counter() - started:.1f}s)", flush=True)
     return 0

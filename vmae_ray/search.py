@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vmae_ray import neighbours as nb
-from vmae_ray.config import CommandParser, ConfigError, storage_for
+from vmae_ray.config import CommandParser, ConfigError, storage_errors_of, storage_for
 from vmae_ray.reading import CommittedOutput, NotCommittedError
 from vmae_ray.storage import StorageOptions, join, url_to_fs
 
@@ -63,12 +63,13 @@ def add_tables_arguments(parser: argparse.ArgumentParser) -> None:
 def open_tables(args: argparse.Namespace, uris: Sequence[str] = ()) -> tuple[CommittedOutput, StorageOptions]:
     """The committed tables of ``--tables`` and the storage options; ConfigError if there are none."""
     storage = storage_for(args.storage_options, [args.tables, *uris])
-    try:
-        return CommittedOutput.open(args.tables, storage), storage
-    except (NotCommittedError, ValueError) as exc:
-        raise ConfigError("--tables", str(exc)) from None
-    except PermissionError as exc:
-        raise ConfigError("--tables", f"access denied: {exc}") from None
+    with storage_errors_of("--tables", args.tables):  # credentials, endpoint
+        try:
+            return CommittedOutput.open(args.tables, storage), storage
+        except (NotCommittedError, ValueError) as exc:
+            raise ConfigError("--tables", str(exc)) from None
+        except PermissionError as exc:
+            raise ConfigError("--tables", f"access denied: {exc}") from None
 
 
 def _level_table(committed: CommittedOutput, level: str) -> str:

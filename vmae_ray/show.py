@@ -33,6 +33,7 @@ from vmae_ray.config import (
     CommandParser,
     ConfigError,
     EmbedConfig,
+    storage_errors_of,
     storage_for,
 )
 from vmae_ray.embedder import DTYPES
@@ -212,7 +213,8 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     from vmae_ray.reconstruction import clip_mask, masked_per_frame
     storage = storage_for(config.storage_options or None, [config.input, config.model])
     try:
-        spec = load_model_spec(config.model, storage, config.model_cache_dir)
+        with storage_errors_of("--model", config.model):
+            spec = load_model_spec(config.model, storage, config.model_cache_dir)
     except CheckpointError as exc:
         raise ConfigError("--model", str(exc)) from exc
     if not spec.has_decoder:
@@ -224,10 +226,11 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
         masked_per_frame(spec.tokens_per_frame, config.mask_ratio)
     except ValueError as exc:
         raise ConfigError("--mask-ratio", str(exc)) from exc
-    try:
-        inputs = list_inputs(config.input, storage).inputs
-    except (OSError, ValueError) as exc:
-        raise ConfigError("--video", str(exc)) from exc
+    with storage_errors_of("--video", config.input):  # credentials, endpoint
+        try:
+            inputs = list_inputs(config.input, storage).inputs
+        except (OSError, ValueError) as exc:
+            raise ConfigError("--video", str(exc)) from exc
     if len(inputs) != 1:
         raise ConfigError("--video", f"names {len(inputs)} videos; give one")
     video = inputs[0]

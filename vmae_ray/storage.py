@@ -472,6 +472,12 @@ _TRANSIENT_CLASS_MARKERS = (
 )
 
 
+# botocore's errors for credentials it cannot find or use (matched by name, as above): they
+# are access problems, raised before any request is made.
+_CREDENTIALS_CLASS_MARKERS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                              "NoAuthTokenError", "UnauthorizedSSOTokenError", "TokenRetrievalError")
+
+
 def _from_response(exc: BaseException) -> str | None:
     """botocore ClientError (``.response``) or an HTTP error with a numeric status."""
     response = getattr(exc, "response", None)
@@ -525,6 +531,8 @@ def _classify_one(exc: BaseException) -> str | None:
         if exc.errno in _TRANSIENT_ERRNOS:
             return "transient"
     names = [cls.__name__ for cls in type(exc).__mro__]
+    if any(name in _CREDENTIALS_CLASS_MARKERS for name in names):
+        return "access_denied"
     if any(marker in name for name in names for marker in _TRANSIENT_CLASS_MARKERS):
         return "transient"
     text = str(exc)
