@@ -39,7 +39,8 @@ def test_stride_options():
         (["--sampling", "stride", "--clips-per-video", "many"], "--clips-per-video"),
         (["--storage-options", "{not json"], "--storage-options"),
         (["--labels", "maybe"], "--labels"),
-        (["--frame-stride", "-1"], "--frame-stride"),
+        (["--sampling", "stride", "--frame-stride", "-1"], "--frame-stride"),
+        (["--frame-stride", "2"], "--frame-stride: applies to --sampling stride only"),  # uniform: no stride
     ],
 )
 def test_bad_flags_name_the_flag(args, needle, capsys):
@@ -92,6 +93,16 @@ def test_plan_resources_defaults_come_from_one_place():
     assert (explicit.batch_size, explicit.num_actors, explicit.decode_slots) == (5, (2, 2), 4)
     with pytest.raises(ConfigError, match="--gpus-per-actor"):
         plan_resources(parse("--gpus-per-actor", "1"), {"CPU": 4.0})
+    with pytest.raises(ConfigError, match="^--device: GPUs requested"):
+        plan_resources(parse("--device", "cuda"), {"CPU": 4.0})
+    # A cluster whose autoscaler can add GPU nodes (cluster.yaml: gpu_embed min_workers 0):
+    # actors ask for a GPU each and wait for the nodes; the pool may grow to what can be added.
+    grows = plan_resources(parse(), {"CPU": 4.0}, gpus_to_add=8.0)
+    assert (grows.device, grows.gpus_per_actor, grows.num_actors) == ("cuda", 1.0, (1, 8))
+    asked = plan_resources(parse("--gpus-per-actor", "1", "--num-actors", "1,4"), {"CPU": 4.0}, gpus_to_add=8.0)
+    assert (asked.device, asked.gpus_per_actor, asked.num_actors) == ("cuda", 1.0, (1, 4))
+    on_cpu = plan_resources(parse("--device", "cpu"), {"CPU": 8.0, "GPU": 2.0})  # no GPU held for a CPU model
+    assert (on_cpu.device, on_cpu.gpus_per_actor, on_cpu.num_actors) == ("cpu", 0.0, (1, 1))
     help_text = __import__("vmae_ray.cli", fromlist=["build_parser"]).build_parser().format_help()
     assert f"default {DEFAULT_BATCH_SIZE_GPU} on GPU, {DEFAULT_BATCH_SIZE_CPU} on CPU" in " ".join(help_text.split())
 

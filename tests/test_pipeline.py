@@ -306,3 +306,17 @@ def test_model_task_rows_bounds():
     for batch in (1, 3, 8):
         for clips in (0, 5, 100, 10_000):
             assert model_task_rows(batch, 4096, clips, 2) % batch == 0
+
+
+def test_device_cuda_on_a_cluster_without_gpus_is_refused_before_work(ray_session, tiny_classifier,
+                                                                      synthetic_corpus, tmp_path):
+    """--device cuda where Ray has no GPU and its autoscaler can add none (this local Ray):
+    ConfigError naming --device right after Ray starts, no actor started, nothing committed."""
+    from vmae_ray.pipeline import gpus_the_cluster_can_add
+
+    assert gpus_the_cluster_can_add(ray_session.cluster_resources()) == 0.0  # Ray's own record: a fixed cluster
+    folder = os.path.dirname(next(iter(synthetic_corpus.values())))
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="^--device: GPUs requested"):
+        run(config_from_args(["--input", folder, "--output", str(out), "--model", tiny_classifier, "--device", "cuda"]))
+    assert not (out / "_SUCCESS").exists()

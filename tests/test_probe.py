@@ -271,6 +271,8 @@ def test_embed_head_refused_before_ray(scenes, tiny_classifier, tmp_path, capsys
         assert head.model_fingerprint in err
     elif change == "sampling":
         assert head.embedding_fingerprint in err
+        # ... and which setting differs (and only that one): the head recorded its tables' settings.
+        assert "frame_stride: 2 for the head, 3 for this run" in err and "clips_per_video" not in err
     assert not (tmp_path / "o" / "_SUCCESS").exists()
 
 
@@ -462,3 +464,19 @@ def test_embedding_fingerprint_ignores_labels_and_head(tiny_pretraining):
     old = {"output_version": 2, "model": spec.fingerprint, "sampling": "stride", "num_frames": 8, "frame_stride": 2,
            "clips_per_video": 2, "interpolation": "BILINEAR", "geometry": "displayed", "labels": True, "top_k": 5}
     assert plain == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def test_labels_with_relative_paths_join_the_absolute_uris(scenes, tmp_path, monkeypatch):
+    """A labels file written by hand names videos relative to where the command runs; the tables
+    hold absolute paths. The same examples are joined, and the same head comes out."""
+    monkeypatch.chdir(scenes["work"])
+    rows = pacsv.read_csv(scenes["labels_csv"]).to_pylist()
+    relative = tmp_path / "relative.csv"
+    pacsv.write_csv(pa.table({"uri": [os.path.relpath(r["uri"]) for r in rows], "label": [r["label"] for r in rows]}),
+                    relative)
+    assert all(not os.path.isabs(u) and u.startswith("videos") for u in pacsv.read_csv(relative).column("uri").to_pylist())
+    head = str(tmp_path / "head")
+    assert main(["probe", "fit", "--tables", scenes["out"], "--labels", str(relative), "--head", head]) == 0
+    ours, theirs = LinearHead.load(head), LinearHead.load(scenes["head"])
+    assert read_json(head, METRICS_FILE)["n_examples"] == len(rows)
+    np.testing.assert_array_equal(ours.weight, theirs.weight)

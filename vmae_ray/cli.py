@@ -148,6 +148,10 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
         for name, convert in _CONVERTERS.items():
             if name in values:
                 values[name] = convert(values[name])
+        # A stride given with uniform sampling would be silently ignored: say so instead.
+        if values.get("sampling", "uniform") == "uniform" and "frame_stride" in values:
+            raise ConfigError("--frame-stride", "applies to --sampling stride only (uniform sampling takes the "
+                              "middle frame of num_frames equal segments)")
         # Uniform sampling means one clip; only stride takes the default of several.
         if values.get("sampling") == "stride" and "clips_per_video" not in values:
             values["clips_per_video"] = DEFAULT_STRIDE_CLIPS_PER_VIDEO

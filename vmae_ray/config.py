@@ -209,19 +209,27 @@ class Resources:
     cluster_gpus: float
 
 
-def plan_resources(config: EmbedConfig, cluster: dict[str, float]) -> Resources:
-    """Resources for a run on a cluster with ``cluster`` (Ray's `cluster_resources()`).
+def plan_resources(config: EmbedConfig, cluster: dict[str, float], *, gpus_to_add: float = 0.0) -> Resources:
+    """Resources for a run on a cluster with ``cluster`` (Ray's `cluster_resources()`) that its
+    autoscaler can grow by ``gpus_to_add`` GPUs (0 for a fixed cluster).
 
-    Defaults: one GPU per actor when the cluster has GPUs (else the model runs on CPU); an
-    autoscaling pool of 1 to (GPUs / GPUs per actor) actors, or 1 on CPU; DEFAULT_BATCH_SIZE_GPU
-    clips per call on GPU, DEFAULT_BATCH_SIZE_CPU on CPU; as many decode tasks as the CPUs left
-    beside the largest actor pool hold. Raises ConfigError for GPUs asked of a GPU-less cluster.
+    Defaults: one GPU per actor when the cluster has or can add GPUs, or with --device cuda
+    (else the model runs on CPU); an autoscaling pool of 1 to (GPUs / GPUs per actor) actors,
+    or 1 on CPU; DEFAULT_BATCH_SIZE_GPU clips per call on GPU, DEFAULT_BATCH_SIZE_CPU on CPU;
+    as many decode tasks as the CPUs left beside the largest actor pool hold. Raises
+    ConfigError (--gpus-per-actor or --device) when GPUs are asked of a cluster that has none
+    and can add none: the model actors would fail, or wait for ever.
     """
-    gpus = float(cluster.get("GPU", 0))
+    gpus = float(cluster.get("GPU", 0)) + max(0.0, gpus_to_add)
     cpus = float(cluster.get("CPU", 1))
-    gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    if gpus_per_actor > 0 and gpus == 0:
-        raise ConfigError("--gpus-per-actor", f"{gpus_per_actor:g} GPUs per actor requested but the cluster has none")
+    if gpus == 0 and ((config.gpus_per_actor or 0) > 0 or config.device == "cuda"):
+        flag = "--gpus-per-actor" if (config.gpus_per_actor or 0) > 0 else "--device"
+        raise ConfigError(flag, "GPUs requested, but the Ray cluster has no GPUs and its autoscaler can add none "
+                          f"({cpus:g} CPUs); run on a GPU node, or use --device cpu")
+    if config.gpus_per_actor is not None:
+        gpus_per_actor = config.gpus_per_actor
+    else:
+        gpus_per_actor = 1.0 if gpus >= 1 and config.device != "cpu" else 0.0
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
     if config.num_actors is not None:
         num_actors = config.num_actors

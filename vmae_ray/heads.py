@@ -106,17 +106,27 @@ class LinearHead:
         return x @ self.weight.T + self.bias
 
     def check_embeddings(self, *, model_fingerprint: str | None, embedding_fingerprint: str | None,
-                         embedding_dim: int | None = None, what: str = "these embeddings") -> None:
+                         embedding_dim: int | None = None, what: str = "these embeddings",
+                         embedding_settings: dict[str, Any] | None = None) -> None:
         """Raise HeadMismatchError, naming both fingerprints, unless ``what`` (tables or a run)
-        has this head's model and embedding settings (and dimension)."""
+        has this head's model and embedding settings (and dimension). With ``embedding_settings``
+        (what the embedding fingerprint hashes) and the head's own record of them
+        (``info["embedding_settings"]``, from the tables it was fitted on), the message also
+        says which settings differ."""
         if model_fingerprint != self.model_fingerprint:
             raise HeadMismatchError(
                 f"the head was fitted on embeddings of another model: head model fingerprint {self.model_fingerprint}, "
                 f"{what}: {model_fingerprint}")
         if embedding_fingerprint != self.embedding_fingerprint:
+            ours = self.info.get("embedding_settings")
+            differ = ""
+            if isinstance(ours, dict) and embedding_settings:
+                keys = sorted(k for k in set(ours) | set(embedding_settings) if ours.get(k) != embedding_settings.get(k))
+                differ = "; " + ", ".join(f"{k}: {ours.get(k)!r} for the head, {embedding_settings.get(k)!r} for {what}"
+                                          for k in keys)
             raise HeadMismatchError(
                 "the head was fitted on embeddings made with other settings (sampling, frames or preprocessing): head "
-                f"embedding fingerprint {self.embedding_fingerprint}, {what}: {embedding_fingerprint}")
+                f"embedding fingerprint {self.embedding_fingerprint}, {what}: {embedding_fingerprint}{differ}")
         if embedding_dim is not None and embedding_dim != self.embedding_dim:
             raise HeadMismatchError(f"the head takes {self.embedding_dim}-dimensional embeddings; {what} have {embedding_dim}")
 

@@ -17,6 +17,7 @@ carries size and ETag/mtime: the input's identity for resume.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,15 @@ class InputListing:
 def video_id_for_uri(uri: str) -> str:
     """A stable id derived from the URI alone, so reruns and other runs agree on it."""
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:24]
+
+
+def uri_spellings(text: str) -> list[str]:
+    """The ways ``text`` may be spelled as a ``uri`` in the tables: as given, and for a relative
+    local path also as the absolute path (a directory listing stores what it lists under an
+    absolute --input as absolute paths, so a user's ``demo_out/a.mp4`` should find it)."""
+    if "://" in text or os.path.isabs(text):
+        return [text]
+    return [text, os.path.abspath(text)]
 
 
 def _full_uri(path: str, original: str) -> str:

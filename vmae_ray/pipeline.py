@@ -74,7 +74,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _embedding_settings(config: EmbedConfig, spec: ModelSpec, num_frames: int) -> dict[str, Any]:
+def embedding_settings(config: EmbedConfig, spec: ModelSpec, num_frames: int) -> dict[str, Any]:
     # What decides the embedding values: the checkpoint, which frames make a clip, the pixels.
     return {
         "output_version": OUTPUT_VERSION, "model": spec.fingerprint, "sampling": config.sampling,
@@ -88,7 +88,7 @@ def embedding_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int)
     """Hash of what decides the embedding values (model, sampling, frames, preprocessing), and
     nothing else: a linear head fitted on one output's embeddings applies to another's exactly
     when the two agree, whatever labels, heads or other columns each run added."""
-    settings = {"embedding": _embedding_settings(config, spec, num_frames)}
+    settings = {"embedding": embedding_settings(config, spec, num_frames)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -97,7 +97,7 @@ def settings_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int, 
     """Hash of everything that changes results: model, sampling, preprocessing, labels, the
     linear head (`--head`) when one gives the labels."""
     settings = {
-        **_embedding_settings(config, spec, num_frames),
+        **embedding_settings(config, spec, num_frames),
         "labels": with_labels, "top_k": config.top_k if with_labels else None,
     }
     if head_fingerprint is not None:  # absent otherwise, so runs without a head keep their fingerprint
@@ -273,7 +273,8 @@ def _load_head(config: EmbedConfig, spec: ModelSpec, num_frames: int, storage: S
         head = LinearHead.load(config.head, storage)
         head.check_embeddings(model_fingerprint=spec.fingerprint,
                               embedding_fingerprint=embedding_fingerprint(config, spec, num_frames),
-                              embedding_dim=spec.hidden_size, what=f"this run ({config.model})")
+                              embedding_dim=spec.hidden_size, what=f"this run ({config.model})",
+                              embedding_settings=embedding_settings(config, spec, num_frames))
     except (HeadError, OSError) as exc:
         raise ConfigError("--head", str(exc)) from exc
     if spec.id2label is not None:
@@ -327,6 +328,20 @@ def _init_ray() -> float:
             runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, logging_level=logging.WARNING)
     return time.perf_counter() - started
+
+
+def gpus_the_cluster_can_add(cluster: dict[str, float]) -> float:
+    """GPUs the cluster's autoscaler may still add: its configured maximum (autoscaler v2, which
+    `ray up` uses by default since Ray 2.5x, records it in the GCS) less what it has now; 0 for a
+    fixed cluster or when no maximum is recorded, as Ray Data's own resource planning assumes
+    (`ray.data._internal.execution.operators.hash_shuffle._get_total_cluster_resources`)."""
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # a private API: when it moves, plan for the cluster as it is
+        return 0.0
+    return max(0.0, float(most.get("GPU", 0)) - float(cluster.get("GPU", 0)))
 
 
 # Ray Data's cluster autoscaler sets the CPUs its operators may use. Ray 2.60's default
@@ -471,6 +486,8 @@ class _Committer:
         manifest = {
             "run_id": summary.run_id, "complete": complete, "committed_at": now, "counts": counts,
             "settings_fingerprint": plan.settings_fingerprint, "embedding_fingerprint": plan.embedding_fingerprint,
+            # What the fingerprint hashes, so that a head's refusal can say which setting differs.
+            "embedding_settings": embedding_settings(config, plan.spec, plan.num_frames),
             "config": config.to_dict(redact=True),
             "model": {"ref": config.model, "architecture": plan.spec.architecture,
                       "fingerprint": plan.spec.fingerprint, "num_frames": plan.num_frames,
@@ -535,7 +552,11 @@ def run(config: EmbedConfig) -> RunSummary:
         summary.ray_start_seconds = _init_ray()
         import ray
 
-        res = committer.resources = plan_resources(config, ray.cluster_resources())
+        cluster = ray.cluster_resources()
+        # A --device/--gpus-per-actor the cluster cannot serve is a ConfigError here, before any work.
+        res = committer.resources = plan_resources(config, cluster, gpus_to_add=gpus_the_cluster_can_add(cluster))
+        if res.gpus_per_actor > 0 and not cluster.get("GPU"):
+            log.warning("the cluster has no GPU yet: the model actors wait for the autoscaler to add GPU nodes")
         log.info("ray: %g CPUs, %g GPUs; model actors %s on %s, %g GPU each, batch %d",
                  res.cluster_cpus, res.cluster_gpus, res.num_actors, res.device,
                  res.gpus_per_actor, res.batch_size)

@@ -37,7 +37,7 @@ from vmae_ray import schema
 from vmae_ray.config import CommandParser, ConfigError, storage_errors_of, storage_for
 from vmae_ray.heads import LEVELS, HeadError, LinearHead, head_exists
 from vmae_ray.labels import top_k_labels
-from vmae_ray.listing import read_table_file
+from vmae_ray.listing import read_table_file, uri_spellings
 from vmae_ray.reading import CommittedOutput, NotCommittedError
 from vmae_ray.storage import StorageOptions
 from vmae_ray.writing import check_committed_output, write_committed
@@ -124,6 +124,9 @@ def join_labels(tables: CommittedOutput, key: str, labels: dict[str, str], level
     except (ValueError, KeyError) as exc:
         raise ConfigError("--tables", str(exc)) from exc
     row_keys = np.array(rest.column(key).to_pylist(), dtype=object)
+    if key == "uri":  # a relative local path in the labels file names the absolute one in the tables
+        present = set(row_keys.tolist())
+        labels = {next((s for s in uri_spellings(k) if s in present), k): v for k, v in labels.items()}
     missing = sorted(set(labels) - set(row_keys.tolist()))
     if missing:
         failed = _failed_videos(tables, key, missing)
@@ -474,6 +477,7 @@ def fit_command(args: argparse.Namespace) -> Fit:
                       info={"fitted_on": {"tables": tables.uri, "run_id": tables.run_id,
                                           "model": tables.model.get("ref"), "labels": args.labels,
                                           "label_column": args.label_column},
+                            "embedding_settings": tables.manifest.get("embedding_settings"),
                             "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     result.head.save(args.head, storage, metrics=result.metrics)
     print(format_report(result.metrics))
@@ -501,7 +505,8 @@ def apply_command(args: argparse.Namespace) -> dict[str, Any]:
             head = LinearHead.load(args.head, storage)
         head.check_embeddings(model_fingerprint=tables.model.get("fingerprint"),
                               embedding_fingerprint=tables.manifest.get("embedding_fingerprint"),
-                              embedding_dim=tables.model.get("embedding_dim"), what=f"the tables {tables.uri}")
+                              embedding_dim=tables.model.get("embedding_dim"), what=f"the tables {tables.uri}",
+                              embedding_settings=tables.manifest.get("embedding_settings"))
     except HeadError as exc:
         raise ConfigError("--head", str(exc)) from exc
     try:

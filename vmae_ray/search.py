@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from vmae_ray import neighbours as nb
 from vmae_ray.config import CommandParser, ConfigError, storage_errors_of, storage_for
+from vmae_ray.listing import uri_spellings
 from vmae_ray.reading import CommittedOutput, NotCommittedError
 from vmae_ray.storage import StorageOptions, join, url_to_fs
 
@@ -137,9 +138,7 @@ def match_query(text: str, meta: pa.Table) -> str | None:
     ids = meta.column("video_id")
     if pc.any(pc.equal(ids, text)).as_py():
         return text
-    names = {text}
-    if "://" not in text:
-        names.add(os.path.abspath(text))
+    names = uri_spellings(text)
     hits = pc.unique(pc.filter(ids, pc.is_in(meta.column("uri"), value_set=pa.array(sorted(names))))).to_pylist()
     if len(hits) > 1:
         raise ConfigError("--query", f"{text} is the uri of several videos ({', '.join(sorted(hits))}); give a video_id")
