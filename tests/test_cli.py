@@ -112,6 +112,9 @@ def test_main_lists_commands_and_refuses_unknown(capsys):
 
     assert main(["--help"]) == 0
     assert "embed" in capsys.readouterr().out
+    from vmae_ray import __version__
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out == f"vmae-ray {__version__}\n"
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 

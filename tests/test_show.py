@@ -133,3 +133,18 @@ def test_every_pixel_and_mask_option_reaches_the_config():
     config = show_config(args)
     assert (config.geometry, config.interpolation, config.sampling, config.frame_stride) == ("stored", "AREA", "stride", 2)
     assert (config.mask_ratio, config.mask_seed, config.reconstruction) == (0.75, 3, True)
+
+
+def test_rows_are_labelled_with_the_video_frame_numbers():
+    """A stride clip's frames 1, 5, 9, 13 (tubelet 2): rows say "frames 1, 5" and "frames 9, 13",
+    the numbers in the video (the clip row's frame_indices), not positions in the clip."""
+    from vmae_ray.show import draw
+
+    clip = np.zeros((4, 32, 32, 3), np.uint8)
+    mask = np.zeros(2 * 4 * 4, bool)
+    kwargs = dict(tubelet_size=2, patch_size=8, rescale_factor=1 / 255, title="t")
+    fig, _ = draw(clip, mask, np.zeros((4, 32, 32, 3)), frame_indices=[1, 5, 9, 13], **kwargs)
+    labels = [t.get_text() for t in fig.texts if t.get_text().startswith(("frames", "clip frames"))]
+    assert labels == ["frames 1, 5", "frames 9, 13"]
+    fig, _ = draw(clip, mask, np.zeros((4, 32, 32, 3)), **kwargs)
+    assert [t.get_text() for t in fig.texts if "frames" in t.get_text()] == ["clip frames 0-1", "clip frames 2-3"]

@@ -179,7 +179,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = [f"  {name:<{width}}  {description}" for name, (_, _, description) in COMMANDS.items()]
-    return ("usage: vmae-ray COMMAND [options]   (vmae-ray COMMAND --help for a command's options)\n\n"
+    return ("usage: vmae-ray COMMAND [options]   (vmae-ray COMMAND --help for a command's options; "
+            "vmae-ray --version)\n\n"
             "commands:\n" + "\n".join(lines))
 
 
@@ -189,6 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from vmae_ray import __version__
+
+        print(f"vmae-ray {__version__}")
+        return 0
     if argv[0] not in COMMANDS:
         print(f"vmae-ray: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}\n\n{_usage()}",
               file=sys.stderr)

@@ -80,13 +80,21 @@ def _quiet_load_report():
     # judges the report and raises with the keys that matter, so the table is dropped. A
     # filter rather than a level: transformers 5.x runs an extra tensor-parallel check (and
     # logs every layer) when this logger's level is raised.
+    # Its "Loading weights" progress bar goes too: a local load takes milliseconds, and in the
+    # job every actor's bar lands in the driver's log. (The setting is process-wide: restored.)
+    from transformers.utils import logging as hf_logging
+
     report_logger = logging.getLogger("transformers.modeling_utils")
     report_filter = _DropLoadReport()
     report_logger.addFilter(report_filter)
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         report_logger.removeFilter(report_filter)
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _check_loading_info(info: dict[str, Any], model_dir: str, allow_pretraining_keys: bool) -> int:

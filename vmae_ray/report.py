@@ -698,8 +698,8 @@ def section_reconstruction(data: ReportData) -> str:
                   and data.videos.column("reconstruction_loss").null_count < data.videos.num_rows)
     if not has_clips and not has_videos:
         return _section("reconstruction", "Reconstruction loss", _empty(
-            "reconstruction", "No reconstruction_loss column in clips/ or videos/ (written only with a pretraining "
-                              "checkpoint that has a decoder)."))
+            "reconstruction", "No reconstruction_loss column in clips/ or videos/: the job writes it when run with "
+                              "--reconstruction, which needs a pretraining checkpoint with its decoder."))
     if has_clips:
         loss = float_values(clips.column("reconstruction_loss"))
         panels.append((loss, "clips", "reconstruction loss"))

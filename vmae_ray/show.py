@@ -111,9 +111,11 @@ def compose(clip: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray, la
 
 
 def draw(clip: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray, *, tubelet_size: int, patch_size: int,
-         rescale_factor: float, title: str):
+         rescale_factor: float, title: str, frame_indices: list[int] | None = None):
     """The figure for one clip: uint8 clip (T, H, W, 3), bool token mask (N,), reconstruction (T, H, W, 3)
-    in [0, 1] (`VideoMAEEmbedder.reconstruct`). Returns (matplotlib Figure, GridLayout)."""
+    in [0, 1] (`VideoMAEEmbedder.reconstruct`). Each row is labelled with its frames' numbers in
+    the video (``frame_indices``, the clip row's, T of them) or, without them, in the clip.
+    Returns (matplotlib Figure, GridLayout)."""
     from matplotlib.figure import Figure
 
     num_frames, height, width = clip.shape[:3]
@@ -139,8 +141,11 @@ def draw(clip: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray, *, tube
     for row in range(layout.rows):
         top, _ = layout.panel_box(row, 0)
         first = row * tubelet_size
-        text(layout.left - 6, top + layout.panel_height / 2, f"frames {first}-{first + tubelet_size - 1}",
-             ha="right", va="center", fontsize=8)
+        if frame_indices is not None:
+            label = "frames " + ", ".join(str(i) for i in frame_indices[first:first + tubelet_size])
+        else:
+            label = f"clip frames {first}-{first + tubelet_size - 1}"
+        text(layout.left - 6, top + layout.panel_height / 2, label, ha="right", va="center", fontsize=8)
     return fig, layout
 
 
@@ -256,7 +261,7 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
              f"{int(mask.sum())} of {mask.size} tokens masked (ratio {config.mask_ratio}, seed {config.mask_seed}, "
              f"video_id {video_id}); loss: MSE on {target}")
     fig, _ = draw(clip, mask, reconstruction[0], tubelet_size=spec.tubelet_size, patch_size=spec.patch_size,
-                  rescale_factor=spec.rescale_factor, title=title)
+                  rescale_factor=spec.rescale_factor, title=title, frame_indices=row.get("frame_indices"))
     fig.savefig(config.output, dpi=fig.dpi, format="png")
     print(f"wrote {config.output}: clip {clip_index} of {video.uri}, reconstruction loss {loss:.6f}")
     return 0
