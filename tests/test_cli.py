@@ -115,6 +115,9 @@ def test_main_lists_commands_and_refuses_unknown(capsys):
     from vmae_ray import __version__
 
     assert main(["--version"]) == 0 and capsys.readouterr().out == f"vmae-ray {__version__}\n"
+    from importlib.metadata import version
+
+    assert version("vmae-ray") == __version__  # pyproject.toml and the package say the same
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
