@@ -138,9 +138,26 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0:
         code = probe(args.workdir, output)
     if code == 0:
+        code = search_a_copy(output, args.workdir)
+    if code == 0:
         code = write_demo_report(output, args.workdir)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s")
     return code
+
+
+def search_a_copy(output: str, workdir: str) -> int:
+    """`vmae-ray search` with a video that is not in the tables: the demo's walk re-encoded at
+    half size and x264 CRF 40 (`synthetic.transcode_video`), as a re-upload would be."""
+    from vmae_ray.cli import main as vmae_ray
+    from vmae_ray.synthetic import transcode_video
+
+    copy = os.path.join(workdir, "walk_small.mp4")
+    if not os.path.exists(copy):
+        transcode_video(os.path.join(workdir, "videos", "walk_h264_320x240.mp4"), copy, width=160, height=120, crf=40)
+    command = ["search", "--tables", output, "--query", copy, "-k", "3"]
+    print(f"\n{copy}: the walk video re-encoded at half size and CRF 40, not in the tables")
+    print("running: vmae-ray " + " ".join(command), flush=True)
+    return vmae_ray(command)
 
 
 def write_demo_report(output: str, workdir: str) -> int:
