@@ -54,6 +54,7 @@ def test_config_file_and_flags_win(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text("input: from-file/\noutput: out/\nsampling: stride\nframe-stride: 8\nbatch_size: 2\n")
     c = config_from_args(["--config", str(cfg), "--frame-stride", "3"])
+    assert config_from_args(["--config", str(cfg), "--sampling", "uniform"]).sampling == "uniform"  # its stride unused
     assert c.input == "from-file/" and c.sampling == "stride" and c.frame_stride == 3 and c.batch_size == 2
 
 
@@ -99,6 +100,12 @@ def test_plan_resources_defaults_come_from_one_place():
     # actors ask for a GPU each and wait for the nodes; the pool may grow to what can be added.
     grows = plan_resources(parse(), {"CPU": 4.0}, gpus_to_add=8.0)
     assert (grows.device, grows.gpus_per_actor, grows.num_actors) == ("cuda", 1.0, (1, 8))
+    assert grows.decode_slots == 4 and grows.cluster_gpus == 0  # the actors will take the new nodes' CPUs
+    # A cluster this driver connected to that records no maximum (None): GPUs asked are waited
+    # for, not refused; nothing asked, nothing assumed.
+    waits = plan_resources(parse("--device", "cuda"), {"CPU": 4.0}, gpus_to_add=None)
+    assert (waits.device, waits.gpus_per_actor, waits.num_actors) == ("cuda", 1.0, (1, 1))
+    assert plan_resources(parse(), {"CPU": 4.0}, gpus_to_add=None).device == "cpu"
     asked = plan_resources(parse("--gpus-per-actor", "1", "--num-actors", "1,4"), {"CPU": 4.0}, gpus_to_add=8.0)
     assert (asked.device, asked.gpus_per_actor, asked.num_actors) == ("cuda", 1.0, (1, 4))
     on_cpu = plan_resources(parse("--device", "cpu"), {"CPU": 8.0, "GPU": 2.0})  # no GPU held for a CPU model
@@ -218,3 +225,38 @@ def test_s3_without_credentials_is_a_named_error(tmp_path, classifier_dir, comma
     (error_line,) = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert f"error: {flag}: s3://no-such-bucket" in error_line and "AWS_ACCESS_KEY_ID" in error_line
     assert "Traceback" not in proc.stderr
+
+
+def test_a_hub_checkpoint_that_cannot_be_fetched_keeps_its_own_message(tmp_path):
+    """The checkpoint module's message (what failed and why) reaches the user as it is: the
+    storage-error wrapper must not relabel it from its cause (LocalEntryNotFoundError is a
+    FileNotFoundError: "not found" would be wrong for a repo that exists)."""
+    (tmp_path / "a.mp4").write_bytes(b"")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-m", "vmae_ray.cli", "embed", "--input", str(tmp_path), "--output",
+                           str(tmp_path / "out"), "--model", "MCG-NJU/videomae-base-short-ssv2"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (error_line,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert "error: --model: 'MCG-NJU/videomae-base-short-ssv2': could not fetch it from the Hugging Face hub" in error_line
+    assert "not found (" not in error_line and "AWS_" not in error_line
+
+
+def test_embed_refuses_another_commands_output(tmp_path, classifier_dir):
+    """An --output holding `probe apply`'s labels/ (or dedup's duplicates/): refused before
+    recovery, the other output's _SUCCESS and tables untouched."""
+    import pyarrow as pa
+
+    from vmae_ray.config import ConfigError
+    from vmae_ray.pipeline import prepare
+    from vmae_ray.storage import StorageOptions
+    from vmae_ray.writing import write_committed
+
+    out = tmp_path / "labels_out"
+    write_committed(str(out), StorageOptions(), {"labels": pa.table({"video_id": ["a"], "uri": ["/a.mp4"]})}, {})
+    before = (out / "_SUCCESS").read_bytes()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.mp4").write_bytes(b"")
+    with pytest.raises(ConfigError, match="^--output: .*holds another committed output \\(tables labels\\)"):
+        prepare(config_from_args(["--input", str(tmp_path / "in"), "--output", str(out), "--model", classifier_dir]))
+    assert (out / "_SUCCESS").read_bytes() == before and len(os.listdir(out / "labels")) == 1

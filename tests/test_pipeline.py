@@ -310,13 +310,25 @@ def test_model_task_rows_bounds():
 
 def test_device_cuda_on_a_cluster_without_gpus_is_refused_before_work(ray_session, tiny_classifier,
                                                                       synthetic_corpus, tmp_path):
-    """--device cuda where Ray has no GPU and its autoscaler can add none (this local Ray):
-    ConfigError naming --device right after Ray starts, no actor started, nothing committed."""
+    """--device cuda where Ray has no GPU and can add none (the Ray this process started):
+    ConfigError naming --device right after Ray starts; nothing committed, and with --overwrite
+    the tables already there are untouched (they are replaced only by a first commit)."""
     from vmae_ray.pipeline import gpus_the_cluster_can_add
+    from vmae_ray.storage import StorageOptions
+    from vmae_ray.writing import write_committed
 
-    assert gpus_the_cluster_can_add(ray_session.cluster_resources()) == 0.0  # Ray's own record: a fixed cluster
+    if ray_session.cluster_resources().get("GPU"):
+        pytest.skip("this Ray has a GPU")
+    assert gpus_the_cluster_can_add(ray_session.cluster_resources()) == 0.0  # started here: a fixed cluster
     folder = os.path.dirname(next(iter(synthetic_corpus.values())))
     out = tmp_path / "out"
+    args = ["--input", folder, "--output", str(out), "--model", tiny_classifier, "--device", "cuda"]
     with pytest.raises(ConfigError, match="^--device: GPUs requested"):
-        run(config_from_args(["--input", folder, "--output", str(out), "--model", tiny_classifier, "--device", "cuda"]))
+        run(config_from_args(args))
     assert not (out / "_SUCCESS").exists()
+    write_committed(str(out), StorageOptions(), {"videos": pa.table({"video_id": ["old"], "uri": ["/old.mp4"]})}, {})
+    before = {p: (out / p).read_bytes() for p in ["_SUCCESS", *(f"videos/{n}" for n in os.listdir(out / "videos"))]}
+    with pytest.raises(ConfigError, match="^--device"):
+        run(config_from_args([*args, "--overwrite"]))
+    after = {p: (out / p).read_bytes() for p in before if (out / p).is_file()}
+    assert after == before

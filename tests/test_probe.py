@@ -480,3 +480,11 @@ def test_labels_with_relative_paths_join_the_absolute_uris(scenes, tmp_path, mon
     ours, theirs = LinearHead.load(head), LinearHead.load(scenes["head"])
     assert read_json(head, METRICS_FILE)["n_examples"] == len(rows)
     np.testing.assert_array_equal(ours.weight, theirs.weight)
+    # One video under both spellings with two labels: refused, not silently one of them.
+    other = next(s for s in SCENES if s != rows[0]["label"])
+    both = tmp_path / "both.csv"
+    pacsv.write_csv(pa.table({"uri": [rows[0]["uri"], os.path.relpath(rows[0]["uri"])], "label": [rows[0]["label"], other]}),
+                    both)
+    with pytest.raises(SystemExit) as info:
+        main(["probe", "fit", "--tables", scenes["out"], "--labels", str(both), "--head", str(tmp_path / "h2")])
+    assert info.value.code == 2

@@ -101,3 +101,23 @@ def test_schema_from_footers_and_projected_read(tmp_path):
     # Columns come back in the order asked for, from every shard.
     assert committed.read("items", ["uri", "video_id"]).to_pydict() == {
         "uri": [f"/v/a{i}.mp4" for i in range(5)], "video_id": [f"a{i}" for i in range(5)]}
+
+
+def test_object_store_folder_markers_are_not_foreign(s3_server, s3_bucket):
+    """A zero-byte "items/" key (an S3 console's "Create folder", rclone): neither refused as a
+    file vmae-ray did not write nor deleted; a real foreign object beside it is refused."""
+    from vmae_ray.storage import url_to_fs
+    from vmae_ray.writing import ForeignFilesError, OutputStore
+
+    out, storage = f"s3://{s3_bucket}/marked", StorageOptions(s3_server.storage_options)
+    fs, root = url_to_fs(out, storage)
+    fs.pipe(f"{root}/items/", b"")
+    write_committed(out, storage, {"items": table_of(["a", "b"], vectors(2))}, {})
+    store = OutputStore(out, storage, tables=("items",))
+    assert store.foreign_files() == []
+    write_committed(out, storage, {"items": table_of(["c"], vectors(1))}, {})  # recovery and replacement
+    assert CommittedOutput.open(out, storage).read("items", ["video_id"]).column("video_id").to_pylist() == ["c"]
+    fs.pipe(f"{root}/items/notes.txt", b"mine")
+    with pytest.raises(ForeignFilesError, match="items/notes.txt"):
+        write_committed(out, storage, {"items": table_of(["d"], vectors(1))}, {})
+    assert fs.cat(f"{root}/items/notes.txt") == b"mine"

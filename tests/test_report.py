@@ -299,6 +299,10 @@ def test_an_output_folder_is_refused_before_any_work(hostile_run, tmp_path, caps
     err = capsys.readouterr().err
     assert "error: --output:" in err and "is a folder" in err and "Traceback" not in err
     assert os.listdir(folder) == [] and sorted(os.listdir(tmp_path)) == ["a folder"]
+    # A --tables typo with the page in a folder that does not exist yet: that folder is not made.
+    with pytest.raises(SystemExit) as info:
+        report.run_report(["--tables", str(tmp_path / "typo"), "--output", str(tmp_path / "new" / "r.html")])
+    assert info.value.code == 2 and sorted(os.listdir(tmp_path)) == ["a folder"]
 
 
 def test_counts_tiles_follow_success_not_a_constant(hostile_run, tmp_path):

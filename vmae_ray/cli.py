@@ -148,8 +148,9 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
         for name, convert in _CONVERTERS.items():
             if name in values:
                 values[name] = convert(values[name])
-        # A stride given with uniform sampling would be silently ignored: say so instead.
-        if values.get("sampling", "uniform") == "uniform" and "frame_stride" in values:
+        # A stride given on the command line with uniform sampling would be silently ignored:
+        # say so (a --config file may hold one for its stride runs).
+        if values.get("sampling", "uniform") == "uniform" and "frame_stride" in args:
             raise ConfigError("--frame-stride", "applies to --sampling stride only (uniform sampling takes the "
                               "middle frame of num_frames equal segments)")
         # Uniform sampling means one clip; only stride takes the default of several.

@@ -209,27 +209,29 @@ class Resources:
     cluster_gpus: float
 
 
-def plan_resources(config: EmbedConfig, cluster: dict[str, float], *, gpus_to_add: float = 0.0) -> Resources:
-    """Resources for a run on a cluster with ``cluster`` (Ray's `cluster_resources()`) that its
-    autoscaler can grow by ``gpus_to_add`` GPUs (0 for a fixed cluster).
+def plan_resources(config: EmbedConfig, cluster: dict[str, float], *, gpus_to_add: float | None = 0.0) -> Resources:
+    """Resources for a run on a cluster with ``cluster`` (Ray's `cluster_resources()`) whose
+    autoscaler can add ``gpus_to_add`` GPUs (0: a fixed cluster; None: unknown).
 
     Defaults: one GPU per actor when the cluster has or can add GPUs, or with --device cuda
-    (else the model runs on CPU); an autoscaling pool of 1 to (GPUs / GPUs per actor) actors,
-    or 1 on CPU; DEFAULT_BATCH_SIZE_GPU clips per call on GPU, DEFAULT_BATCH_SIZE_CPU on CPU;
-    as many decode tasks as the CPUs left beside the largest actor pool hold. Raises
-    ConfigError (--gpus-per-actor or --device) when GPUs are asked of a cluster that has none
-    and can add none: the model actors would fail, or wait for ever.
+    (else the model runs on CPU, holding no GPU); an autoscaling pool of 1 to (GPUs / GPUs per
+    actor) actors, or 1 on CPU; DEFAULT_BATCH_SIZE_GPU clips per call on GPU,
+    DEFAULT_BATCH_SIZE_CPU on CPU; as many decode tasks as the CPUs left beside the actors that
+    fit on the cluster now. Raises ConfigError (--gpus-per-actor or --device) when GPUs are
+    asked of a cluster that has none and can add none: the actors would fail, or wait for ever.
     """
-    gpus = float(cluster.get("GPU", 0)) + max(0.0, gpus_to_add)
+    gpus_now = float(cluster.get("GPU", 0))
+    gpus = gpus_now + (gpus_to_add or 0.0)
     cpus = float(cluster.get("CPU", 1))
-    if gpus == 0 and ((config.gpus_per_actor or 0) > 0 or config.device == "cuda"):
+    wants_gpu = (config.gpus_per_actor or 0) > 0 or config.device == "cuda"
+    if wants_gpu and gpus == 0 and gpus_to_add is not None:
         flag = "--gpus-per-actor" if (config.gpus_per_actor or 0) > 0 else "--device"
         raise ConfigError(flag, "GPUs requested, but the Ray cluster has no GPUs and its autoscaler can add none "
                           f"({cpus:g} CPUs); run on a GPU node, or use --device cpu")
     if config.gpus_per_actor is not None:
         gpus_per_actor = config.gpus_per_actor
     else:
-        gpus_per_actor = 1.0 if gpus >= 1 and config.device != "cpu" else 0.0
+        gpus_per_actor = 1.0 if (gpus >= 1 or config.device == "cuda") and config.device != "cpu" else 0.0
     device = config.device if config.device != "auto" else ("cuda" if gpus_per_actor > 0 else "cpu")
     if config.num_actors is not None:
         num_actors = config.num_actors
@@ -237,11 +239,13 @@ def plan_resources(config: EmbedConfig, cluster: dict[str, float], *, gpus_to_ad
         num_actors = (1, max(1, int(gpus // gpus_per_actor)))
     else:
         num_actors = (1, 1)
+    # CPUs of the actors that can run now; actors waiting for GPU nodes take those nodes' CPUs.
+    actors_now = num_actors[1] if gpus_per_actor == 0 else min(num_actors[1], int(gpus_now // gpus_per_actor))
+    actor_cpus = config.cpus_per_actor * actors_now
     batch_size = config.batch_size or (DEFAULT_BATCH_SIZE_GPU if device == "cuda" else DEFAULT_BATCH_SIZE_CPU)
-    actor_cpus = config.cpus_per_actor * num_actors[1]
     decode_slots = max(1, int((cpus - actor_cpus) // config.decode_cpus)) if cpus > actor_cpus else 1
     return Resources(device=device, gpus_per_actor=gpus_per_actor, num_actors=num_actors, batch_size=batch_size,
-                     decode_slots=decode_slots, cluster_cpus=cpus, cluster_gpus=gpus)
+                     decode_slots=decode_slots, cluster_cpus=cpus, cluster_gpus=gpus_now)
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -331,14 +335,17 @@ def storage_errors_of(option: str, uri: str):
         from vmae_ray.storage import classify_storage_error
 
         kind, why = classify_storage_error(exc), f"{type(exc).__name__}: {exc}"
+        s3 = str(uri).startswith(("s3://", "s3a://"))
         if kind == "access_denied":
-            raise ConfigError(option, f"{uri}: access denied or no credentials ({why}); for S3 set AWS_ACCESS_KEY_ID "
-                              "and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or key/secret in --storage-options") from exc
+            hint = ("; for S3 set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or key/secret in "
+                    "--storage-options") if s3 else ""
+            raise ConfigError(option, f"{uri}: access denied or no credentials ({why}){hint}") from exc
         if kind == "not_found":
             raise ConfigError(option, f"{uri}: not found ({why})") from exc
         if kind == "transient":
-            raise ConfigError(option, f"{uri}: the storage did not answer ({why}); check the endpoint "
-                              "(endpoint_url in --storage-options, AWS_ENDPOINT_URL) and the network") from exc
+            hint = " (endpoint_url in --storage-options, AWS_ENDPOINT_URL)" if s3 else ""
+            raise ConfigError(option, f"{uri}: the storage did not answer ({why}); check the endpoint{hint} and "
+                              "the network") from exc
         raise
 
 

@@ -31,7 +31,7 @@ from vmae_ray.reading import CommittedOutput
 from vmae_ray.reconstruction import masked_per_frame
 from vmae_ray.stages import DecodeParams, EmbedActor, decode_batch
 from vmae_ray.storage import StorageOptions
-from vmae_ray.writing import CommittedState, OutputStore, ShardWriter, new_run_id
+from vmae_ray.writing import CommittedState, OutputStore, ShardWriter, check_committed_output, new_run_id
 
 log = logging.getLogger("vmae_ray")
 
@@ -174,11 +174,11 @@ def prepare(config: EmbedConfig) -> Plan:
     """
     storage = StorageOptions(config.storage_options).with_driver_environment(
         [config.input, config.output, config.model])
-    try:
-        with storage_errors_of("--model", config.model):
+    with storage_errors_of("--model", config.model):  # credentials, endpoint
+        try:
             spec = load_model_spec(config.model, storage, config.model_cache_dir)
-    except CheckpointError as exc:
-        raise ConfigError("--model", str(exc)) from exc
+        except CheckpointError as exc:  # its own message first: storage_errors_of would relabel its cause
+            raise ConfigError("--model", str(exc)) from exc
     num_frames = config.num_frames or spec.num_frames
     if num_frames != spec.num_frames:
         raise ConfigError(
@@ -215,11 +215,9 @@ def prepare(config: EmbedConfig) -> Plan:
 
     with storage_errors_of("--output", config.output):
         try:
-            store = OutputStore(config.output, storage)
-            if config.overwrite:
-                store.wipe()
-            store.check_owned()  # before check_writable, which writes under _staging
-            store.check_writable()
+            # A file, files vmae-ray did not write, another command's output: refused here,
+            # before recovery touches anything.
+            store = check_committed_output(config.output, storage, schema.TABLES)
             state = store.recover()
         except ValueError as exc:
             raise ConfigError("--output", str(exc)) from exc
@@ -228,10 +226,16 @@ def prepare(config: EmbedConfig) -> Plan:
     if config.run_id and any(r.get("run_id") == config.run_id for r in state.manifest.get("runs", [])):
         raise ConfigError("--run-id",
                           f"{config.run_id!r} was already used for {config.output}; run ids name files and must be new")
-    if state.exists and not config.resume:
+    if state.exists and not config.resume and not config.overwrite:
         raise ConfigError("--no-resume", f"{config.output} already holds committed results; use --overwrite or another --output")
     replace_all = False
-    if state.exists and state.settings_fingerprint != fingerprint:
+    if state.exists and config.overwrite:
+        # Nothing is deleted now: a run that fails before its first commit (a bad --device,
+        # say) leaves the old tables as they were; the first commit replaces them all.
+        log.warning("--overwrite: every input is processed again and the committed rows of %s are replaced at "
+                    "this run's first commit", config.output)
+        replace_all = True
+    elif state.exists and state.settings_fingerprint != fingerprint:
         # Results of different settings are never mixed in one table: everything is
         # processed again and the first commit of this run drops the old rows.
         old = state.manifest.get("config", {})
@@ -330,17 +334,28 @@ def _init_ray() -> float:
     return time.perf_counter() - started
 
 
-def gpus_the_cluster_can_add(cluster: dict[str, float]) -> float:
-    """GPUs the cluster's autoscaler may still add: its configured maximum (autoscaler v2, which
-    `ray up` uses by default since Ray 2.5x, records it in the GCS) less what it has now; 0 for a
-    fixed cluster or when no maximum is recorded, as Ray Data's own resource planning assumes
-    (`ray.data._internal.execution.operators.hash_shuffle._get_total_cluster_resources`)."""
+def gpus_the_cluster_can_add(cluster: dict[str, float]) -> float | None:
+    """GPUs the Ray cluster may still add: 0 for a Ray this driver started (a fixed local
+    cluster); the autoscaler's recorded maximum less what the cluster has now, where Ray records
+    one (`ray._private.state.state.get_max_resources_from_cluster_config`, which Ray Data's own
+    planning reads) and it is finite; None (unknown) for a cluster this driver connected to that
+    records none: an autoscaling `ray up` cluster may well add GPU nodes for actors that ask."""
+    import ray
+
+    try:
+        node = ray._private.worker._global_node
+        if node is not None and node.head:
+            return 0.0
+    except AttributeError:  # a private API: when it moves, assume we cannot tell
+        pass
     try:
         from ray._private.state import state
 
-        most = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # a private API: when it moves, plan for the cluster as it is
-        return 0.0
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:
+        most = None
+    if not most or not 0 <= float(most.get("GPU", 0)) < 1e6:  # Ray says sys.maxsize for "no limit"
+        return None
     return max(0.0, float(most.get("GPU", 0)) - float(cluster.get("GPU", 0)))
 
 
@@ -426,8 +441,8 @@ def build_dataset(plan: Plan, res: Resources, *, full_batches: bool = True):
         # batches too, but its extra tasks cost 25% of the clips/s after start-up on 2 CPUs).
         # The dataset's own context: no other dataset is affected.
         ds.context.target_max_block_size = max(1, clip_bytes // 2)
-        least_clips = len(plan.todo) * ((config.clips_per_video or 1) if config.sampling == "stride" else 1)
-        rows_per_task = model_task_rows(res.batch_size, clip_bytes, least_clips, res.num_actors[1])
+        # Every video that decodes gives at least one clip: a lower bound, whatever the sampling.
+        rows_per_task = model_task_rows(res.batch_size, clip_bytes, len(plan.todo), res.num_actors[1])
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
@@ -554,12 +569,14 @@ def run(config: EmbedConfig) -> RunSummary:
 
         cluster = ray.cluster_resources()
         # A --device/--gpus-per-actor the cluster cannot serve is a ConfigError here, before any work.
-        res = committer.resources = plan_resources(config, cluster, gpus_to_add=gpus_the_cluster_can_add(cluster))
+        addable = gpus_the_cluster_can_add(cluster)
+        res = committer.resources = plan_resources(config, cluster, gpus_to_add=addable)
         if res.gpus_per_actor > 0 and not cluster.get("GPU"):
-            log.warning("the cluster has no GPU yet: the model actors wait for the autoscaler to add GPU nodes")
-        log.info("ray: %g CPUs, %g GPUs; model actors %s on %s, %g GPU each, batch %d",
-                 res.cluster_cpus, res.cluster_gpus, res.num_actors, res.device,
-                 res.gpus_per_actor, res.batch_size)
+            log.warning("the cluster has no GPU now: the model actors wait for the autoscaler to add GPU nodes "
+                        "(a cluster that cannot add them leaves this run waiting; stop it and use --device cpu)")
+        log.info("ray: %g CPUs, %g GPUs (%s more the autoscaler can add); model actors %s on %s, %g GPU each, "
+                 "batch %d", res.cluster_cpus, res.cluster_gpus, "unknown" if addable is None else f"{addable:g}",
+                 res.num_actors, res.device, res.gpus_per_actor, res.batch_size)
         ds = build_dataset(plan, res)
         pipeline_started = time.perf_counter()
         last_report = pipeline_started

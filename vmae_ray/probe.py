@@ -125,8 +125,14 @@ def join_labels(tables: CommittedOutput, key: str, labels: dict[str, str], level
         raise ConfigError("--tables", str(exc)) from exc
     row_keys = np.array(rest.column(key).to_pylist(), dtype=object)
     if key == "uri":  # a relative local path in the labels file names the absolute one in the tables
-        present = set(row_keys.tolist())
-        labels = {next((s for s in uri_spellings(k) if s in present), k): v for k, v in labels.items()}
+        present, spelled = set(row_keys.tolist()), {}
+        for k, v in labels.items():
+            uri = next((s for s in uri_spellings(k) if s in present), k)
+            if spelled.get(uri, (k, v))[1] != v:
+                raise ConfigError("--labels", f"{spelled[uri][0]!r} and {k!r} name the same video ({uri}) with two "
+                                  f"different labels ({spelled[uri][1]!r}, {v!r})")
+            spelled[uri] = (k, v)
+        labels = {uri: v for uri, (_, v) in spelled.items()}
     missing = sorted(set(labels) - set(row_keys.tolist()))
     if missing:
         failed = _failed_videos(tables, key, missing)
@@ -500,9 +506,12 @@ def apply_command(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError("--output", str(exc)) from exc
         except OSError as exc:
             raise ConfigError("--output", f"cannot write to {args.output}: {type(exc).__name__}: {exc}") from exc
-    try:
-        with storage_errors_of("--head", args.head):
+    with storage_errors_of("--head", args.head):  # credentials, endpoint
+        try:
             head = LinearHead.load(args.head, storage)
+        except HeadError as exc:
+            raise ConfigError("--head", str(exc)) from exc
+    try:
         head.check_embeddings(model_fingerprint=tables.model.get("fingerprint"),
                               embedding_fingerprint=tables.manifest.get("embedding_fingerprint"),
                               embedding_dim=tables.model.get("embedding_dim"), what=f"the tables {tables.uri}",

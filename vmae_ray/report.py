@@ -829,10 +829,11 @@ def check_html_output(output: str, storage) -> None:
     if fs.isdir(path):
         raise ValueError(f"{output} is a folder; give the path of the HTML file to write")
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
-        folder = os.path.dirname(path) or "."
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK):
+    if "file" in protocols:  # nothing is created yet: the folder is made when the page is written
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise PermissionError(f"cannot write in {folder}")
 
 

@@ -186,11 +186,12 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
     manifest = committed.manifest
     config = EmbedConfig.from_dict(manifest.get("config") or {})
     model = manifest.get("model") or {}
-    try:
-        spec = load_model_spec(config.model, storage, config.model_cache_dir)
-    except CheckpointError as exc:
-        raise ConfigError("--query", f"{uri} is not in the tables, and the model that made them ({config.model}) "
-                           f"cannot be loaded here to embed it: {exc}") from None
+    with storage_errors_of("--query", config.model):  # credentials, endpoint of the tables' model
+        try:
+            spec = load_model_spec(config.model, storage, config.model_cache_dir)
+        except CheckpointError as exc:
+            raise ConfigError("--query", f"{uri} is not in the tables, and the model that made them ({config.model}) "
+                               f"cannot be loaded here to embed it: {exc}") from None
     if model.get("fingerprint") and spec.fingerprint != model["fingerprint"]:
         raise ConfigError("--query", f"{uri} is not in the tables, and the checkpoint now at {config.model} is not the "
                            "one that made them (its fingerprint differs): embeddings would not be comparable")
@@ -223,10 +224,11 @@ def query_outside(text: str, committed: CommittedOutput, storage: StorageOptions
     from vmae_ray.assembly import video_embedding
 
     fs, path = url_to_fs(text, storage)
-    try:
-        exists = fs.isfile(path)
-    except (OSError, ValueError):
-        exists = False
+    with storage_errors_of("--query", text):  # credentials, endpoint
+        try:
+            exists = fs.isfile(path)
+        except (OSError, ValueError):
+            exists = False
     if not exists:
         raise ConfigError("--query", f"{text} is neither a video_id nor a uri in {committed.uri}, and no such file exists")
     embeddings, facts = embed_outside_video(text, committed, storage)

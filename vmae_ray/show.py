@@ -217,11 +217,11 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     from vmae_ray.listing import list_inputs
     from vmae_ray.reconstruction import clip_mask, masked_per_frame
     storage = storage_for(config.storage_options or None, [config.input, config.model])
-    try:
-        with storage_errors_of("--model", config.model):
+    with storage_errors_of("--model", config.model):  # credentials, endpoint
+        try:
             spec = load_model_spec(config.model, storage, config.model_cache_dir)
-    except CheckpointError as exc:
-        raise ConfigError("--model", str(exc)) from exc
+        except CheckpointError as exc:
+            raise ConfigError("--model", str(exc)) from exc
     if not spec.has_decoder:
         raise ConfigError("--model", f"{config.model} is a {spec.architecture} checkpoint without the pretraining "
                           "decoder; show needs a VideoMAEForPreTraining checkpoint (e.g. MCG-NJU/videomae-base-short-ssv2)")

@@ -475,7 +475,8 @@ _TRANSIENT_CLASS_MARKERS = (
 # botocore's errors for credentials it cannot find or use (matched by name, as above): they
 # are access problems, raised before any request is made.
 _CREDENTIALS_CLASS_MARKERS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
-                              "NoAuthTokenError", "UnauthorizedSSOTokenError", "TokenRetrievalError")
+                              "NoAuthTokenError", "UnauthorizedSSOTokenError", "TokenRetrievalError",
+                              "ProfileNotFound", "SSOTokenLoadError", "InvalidConfigError")
 
 
 def _from_response(exc: BaseException) -> str | None:

@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 FORMAT = "vmae-ray/1"
 STAGING = "_staging"
 JOURNAL = "_COMMIT.json"
-# The names of the shards vmae-ray writes: part-<run id>-<5 digits>.parquet, or -rw<5 digits>
+# The names of the shards vmae-ray writes: part-<run id>-<5+ digits>.parquet, or -rw<5+ digits>
 # for a shard rewritten without superseded videos (Spark's part-00000-<uuid>-c000.snappy.parquet
 # does not match). Nothing else in a table folder is ours, so nothing else is ever deleted.
-SHARD_NAME = re.compile(r"^part-.+-(rw)?[0-9]{5}[.]parquet$")
+SHARD_NAME = re.compile(r"^part-.+-(rw)?[0-9]{5,}[.]parquet$")
 
 
 class ForeignFilesError(ValueError):
@@ -118,8 +118,12 @@ class OutputStore:
         if not self.fs.exists(p):
             return CommittedState()
         with self.fs.open(p, "rb") as f:
-            data = json.loads(f.read().decode("utf-8"))
-        if data.get("format") != FORMAT:
+            try:
+                data = json.loads(f.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # another tool's _SUCCESS (Spark's is empty)
+                raise ValueError(f"{self.output}/_SUCCESS is not a vmae-ray manifest (not JSON: {exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            data = data if isinstance(data, dict) else {}
             raise ValueError(f"{self.output}/_SUCCESS is not a vmae-ray manifest (format {data.get('format')!r})")
         return CommittedState(data)
 
@@ -135,6 +139,8 @@ class OutputStore:
                 out.append(table)
                 continue
             for info in self.fs.ls(folder, detail=True):
+                if info["name"].rstrip("/") == folder.rstrip("/"):
+                    continue  # an object store's folder marker ("clips/", made by consoles and rclone)
                 name = posixpath.basename(info["name"].rstrip("/"))
                 if info["type"] != "file" or not SHARD_NAME.match(name):
                     out.append(posixpath.join(table, name))
@@ -144,9 +150,10 @@ class OutputStore:
         """Raise ForeignFilesError when a table folder holds a file vmae-ray did not write
         (ValueError when the output is a file).
 
-        Recovery deletes what `_SUCCESS` does not list in the table folders, and --overwrite
-        deletes the folders: pointed by mistake at a folder of videos (a ``videos/`` sub-folder
-        is common), either would delete the user's files. Checked before anything is touched.
+        Recovery deletes what `_SUCCESS` does not list in the table folders, and a commit that
+        replaces all rows deletes what the old `_SUCCESS` listed: pointed by mistake at a folder
+        of videos (a ``videos/`` sub-folder is common), either would delete the user's files.
+        Checked before anything is touched.
         """
         if self.fs.exists(self.root) and not self.fs.isdir(self.root):
             raise ValueError(f"{self.output} is a file; an output is a folder")
@@ -182,6 +189,8 @@ class OutputStore:
             if not self.fs.exists(folder):
                 continue
             for p in self.fs.ls(folder, detail=False):
+                if p.rstrip("/") == folder.rstrip("/"):
+                    continue  # the folder's own marker object
                 rel = posixpath.join(table, posixpath.basename(p))
                 if rel not in committed:
                     log.warning("removing %s: not part of any committed run", rel)
@@ -198,19 +207,6 @@ class OutputStore:
         staging = self.path(STAGING)
         if self.fs.exists(staging) and not self.fs.ls(staging, detail=False):
             self.fs.rm(staging, recursive=True)
-
-    def wipe(self) -> None:
-        """Remove the tables and the manifest (only this store's own names).
-
-        Raises ForeignFilesError, removing nothing, when a table folder holds files vmae-ray
-        did not write, and ValueError when `_SUCCESS` is not a vmae-ray manifest.
-        """
-        self.check_owned()
-        self.read_state()
-        for name in (*self.tables, STAGING, SUCCESS_FILE):
-            p = self.path(name)
-            if self.fs.exists(p):
-                self.fs.rm(p, recursive=True)
 
     # -- commit --------------------------------------------------------------------------
     def commit(self, run_id: str, staged: dict[str, list[str]], manifest: dict[str, Any],
