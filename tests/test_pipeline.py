@@ -205,14 +205,23 @@ def test_labels_refused_for_pretraining_checkpoint(tiny_pretraining, tmp_path):
                 "--labels", "on")
 
 
-def test_changed_settings_reprocess_and_replace(manifest_run, tiny_classifier, tmp_path):
-    """A changed setting processes every input again; old rows never stay beside new ones."""
+def test_changed_settings_refused_then_replaced_with_overwrite(manifest_run, tiny_classifier, tmp_path):
+    """A changed setting is refused, naming it, before any work (a nightly job's typo must not
+    replace a corpus); with --overwrite every input is processed again and the first commit
+    replaces all old rows: old rows never stay beside new ones."""
     copy = str(tmp_path / "out")
     shutil.copytree(manifest_run["out"], copy)
     old_files = {t: sorted(os.listdir(os.path.join(copy, t))) for t in ("clips", "videos")}
+    before = open(os.path.join(copy, "_SUCCESS"), "rb").read()
     manifest = os.path.join(os.path.dirname(manifest_run["out"]), "manifest.csv")
-    summary = run_job("--input", manifest, "--output", copy, "--model", tiny_classifier, "--top-k", "3",
-                      "--sampling", "stride", "--clips-per-video", "2")
+    args = ["--input", manifest, "--output", copy, "--model", tiny_classifier, "--top-k", "3",
+            "--sampling", "stride", "--clips-per-video", "2"]
+    with pytest.raises(ConfigError, match="^--output: .*other settings \\(--sampling: 'uniform' -> 'stride', "
+                                          "--clips-per-video: 1 -> 2\\)"):
+        run(config_from_args(args))
+    assert open(os.path.join(copy, "_SUCCESS"), "rb").read() == before
+    assert {t: sorted(os.listdir(os.path.join(copy, t))) for t in ("clips", "videos")} == old_files
+    summary = run_job(*args, "--overwrite")
     assert summary.inputs_skipped == 0
     assert_exactly_once(copy, set(manifest_run["ids"]))
     clips = read_table(copy, "clips")

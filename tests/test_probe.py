@@ -488,3 +488,26 @@ def test_labels_with_relative_paths_join_the_absolute_uris(scenes, tmp_path, mon
     with pytest.raises(SystemExit) as info:
         main(["probe", "fit", "--tables", scenes["out"], "--labels", str(both), "--head", str(tmp_path / "h2")])
     assert info.value.code == 2
+
+
+def test_examples_are_ordered_by_uri_so_a_moved_corpus_gets_the_same_folds(tmp_path):
+    """The same four videos under two roots: video_ids (hashes of the whole URI) order them
+    differently, the examples (hence the folds and the fit) come out in the same order."""
+    from vmae_ray.listing import video_id_for_uri
+    from vmae_ray.probe import join_labels
+    from vmae_ray.writing import write_committed
+
+    names = ["a.mp4", "b.mp4", "c.mp4", "d.mp4"]
+    orders, id_orders = [], []
+    for root in ("/data/x", "/srv/videos"):
+        uris = [f"{root}/{n}" for n in names]
+        ids = [video_id_for_uri(u) for u in uris]
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(8, dtype=np.float32)), 2)
+        out = tmp_path / root.strip("/").replace("/", "_")
+        write_committed(str(out), StorageOptions(), {"videos": pa.table({"video_id": ids, "uri": uris, "embedding": emb})},
+                        {})
+        examples = join_labels(CommittedOutput.open(str(out)), "uri", {u: n[0] for u, n in zip(uris, names)}, "video")
+        orders.append((examples.labels.tolist(), examples.embeddings.tolist()))
+        id_orders.append([names[ids.index(i)] for i in sorted(ids)])
+    assert id_orders[0] != id_orders[1]  # in video_id order the two would differ
+    assert orders[0] == orders[1] and orders[0][0] == ["a", "b", "c", "d"]

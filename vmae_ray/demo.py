@@ -56,10 +56,11 @@ def build_corpus(workdir: str) -> str:
     for i, (name, kwargs) in enumerate(SYNTHETIC):
         path = os.path.join(videos, name)
         if not os.path.exists(path):
-            make_video(path, seed=i, **kwargs)
+            make_video(path, seed=i, bit_exact=True, **kwargs)
         uris.append(os.path.abspath(path))
         sources.append("synthetic")
-    scene_videos = make_scene_corpus(os.path.join(workdir, "scenes"), per_scene=SCENE_VIDEOS, seed=100, **SCENE_RECIPE)
+    scene_videos = make_scene_corpus(os.path.join(workdir, "scenes"), per_scene=SCENE_VIDEOS, seed=100, bit_exact=True,
+                                     **SCENE_RECIPE)
     labelled = []
     for path, scene in scene_videos:
         uris.append(os.path.abspath(path))
@@ -153,7 +154,8 @@ def search_a_copy(output: str, workdir: str) -> int:
 
     copy = os.path.join(workdir, "walk_small.mp4")
     if not os.path.exists(copy):
-        transcode_video(os.path.join(workdir, "videos", "walk_h264_320x240.mp4"), copy, width=160, height=120, crf=40)
+        transcode_video(os.path.join(workdir, "videos", "walk_h264_320x240.mp4"), copy, width=160, height=120, crf=40,
+                        bit_exact=True)
     command = ["search", "--tables", output, "--query", copy, "-k", "3"]
     print(f"\n{copy}: the walk video re-encoded at half size and CRF 40, not in the tables")
     print("running: vmae-ray " + " ".join(command), flush=True)

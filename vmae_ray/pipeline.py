@@ -74,6 +74,20 @@ def _versions() -> dict[str, str]:
     }
 
 
+# The options whose change changes results (what settings_fingerprint covers, as flags).
+RESULT_OPTIONS = ("model", "sampling", "num_frames", "frame_stride", "clips_per_video", "interpolation", "geometry",
+                  "labels", "top_k", "head", "reconstruction", "mask_ratio", "mask_seed")
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """'--sampling: uniform -> stride, ...' for the RESULT_OPTIONS that differ between two
+    configs (as `EmbedConfig.to_dict` records them in `_SUCCESS`); '' when none does (then the
+    checkpoint at the same path changed, or an older output recorded less)."""
+    parts = [f"--{name.replace('_', '-')}: {old.get(name)!r} -> {new.get(name)!r}"
+             for name in RESULT_OPTIONS if name in old and old.get(name) != new.get(name)]
+    return ", ".join(parts)
+
+
 def embedding_settings(config: EmbedConfig, spec: ModelSpec, num_frames: int) -> dict[str, Any]:
     # What decides the embedding values: the checkpoint, which frames make a clip, the pixels.
     return {
@@ -236,14 +250,14 @@ def prepare(config: EmbedConfig) -> Plan:
                     "this run's first commit", config.output)
         replace_all = True
     elif state.exists and state.settings_fingerprint != fingerprint:
-        # Results of different settings are never mixed in one table: everything is
-        # processed again and the first commit of this run drops the old rows.
-        old = state.manifest.get("config", {})
-        log.warning(
-            "%s holds results made with other settings (model %r, sampling %r, ...): every input is processed "
-            "again and the committed rows are replaced at this run's first commit",
-            config.output, old.get("model"), old.get("sampling"))
-        replace_all = True
+        # Results of different settings are never mixed in one table, and a changed flag in a
+        # nightly job must not silently re-embed (and replace) a whole corpus: refused, unless
+        # --overwrite says to replace everything.
+        changed = changed_settings(state.manifest.get("config") or {}, config.to_dict(redact=True))
+        raise ConfigError("--output", f"{config.output} holds results made with other settings "
+                          f"({changed or 'the checkpoint or its preprocessing'}); rerun with the settings it was "
+                          "made with to add to it, pass --overwrite to process everything again and replace all "
+                          "its rows, or use another --output")
 
     todo, superseded, skipped = list(listing.inputs), set(), 0
     if state.exists and not replace_all:

@@ -143,8 +143,11 @@ def join_labels(tables: CommittedOutput, key: str, labels: dict[str, str], level
     mask = np.array([k in labels for k in row_keys], dtype=bool)
     video_ids = np.array(rest.column("video_id").to_pylist(), dtype=str)[mask]
     clip_index = np.array(rest.column("clip_index").to_pylist())[mask] if level == "clip" else np.zeros(len(video_ids))
-    # Rows in (video_id, clip_index) order: the fit depends on the examples, not on file order.
-    order = np.lexsort([clip_index, video_ids])
+    # Rows in (uri, video_id, clip_index) order: the folds, and so the fit, depend on the
+    # examples, not on file order, nor on where the corpus sits (video_ids hash the whole URI,
+    # so the same folder moved elsewhere would get other folds in video_id order).
+    uris = np.array(rest.column("uri").to_pylist(), dtype=str)[mask]
+    order = np.lexsort([clip_index, video_ids, uris])
     return Examples(
         embeddings=np.ascontiguousarray(embeddings[mask][order]),
         labels=np.array([labels[k] for k in row_keys[mask]], dtype=str)[order],

@@ -312,6 +312,16 @@ def _video_encoder_options(codec_name: str, bit_rate: int | None) -> dict[str, s
     return {}
 
 
+def _make_bit_exact(codec_context, options: dict[str, str]) -> None:
+    """One encoder thread, and x264 without assembly: the same input gives the same bytes (see
+    `make_video`'s ``bit_exact``)."""
+    codec_context.thread_count = 1
+    if codec_context.name == "libx264":
+        options["x264-params"] = "threads=1:lookahead-threads=1:sliced-threads=0:asm=0"
+    elif codec_context.name.startswith("libvpx"):
+        options["row-mt"] = "0"
+
+
 def _audio_codec_for(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     try:
@@ -349,7 +359,7 @@ def _audio_frames(stream, rate: int, freq: float, start_sample: int, end_sample:
 def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=60, gop_size=30,
                pix_fmt="yuv420p", vfr=False, seed=0, bit_rate=None, audio=False, scene: str | None = None,
                start_seconds=0.0, audio_seconds=None, max_b_frames=None, container_options=None,
-               cover_art=False) -> str:
+               cover_art=False, bit_exact=False) -> str:
     """Encode a synthetic video whose frames are distinguishable; return ``path``.
 
     Frame k shows a moving background (seeded by ``seed``) and, in the centre, a 4x4 black/white
@@ -377,7 +387,11 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
     (e.g. 'mpeg4' in .avi: the first frame is then presented one tick after the header's
     start, as in UCF101/HMDB51); ``container_options`` are muxer options (e.g.
     ``{"use_editlist": "0"}`` keeps an MP4's B-frame delay visible instead of hiding it
-    behind an edit list). ``cover_art=True`` adds a still picture stream (attached_pic), as
+    behind an edit list). ``bit_exact=True`` gives the same bytes on every run and machine, at
+    a cost in encoding time (one encoder thread, and x264 without its assembly: with either, a
+    few of 24 small x264 encodes came out differently from one run to the next, measured on
+    this project's machine; libvpx gets one thread); the demo uses it so that its printed
+    numbers are the README's. ``cover_art=True`` adds a still picture stream (attached_pic), as
     downloaders embed a thumbnail.
     """
     path = os.fspath(path)
@@ -403,7 +417,10 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
     audio_end_seconds = end_seconds if audio_seconds is None else float(audio_seconds)
 
     background = _Background(width, height, seed, tint=SCENE_TINTS[scene] if scene else None)
-    with av.open(path, mode="w", options=dict(container_options or {})) as container:
+    muxer_options = dict(container_options or {})
+    if bit_exact:  # no random segment UID or version strings (Matroska/WebM write them otherwise)
+        muxer_options.setdefault("fflags", "+bitexact")
+    with av.open(path, mode="w", options=muxer_options) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = width, height
         stream.pix_fmt = pix_fmt
@@ -413,7 +430,10 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
             stream.codec_context.bit_rate = int(bit_rate)
         if max_b_frames is not None:
             stream.codec_context.max_b_frames = int(max_b_frames)
-        stream.codec_context.options = _video_encoder_options(stream.codec_context.name, bit_rate)
+        options = _video_encoder_options(stream.codec_context.name, bit_rate)
+        if bit_exact:
+            _make_bit_exact(stream.codec_context, options)
+        stream.codec_context.options = options
         if vfr:
             stream.time_base = time_base  # mkv/mp4 keep 1 ms ticks: the irregular pts survive
 
@@ -471,14 +491,15 @@ def make_scene_corpus(directory, *, per_scene: int, scenes: tuple[str, ...] = SC
 
 
 def transcode_video(source, path, *, width: int, height: int, codec: str = "h264", crf: int | None = 35,
-                    bit_rate: int | None = None, start_frame: int = 0, end_frame: int | None = None) -> str:
+                    bit_rate: int | None = None, start_frame: int = 0, end_frame: int | None = None,
+                    bit_exact: bool = False) -> str:
     """Re-encode ``source`` as ``path``: frames [start_frame, end_frame) of its first video stream,
     resized to width x height (libswscale bicubic), at another quality; return ``path``.
 
     What a corpus holds when the same clip is uploaded twice: another size, another encoder
     quality (x264 ``crf``, or a target ``bit_rate``), or a trimmed copy. The frame-number code of
     `make_video` survives, so a test can tell which source frames a copy holds. Output frames
-    keep consecutive pts at the source's average rate.
+    keep consecutive pts at the source's average rate. ``bit_exact`` as in `make_video`.
     """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -494,6 +515,8 @@ def transcode_video(source, path, *, width: int, height: int, codec: str = "h264
         options = _video_encoder_options(stream.codec_context.name, bit_rate)
         if crf is not None and bit_rate is None and stream.codec_context.name == "libx264":
             options["crf"] = str(crf)
+        if bit_exact:
+            _make_bit_exact(stream.codec_context, options)
         stream.codec_context.options = options
         written = 0
         for k, frame in enumerate(src.decode(in_stream)):
