@@ -299,6 +299,16 @@ def test_an_output_folder_is_refused_before_any_work(hostile_run, tmp_path, caps
     err = capsys.readouterr().err
     assert "error: --output:" in err and "is a folder" in err and "Traceback" not in err
     assert os.listdir(folder) == [] and sorted(os.listdir(tmp_path)) == ["a folder"]
+    # A path with a trailing slash, and an existing file that is not a page (another output's
+    # _SUCCESS, say): refused, the file untouched.
+    other = tmp_path / "_SUCCESS"
+    other.write_text('{"format": "vmae-ray/1"}')
+    for output, needle in ((str(tmp_path / "new") + "/", "is a folder"), (str(other), "is not an HTML page")):
+        with pytest.raises(SystemExit) as info:
+            report.run_report(["--tables", hostile_run["out"], "--output", output])
+        assert info.value.code == 2 and needle in capsys.readouterr().err
+    assert other.read_text() == '{"format": "vmae-ray/1"}'
+    other.unlink()
     # A --tables typo with the page in a folder that does not exist yet: that folder is not made.
     with pytest.raises(SystemExit) as info:
         report.run_report(["--tables", str(tmp_path / "typo"), "--output", str(tmp_path / "new" / "r.html")])

@@ -346,3 +346,21 @@ def test_bad_input_exits_2(tmp_path, capsys):
         assert re.search(message, err), (argv, err)
     assert not os.path.exists(os.path.join(other.out, "duplicates"))
     assert pq.read_table(os.path.join(world.out, "videos")).num_rows == 30
+
+
+def test_a_query_names_a_video_of_the_tables_however_its_local_path_is_spelled(tmp_path, monkeypatch):
+    """As given, relative (from the current folder), absolute or file:// : the same video, which
+    is then never its own hit; a URI that names nothing is None."""
+    import pyarrow as pa
+
+    from vmae_ray.search import match_query
+
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "videos" / "a.mp4")
+    meta = pa.table({"video_id": ["id-a", "id-b"], "uri": [absolute, "s3://bucket/b.mp4"]})
+    for spelling in (absolute, "videos/a.mp4", "./videos/a.mp4", "file://" + absolute, "id-a"):
+        assert match_query(spelling, meta) == "id-a", spelling
+    assert match_query("s3://bucket/b.mp4", meta) == "id-b"
+    assert match_query("file://" + str(tmp_path / "videos" / "z.mp4"), meta) is None
+    file_meta = pa.table({"video_id": ["id-f"], "uri": ["file://" + absolute]})  # a file:// --input
+    assert match_query("videos/a.mp4", file_meta) == match_query(absolute, file_meta) == "id-f"

@@ -51,6 +51,7 @@ class CommandParser(argparse.ArgumentParser):
         # argparse says "argument --sampling: invalid choice: ..."; our own errors "--flag: ...".
         if message.startswith("argument "):
             message = message[len("argument "):]
+        message = " ".join(message.split())  # one line, even when a library's message had several
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
     def exit(self, status: int = 0, message: str | None = None):

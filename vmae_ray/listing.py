@@ -64,12 +64,16 @@ def video_id_for_uri(uri: str) -> str:
 
 
 def uri_spellings(text: str) -> list[str]:
-    """The ways ``text`` may be spelled as a ``uri`` in the tables: as given, and for a relative
-    local path also as the absolute path (a directory listing stores what it lists under an
-    absolute --input as absolute paths, so a user's ``demo_out/a.mp4`` should find it)."""
-    if "://" in text or os.path.isabs(text):
+    """The ways ``text`` may be spelled as a ``uri`` in the tables: as given; for a local path
+    also as the absolute path (relative paths from the current folder: a directory listing of an
+    absolute --input stores absolute paths, so ``demo_out/a.mp4`` should find them) and as a
+    ``file://`` URI; for a ``file://`` URI also as the plain path."""
+    if text.startswith("file://"):
+        return [text, text[len("file://"):]]
+    if "://" in text:
         return [text]
-    return [text, os.path.abspath(text)]
+    absolute = os.path.abspath(text)
+    return list(dict.fromkeys([text, absolute, "file://" + absolute]))
 
 
 def _full_uri(path: str, original: str) -> str:

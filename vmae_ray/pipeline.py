@@ -246,8 +246,6 @@ def prepare(config: EmbedConfig) -> Plan:
     if state.exists and config.overwrite:
         # Nothing is deleted now: a run that fails before its first commit (a bad --device,
         # say) leaves the old tables as they were; the first commit replaces them all.
-        log.warning("--overwrite: every input is processed again and the committed rows of %s are replaced at "
-                    "this run's first commit", config.output)
         replace_all = True
     elif state.exists and state.settings_fingerprint != fingerprint:
         # Results of different settings are never mixed in one table, and a changed flag in a
@@ -585,6 +583,9 @@ def run(config: EmbedConfig) -> RunSummary:
         # A --device/--gpus-per-actor the cluster cannot serve is a ConfigError here, before any work.
         addable = gpus_the_cluster_can_add(cluster)
         res = committer.resources = plan_resources(config, cluster, gpus_to_add=addable)
+        if plan.replace_all:  # said once the run is sure to start
+            log.warning("--overwrite: every input is processed again and the committed rows of %s are replaced at "
+                        "this run's first commit", config.output)
         if res.gpus_per_actor > 0 and not cluster.get("GPU"):
             log.warning("the cluster has no GPU now: the model actors wait for the autoscaler to add GPU nodes "
                         "(a cluster that cannot add them leaves this run waiting; stop it and use --device cpu)")

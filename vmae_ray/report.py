@@ -821,13 +821,19 @@ def write_report(tables: str, output: str, storage=None, *, color_by: str | None
 
 
 def check_html_output(output: str, storage) -> None:
-    """Before any work: ``output`` must name a file, not a folder, and (locally) its folder must
-    be one we can create or write in. Raises ValueError or OSError."""
+    """Before any work: ``output`` must name a file, not a folder, that does not exist or is an
+    HTML page (a report being replaced), and (locally) its folder must be one we can create or
+    write in. Raises ValueError or OSError."""
     from vmae_ray.storage import url_to_fs
 
     fs, path = url_to_fs(output, storage)
-    if fs.isdir(path):
+    if output.endswith("/") or fs.isdir(path):
         raise ValueError(f"{output} is a folder; give the path of the HTML file to write")
+    if fs.isfile(path):  # replace a page, never anything else (another output's _SUCCESS, say)
+        with fs.open(path, "rb") as f:
+            head = f.read(64).lstrip().lower()
+        if not head.startswith((b"<!doctype html", b"<html")):
+            raise ValueError(f"{output} exists and is not an HTML page; remove it or choose another path")
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if "file" in protocols:  # nothing is created yet: the folder is made when the page is written
         folder = os.path.dirname(os.path.abspath(path))

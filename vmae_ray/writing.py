@@ -200,13 +200,18 @@ class OutputStore:
         return state
 
     def check_writable(self) -> None:
-        """Fail fast (before any work) when --output cannot be written."""
+        """Fail fast (before any work) when --output cannot be written; leaves nothing behind
+        (a folder the check had to create is removed again: a run refused later, say for its
+        --device, leaves no empty output)."""
+        created = not self.fs.exists(self.root)
         probe = self.path(STAGING, f".write-check-{uuid.uuid4().hex[:8]}")
         self._write_bytes(probe, b"ok")
         self.fs.rm(probe)
         staging = self.path(STAGING)
         if self.fs.exists(staging) and not self.fs.ls(staging, detail=False):
             self.fs.rm(staging, recursive=True)
+        if created and self.fs.exists(self.root) and not self.fs.ls(self.root, detail=False):
+            self.fs.rmdir(self.root)
 
     # -- commit --------------------------------------------------------------------------
     def commit(self, run_id: str, staged: dict[str, list[str]], manifest: dict[str, Any],
