@@ -148,13 +148,14 @@ class ResultAssembler:
                 self._finished.add(vid)
         return out
 
-    def _clip_logits(self, clips: list[dict]) -> np.ndarray | None:
-        """(clips, L) float64 logits of a video's clips, or None without labels. The one source
-        of labels for both producers: a video's labels come from the mean of these."""
+    def _clip_logits(self, clips: list[dict], embeddings: np.ndarray) -> np.ndarray | None:
+        """(clips, L) float64 logits of a video's clips (``embeddings``: theirs, stacked), or None
+        without labels. The one source of labels for both producers: a video's labels come from
+        the mean of these."""
         if self._id2label is None:
             return None
         if self._head is not None:
-            return self._head.logits(np.stack([c["embedding"] for c in clips]))
+            return self._head.logits(embeddings)
         return np.stack([np.asarray(c["logits"], dtype=np.float64) for c in clips])
 
     def _passthrough(self, vid: str) -> dict[str, Any]:
@@ -175,7 +176,8 @@ class ResultAssembler:
     def _release(self, vid: str, pending: _Pending, out: Finished) -> None:
         clips = [pending.clips[k] for k in sorted(pending.clips)]
         passthrough = self._passthrough(vid)
-        clip_logits = self._clip_logits(clips)
+        embeddings = np.stack([c["embedding"] for c in clips])
+        clip_logits = self._clip_logits(clips, embeddings)
         if clip_logits is not None:
             clip_labels, clip_scores = top_k_labels(clip_logits, self._id2label, self._k)
         for i, c in enumerate(clips):
@@ -194,7 +196,7 @@ class ResultAssembler:
         first = clips[0]
         video_row = {
             "video_id": vid, "uri": first["uri"], "num_clips": len(clips),
-            "embedding": video_embedding(np.stack([c["embedding"] for c in clips])),
+            "embedding": video_embedding(embeddings),
             **{name: first[name] for name in VIDEO_FACTS},
             "size_bytes": first.get("size_bytes"), "input_fingerprint": first.get("input_fingerprint"),
             **self._common, **passthrough,

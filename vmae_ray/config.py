@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +52,6 @@ class CommandParser(argparse.ArgumentParser):
             message = message[len("argument "):]
         message = " ".join(message.split())  # one line, even when a library's message had several
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
-
-    def exit(self, status: int = 0, message: str | None = None):
-        if message:
-            sys.stderr.write(message)
-        raise SystemExit(status)
 
 
 @dataclass
@@ -321,6 +315,21 @@ def parse_storage_options(text: str | dict | None) -> dict[str, Any]:
 
 
 STORAGE_OPTIONS_ENV = "VMAE_RAY_STORAGE_OPTIONS"
+
+
+def check_output_option(output: str, storage, tables: tuple[str, ...]):
+    """`writing.check_committed_output` for a command's ``--output``, before any work: returns
+    the OutputStore; raises ConfigError naming --output (a file, another output, files vmae-ray
+    did not write, not writable, credentials, endpoint)."""
+    from vmae_ray.writing import check_committed_output
+
+    with storage_errors_of("--output", output):  # credentials, endpoint
+        try:
+            return check_committed_output(output, storage, tables)
+        except ValueError as exc:
+            raise ConfigError("--output", str(exc)) from exc
+        except OSError as exc:
+            raise ConfigError("--output", f"cannot write to {output}: {type(exc).__name__}: {exc}") from exc
 
 
 @contextlib.contextmanager

@@ -472,13 +472,14 @@ class VideoDecoder:
                 f"duration {end - (header_start if start is None else start):.1f}s exceeds "
                 f"max_duration_seconds={limits.max_duration_seconds}",
             )
-        if self._seekable:
-            self._rewind()
         if start is None:
             # The first packets leave open which frame the decoder shows first (an open GOP, a
-            # stream cut mid-GOP): decode it. Decoding straight through goes on from it.
+            # stream cut mid-GOP): decode it (`_prime` rewinds first). Decoding straight through
+            # goes on from it.
             first = self._prime()
             start = float(first.time) if first.time is not None else header_start
+        elif self._seekable:
+            self._rewind()
         duration = max(end - start, 0.0) if end is not None else 0.0
         if duration > limits.max_duration_seconds:
             raise DecodeError(

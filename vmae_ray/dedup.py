@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from vmae_ray import neighbours as nb
-from vmae_ray.config import CommandParser, ConfigError, storage_errors_of
+from vmae_ray.config import CommandParser, ConfigError, check_output_option
 from vmae_ray.search import add_tables_arguments, open_tables, tie_rank
 from vmae_ray.storage import StorageOptions
 
@@ -114,14 +114,6 @@ def run_dedup(argv: Sequence[str], prog: str = "vmae-ray dedup") -> int:
 
 def _check_output(output: str, tables: str, storage: StorageOptions) -> None:
     """Refuse, before any work, an --output that is the tables' folder or holds another output."""
-    from vmae_ray.writing import check_committed_output
-
     if output.rstrip("/") == tables.rstrip("/"):
         raise ConfigError("--output", "must be a folder of its own, not --tables")
-    with storage_errors_of("--output", output):  # credentials, endpoint
-        try:
-            check_committed_output(output, storage, (DUPLICATES,))
-        except ValueError as exc:
-            raise ConfigError("--output", str(exc)) from None
-        except OSError as exc:
-            raise ConfigError("--output", f"cannot write to {output}: {type(exc).__name__}: {exc}") from None
+    check_output_option(output, storage, (DUPLICATES,))

@@ -142,20 +142,22 @@ class LinearHead:
         """Write the head directory at ``uri`` (local or any fsspec URI); head.json goes last."""
         from safetensors.numpy import save
 
+        from vmae_ray.writing import write_bytes_atomic  # each file whole or not at all
+
         storage = storage or StorageOptions()
         fs, root = url_to_fs(uri, storage)
         fs.makedirs(root, exist_ok=True)
-        _write(fs, _child(root, WEIGHTS_FILE), save({"weight": self.weight, "bias": self.bias},
+        write_bytes_atomic(fs, join(root, WEIGHTS_FILE), save({"weight": self.weight, "bias": self.bias},
                                                     metadata={"format": FORMAT}))
         if metrics is not None:
-            _write(fs, _child(root, METRICS_FILE), json.dumps(metrics, indent=1).encode())
+            write_bytes_atomic(fs, join(root, METRICS_FILE), json.dumps(metrics, indent=1).encode())
         config = {
             "format": FORMAT, "level": self.level, "embedding_dim": self.embedding_dim,
             "id2label": {str(k): v for k, v in sorted(self.id2label.items())},
             "model_fingerprint": self.model_fingerprint, "embedding_fingerprint": self.embedding_fingerprint,
             "settings_fingerprint": self.settings_fingerprint, "head_fingerprint": self.fingerprint, **self.info,
         }
-        _write(fs, _child(root, HEAD_FILE), json.dumps(config, indent=1).encode())
+        write_bytes_atomic(fs, join(root, HEAD_FILE), json.dumps(config, indent=1).encode())
 
     @classmethod
     def load(cls, uri: str, storage: StorageOptions | None = None) -> LinearHead:
@@ -164,13 +166,13 @@ class LinearHead:
 
         storage = storage or StorageOptions()
         fs, root = url_to_fs(uri, storage)
-        head_path = _child(root, HEAD_FILE)
+        head_path = join(root, HEAD_FILE)
         if not fs.exists(head_path):
             raise HeadError(f"{uri} holds no head ({HEAD_FILE} missing; fit one with `vmae-ray probe fit`)")
         try:
             with fs.open(head_path, "rb") as f:
                 config = json.loads(f.read().decode("utf-8"))
-            with fs.open(_child(root, WEIGHTS_FILE), "rb") as f:
+            with fs.open(join(root, WEIGHTS_FILE), "rb") as f:
                 tensors = load(f.read())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise HeadError(f"cannot read the head in {uri}: {type(exc).__name__}: {exc}") from exc
@@ -203,23 +205,4 @@ class LinearHead:
 def head_exists(uri: str, storage: StorageOptions | None = None) -> bool:
     """Whether ``uri`` holds a head (its head.json)."""
     fs, root = url_to_fs(uri, storage or StorageOptions())
-    return fs.exists(_child(root, HEAD_FILE))
-
-
-def read_metrics(uri: str, storage: StorageOptions | None = None) -> dict[str, Any]:
-    """The metrics.json of a head directory (empty when it has none)."""
-    fs, root = url_to_fs(uri, storage or StorageOptions())
-    path = _child(root, METRICS_FILE)
-    if not fs.exists(path):
-        return {}
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
-def _child(root: str, name: str) -> str:
-    return join(root, name)
-
-
-def _write(fs, path: str, data: bytes) -> None:
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    return fs.exists(join(root, HEAD_FILE))

@@ -69,10 +69,7 @@ def normalize_rows(matrix: np.ndarray, norms: np.ndarray) -> np.ndarray:
     if not matrix.flags.writeable:
         matrix = matrix.copy()
     for block in iter_blocks(len(matrix)):
-        scale = norms[block]
-        with np.errstate(divide="ignore"):
-            inv = np.where(scale > 0, 1.0 / scale, 0.0).astype(np.float32)
-        matrix[block] *= inv[:, None]
+        matrix[block] = unit_rows(matrix, norms, block)
     return matrix
 
 

@@ -23,7 +23,14 @@ import pyarrow as pa
 from vmae_ray import schema
 from vmae_ray.assembly import Finished, ResultAssembler
 from vmae_ray.checkpoint import CheckpointError, ModelSpec, is_non_commercial, load_model_spec
-from vmae_ray.config import ConfigError, EmbedConfig, Resources, plan_resources, storage_errors_of
+from vmae_ray.config import (
+    ConfigError,
+    EmbedConfig,
+    Resources,
+    check_output_option,
+    plan_resources,
+    storage_errors_of,
+)
 from vmae_ray.decoding import SWSCALE_FOR_PIL_RESAMPLE, DecodeLimits, FrameGeometry
 from vmae_ray.heads import HeadError, LinearHead
 from vmae_ray.listing import VIDEO_EXTENSIONS, VideoInput, list_inputs
@@ -31,7 +38,7 @@ from vmae_ray.reading import CommittedOutput
 from vmae_ray.reconstruction import masked_per_frame
 from vmae_ray.stages import DecodeParams, EmbedActor, decode_batch
 from vmae_ray.storage import StorageOptions
-from vmae_ray.writing import CommittedState, OutputStore, ShardWriter, check_committed_output, new_run_id
+from vmae_ray.writing import CommittedState, OutputStore, ShardWriter, new_run_id
 
 log = logging.getLogger("vmae_ray")
 
@@ -227,11 +234,11 @@ def prepare(config: EmbedConfig) -> Plan:
             raise ConfigError("--input", str(exc)) from exc
     inputs = {item.video_id: item for item in listing.inputs}
 
+    # A file, files vmae-ray did not write, another command's output: refused here, before
+    # recovery touches anything.
+    store = check_output_option(config.output, storage, schema.TABLES)
     with storage_errors_of("--output", config.output):
         try:
-            # A file, files vmae-ray did not write, another command's output: refused here,
-            # before recovery touches anything.
-            store = check_committed_output(config.output, storage, schema.TABLES)
             state = store.recover()
         except ValueError as exc:
             raise ConfigError("--output", str(exc)) from exc

@@ -34,13 +34,13 @@ import numpy as np
 import pyarrow as pa
 
 from vmae_ray import schema
-from vmae_ray.config import CommandParser, ConfigError, storage_errors_of, storage_for
+from vmae_ray.config import CommandParser, ConfigError, check_output_option, storage_errors_of
 from vmae_ray.heads import LEVELS, HeadError, LinearHead, head_exists
 from vmae_ray.labels import top_k_labels
 from vmae_ray.listing import read_table_file, uri_spellings
-from vmae_ray.reading import CommittedOutput, NotCommittedError
+from vmae_ray.reading import CommittedOutput
 from vmae_ray.storage import StorageOptions
-from vmae_ray.writing import check_committed_output, write_committed
+from vmae_ray.writing import write_committed
 
 # The folders `probe apply` writes: labels/, and video_labels/ for a clip-level head.
 LABEL_TABLES = (schema.LABELS, schema.VIDEO_LABELS)
@@ -448,16 +448,12 @@ def run_probe(argv: Sequence[str], prog: str = "vmae-ray probe") -> int:
     return 0
 
 
-def _storage(args: argparse.Namespace, uris: list[str]) -> StorageOptions:
-    return storage_for(args.storage_options, uris)
+def _open_tables(args: argparse.Namespace, uris: list[str]) -> tuple[CommittedOutput, StorageOptions]:
+    """`search.open_tables`, and the fingerprints a head is tied to must be on record."""
+    from vmae_ray.search import open_tables
 
-
-def _open_tables(uri: str, storage: StorageOptions) -> CommittedOutput:
-    with storage_errors_of("--tables", uri):  # credentials, endpoint
-        try:
-            tables = CommittedOutput.open(uri, storage)
-        except (NotCommittedError, ValueError) as exc:
-            raise ConfigError("--tables", str(exc)) from exc
+    tables, storage = open_tables(args, uris)
+    uri = args.tables
     missing = [name for name, value in (("model.fingerprint", tables.model.get("fingerprint")),
                                         ("embedding_fingerprint", tables.manifest.get("embedding_fingerprint")))
                if not value]
@@ -465,13 +461,12 @@ def _open_tables(uri: str, storage: StorageOptions) -> CommittedOutput:
         raise ConfigError("--tables", f"{uri}/_SUCCESS has no {' or '.join(missing)} (written by an older vmae-ray "
                           "or another command); rerun the same `vmae-ray embed` command on it: nothing is embedded "
                           "again and _SUCCESS records them")
-    return tables
+    return tables, storage
 
 
 def fit_command(args: argparse.Namespace) -> Fit:
     started = time.perf_counter()
-    storage = _storage(args, [args.tables, args.labels, args.head])
-    tables = _open_tables(args.tables, storage)
+    tables, storage = _open_tables(args, [args.labels, args.head])
     if head_exists(args.head, storage) and not args.overwrite:
         raise ConfigError("--head", f"{args.head} already holds a head; pass --overwrite to replace it")
     key, labels = read_labels(args.labels, storage, args.label_column)
@@ -500,15 +495,8 @@ def fit_command(args: argparse.Namespace) -> Fit:
 def apply_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.top_k < 1:
         raise ConfigError("--top-k", f"expected a positive number; got {args.top_k}")
-    storage = _storage(args, [args.tables, args.head, args.output])
-    tables = _open_tables(args.tables, storage)
-    with storage_errors_of("--output", args.output):  # credentials, endpoint
-        try:  # before any work: the whole of a big table is read and labelled below
-            check_committed_output(args.output, storage, LABEL_TABLES)
-        except ValueError as exc:
-            raise ConfigError("--output", str(exc)) from exc
-        except OSError as exc:
-            raise ConfigError("--output", f"cannot write to {args.output}: {type(exc).__name__}: {exc}") from exc
+    tables, storage = _open_tables(args, [args.head, args.output])
+    check_output_option(args.output, storage, LABEL_TABLES)  # before any work: the whole table is read below
     with storage_errors_of("--head", args.head):  # credentials, endpoint
         try:
             head = LinearHead.load(args.head, storage)

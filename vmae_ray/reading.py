@@ -9,7 +9,6 @@ Arrow buffers, not a Python object per row.
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +43,7 @@ class CommittedOutput:
         not a vmae-ray manifest."""
         storage = storage if isinstance(storage, StorageOptions) else StorageOptions(storage)
         uri = uri.rstrip("/")
-        fs, path = url_to_fs(_child(uri, SUCCESS_FILE), storage)
+        fs, path = url_to_fs(join(uri, SUCCESS_FILE), storage)
         if not fs.exists(path):
             raise NotCommittedError(f"{uri} has no {SUCCESS_FILE}: nothing committed there (run the job first, "
                                     "or wait for it to finish its first commit)")
@@ -77,7 +76,7 @@ class CommittedOutput:
 
     def files(self, table: str) -> list[str]:
         """URIs of the committed files of ``table`` (empty when it has none)."""
-        return [_child(self.uri, rel) for rel in self.committed_files(table)]
+        return [join(self.uri, rel) for rel in self.committed_files(table)]
 
     def committed_files(self, table: str) -> list[str]:
         """The committed files of ``table`` as `_SUCCESS` lists them (relative to the output)."""
@@ -111,7 +110,7 @@ class CommittedOutput:
             committed = list(files)
         parts = []
         for rel in committed:
-            fs, path = url_to_fs(_child(self.uri, rel), self.storage)
+            fs, path = url_to_fs(join(self.uri, rel), self.storage)
             with fs.open(path, "rb") as f:
                 # Only the requested columns are read: a report wants a few small columns of a
                 # clips/ table whose embeddings may be gigabytes.
@@ -162,6 +161,3 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return np.ascontiguousarray(matrix)
 
-
-def _child(uri: str, rel: str) -> str:
-    return join(uri, rel) if "://" in uri else posixpath.join(uri, rel)

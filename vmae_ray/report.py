@@ -108,9 +108,8 @@ def load_report_data(uri: str, storage=None, *, color_by: str | None = None) -> 
     from vmae_ray.reading import CommittedOutput, embedding_matrix
 
     committed = CommittedOutput.open(uri, storage)
-    videos_schema = committed.schema(schema.VIDEOS)
-    if color_by is not None:
-        choices = [n for n in videos_schema.names if n != "embedding"]
+    if color_by is not None:  # checked from the footers, before any table is read
+        choices = [n for n in committed.schema(schema.VIDEOS).names if n != "embedding"]
         if color_by not in choices:
             raise ConfigError("--color-by", f"videos/ has no column {color_by!r}; choose one of: "
                               + (", ".join(choices) if choices else "(no videos committed)"))
@@ -168,11 +167,12 @@ def nearest_neighbour_cosine(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """
     import faiss
 
-    x = np.ascontiguousarray(matrix, dtype=np.float32).copy()
+    from vmae_ray.neighbours import row_norms, unit_rows
+
+    x = np.ascontiguousarray(matrix, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"nearest neighbours need at least 2 rows, got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x /= np.where(norms > 0, norms, 1.0)
+    x = unit_rows(x, row_norms(x))
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     # The top 2 hold the row itself and its nearest other row, in some order (equal rows tie).
@@ -824,7 +824,7 @@ def check_html_output(output: str, storage) -> None:
     """Before any work: ``output`` must name a file, not a folder, that does not exist or is an
     HTML page (a report being replaced), and (locally) its folder must be one we can create or
     write in. Raises ValueError or OSError."""
-    from vmae_ray.storage import url_to_fs
+    from vmae_ray.storage import is_local_fs, url_to_fs
 
     fs, path = url_to_fs(output, storage)
     if output.endswith("/") or fs.isdir(path):
@@ -834,8 +834,7 @@ def check_html_output(output: str, storage) -> None:
             head = f.read(64).lstrip().lower()
         if not head.startswith((b"<!doctype html", b"<html")):
             raise ValueError(f"{output} exists and is not an HTML page; remove it or choose another path")
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:  # nothing is created yet: the folder is made when the page is written
+    if is_local_fs(fs):  # nothing is created yet: the folder is made when the page is written
         folder = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)

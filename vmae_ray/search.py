@@ -41,7 +41,7 @@ from vmae_ray import neighbours as nb
 from vmae_ray.config import CommandParser, ConfigError, storage_errors_of, storage_for
 from vmae_ray.listing import uri_spellings
 from vmae_ray.reading import CommittedOutput, NotCommittedError
-from vmae_ray.storage import StorageOptions, join, url_to_fs
+from vmae_ray.storage import StorageOptions, is_local_fs, join, url_to_fs
 
 LEVELS = {"video": "videos", "clip": "clips"}
 INDEX_DIR = "_index"
@@ -62,15 +62,21 @@ def add_tables_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_tables(args: argparse.Namespace, uris: Sequence[str] = ()) -> tuple[CommittedOutput, StorageOptions]:
-    """The committed tables of ``--tables`` and the storage options; ConfigError if there are none."""
+    """The committed tables of ``--tables`` and the storage options (``--storage-options`` and
+    the driver's environment for ``--tables`` and ``uris``); ConfigError if there are none."""
     storage = storage_for(args.storage_options, [args.tables, *uris])
-    with storage_errors_of("--tables", args.tables):  # credentials, endpoint
+    return open_committed(args.tables, storage), storage
+
+
+def open_committed(uri: str, storage: StorageOptions) -> CommittedOutput:
+    """The committed output at ``uri`` for a command's ``--tables``: every command opens its
+    tables here. Raises ConfigError naming --tables (no `_SUCCESS`, not a vmae-ray manifest,
+    credentials, access, endpoint)."""
+    with storage_errors_of("--tables", uri):  # credentials, access, endpoint
         try:
-            return CommittedOutput.open(args.tables, storage), storage
+            return CommittedOutput.open(uri, storage)
         except (NotCommittedError, ValueError) as exc:
             raise ConfigError("--tables", str(exc)) from None
-        except PermissionError as exc:
-            raise ConfigError("--tables", f"access denied: {exc}") from None
 
 
 def _level_table(committed: CommittedOutput, level: str) -> str:
@@ -206,7 +212,7 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
                            f"({bad.get('error_type', 'no clips')}: {bad.get('message', '')})")
     from vmae_ray.embedder import VideoMAEEmbedder
 
-    embedder = VideoMAEEmbedder(config.model, storage=storage, cache_root=config.model_cache_dir, device="auto",
+    embedder = VideoMAEEmbedder(spec.model_dir, storage=storage, cache_root=config.model_cache_dir, device="auto",
                                 dtype=config.dtype)
     order = np.argsort(batch.column("clip_index").to_numpy())
     size = config.batch_size or DEFAULT_BATCH_SIZE_CPU
@@ -254,7 +260,7 @@ class IndexFiles:
 
     @property
     def root(self) -> str:
-        return _child(self.committed.uri, f"{INDEX_DIR}/{self.level}")
+        return join(self.committed.uri, f"{INDEX_DIR}/{self.level}")
 
     def _fs(self):
         return url_to_fs(self.root, self.committed.storage)
@@ -295,7 +301,7 @@ class IndexFiles:
         with fs.open(posixpath.join(root, manifest["ids_file"]), "rb") as f:
             ids = pq.read_table(f)
         index_path = posixpath.join(root, manifest["index_file"])
-        if _is_local(fs):
+        if is_local_fs(fs):
             return faiss.read_index(index_path), ids
         with tempfile.TemporaryDirectory(prefix="vmae-ray-index-") as tmp:
             local = os.path.join(tmp, "index.faiss")
@@ -317,7 +323,7 @@ class IndexFiles:
         with fs.open(posixpath.join(root, manifest["ids_file"]), "wb") as f:
             pq.write_table(ids, f, compression="zstd")
         target = posixpath.join(root, manifest["index_file"])
-        if _is_local(fs):
+        if is_local_fs(fs):
             tmp = target + ".tmp"
             faiss.write_index(index, tmp)
             os.replace(tmp, target)
@@ -334,15 +340,6 @@ class IndexFiles:
             if posixpath.basename(p.rstrip("/")) not in keep:
                 fs.rm(p, recursive=True)
         return manifest
-
-
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
-def _child(uri: str, rel: str) -> str:
-    return join(uri, rel) if "://" in uri else posixpath.join(uri, rel)
 
 
 @dataclass(frozen=True)
@@ -370,8 +367,9 @@ def decide_update(manifest: dict[str, Any] | None, committed_files: list[str], s
     if manifest.get("settings_fingerprint") != settings_fingerprint:
         return UpdatePlan("rebuild", "the tables were made with other settings")
     covered, now = list(manifest.get("files", [])), list(committed_files)
-    removed = tuple(f for f in covered if f not in set(now))
-    added = tuple(f for f in now if f not in set(covered))
+    now_set, covered_set = set(now), set(covered)
+    removed = tuple(f for f in covered if f not in now_set)
+    added = tuple(f for f in now if f not in covered_set)
     if not removed and not added:
         return UpdatePlan("current", "the index covers the committed tables")
     if len(removed) == len(covered):

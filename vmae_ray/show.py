@@ -249,7 +249,8 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
 
     from vmae_ray.embedder import VideoMAEEmbedder
 
-    embedder = VideoMAEEmbedder(config.model, storage=storage, cache_root=config.model_cache_dir,
+    # The directory the spec was read from: the checkpoint is not located (or fetched) twice.
+    embedder = VideoMAEEmbedder(spec.model_dir, storage=storage, cache_root=config.model_cache_dir,
                                 device=config.device, dtype=config.dtype, reconstruction=True)
     mask = clip_mask(video_id, clip_index, mask_seed=config.mask_seed, mask_ratio=config.mask_ratio,
                      num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
@@ -274,7 +275,7 @@ def _decode_clip(config: EmbedConfig, spec, storage, video, video_id: str, clip_
     """
     from vmae_ray.pipeline import decode_params
     from vmae_ray.schema import KIND_ERROR
-    from vmae_ray.stages import decode_video
+    from vmae_ray.stages import clip_pixels, decode_video
 
     params = decode_params(config, spec, config.num_frames or spec.num_frames)
     item = {"video_id": video_id, "uri": video.uri, "size_bytes": video.size_bytes,
@@ -289,8 +290,7 @@ def _decode_clip(config: EmbedConfig, spec, storage, video, video_id: str, clip_
                 raise ConfigError("--clip", f"{video.uri} has {row['num_clips']} clip(s) with these sampling flags "
                                   f"(indices 0-{row['num_clips'] - 1}); got {clip_index}")
             if row["clip_index"] == clip_index:
-                pixels = np.frombuffer(table.column("pixels")[0].as_buffer(), dtype=np.uint8)
-                return row, pixels.reshape(row["pixels_shape"]).copy()
+                return row, clip_pixels(table, [0])[0]
     finally:
         tables.close()
     raise ConfigError("--clip", f"{video.uri} produced no clip {clip_index}")

@@ -195,6 +195,12 @@ def _is_local(uri: str) -> bool:
     return _protocol(uri) in _LOCAL_PROTOCOLS
 
 
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether an fsspec filesystem is the local disk (its protocol is ``file`` or ``local``)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return any(p in _LOCAL_PROTOCOLS for p in protocols)
+
+
 def _local_path(uri: str) -> str:
     """A local path for a plain path or a file:// URI."""
     if _protocol(uri) in _LOCAL_PROTOCOLS and "://" in uri:

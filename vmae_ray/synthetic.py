@@ -312,6 +312,15 @@ def _video_encoder_options(codec_name: str, bit_rate: int | None) -> dict[str, s
     return {}
 
 
+def _muxer_options(options: dict[str, str] | None, bit_exact: bool) -> dict[str, str]:
+    """Muxer options; with ``bit_exact`` no random segment UID or version strings (Matroska and
+    WebM write them otherwise)."""
+    out = dict(options or {})
+    if bit_exact:
+        out.setdefault("fflags", "+bitexact")
+    return out
+
+
 def _make_bit_exact(codec_context, options: dict[str, str]) -> None:
     """One encoder thread, and x264 without assembly: the same input gives the same bytes (see
     `make_video`'s ``bit_exact``)."""
@@ -417,10 +426,7 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
     audio_end_seconds = end_seconds if audio_seconds is None else float(audio_seconds)
 
     background = _Background(width, height, seed, tint=SCENE_TINTS[scene] if scene else None)
-    muxer_options = dict(container_options or {})
-    if bit_exact:  # no random segment UID or version strings (Matroska/WebM write them otherwise)
-        muxer_options.setdefault("fflags", "+bitexact")
-    with av.open(path, mode="w", options=muxer_options) as container:
+    with av.open(path, mode="w", options=_muxer_options(container_options, bit_exact)) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = width, height
         stream.pix_fmt = pix_fmt
@@ -503,7 +509,7 @@ def transcode_video(source, path, *, width: int, height: int, codec: str = "h264
     """
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(os.fspath(source)) as src, av.open(path, mode="w") as dst:
+    with av.open(os.fspath(source)) as src, av.open(path, mode="w", options=_muxer_options(None, bit_exact)) as dst:
         in_stream = src.streams.video[0]
         rate = in_stream.average_rate or Fraction(25, 1)
         stream = dst.add_stream(codec, rate=rate)

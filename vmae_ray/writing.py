@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vmae_ray.schema import SUCCESS_FILE, TABLES
-from vmae_ray.storage import StorageOptions, join, url_to_fs
+from vmae_ray.storage import StorageOptions, is_local_fs, join, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +357,7 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
     which is atomic. ``path`` is a path of ``fs`` (as `url_to_fs` returns it).
     """
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols:
+    if is_local_fs(fs):
         tmp = path + f".tmp-{uuid.uuid4().hex[:8]}"
         try:
             with fs.open(tmp, "wb") as f:
