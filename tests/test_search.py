@@ -364,3 +364,17 @@ def test_a_query_names_a_video_of_the_tables_however_its_local_path_is_spelled(t
     assert match_query("file://" + str(tmp_path / "videos" / "z.mp4"), meta) is None
     file_meta = pa.table({"video_id": ["id-f"], "uri": ["file://" + absolute]})  # a file:// --input
     assert match_query("videos/a.mp4", file_meta) == match_query(absolute, file_meta) == "id-f"
+
+
+def test_a_retried_decode_counts_each_clip_once_and_a_zero_query_is_refused():
+    import numpy as np
+
+    from vmae_ray.config import ConfigError
+    from vmae_ray.search import Query, last_row_of_each_clip
+
+    assert last_row_of_each_clip([0, 1, 0, 1, 2]).tolist() == [2, 3, 4]  # a retry re-sent clips 0 and 1
+    assert last_row_of_each_clip([2, 0, 1]).tolist() == [1, 2, 0]
+    for bad in (np.zeros(4), np.array([1.0, np.nan, 0.0, 0.0])):
+        with pytest.raises(ConfigError, match="^--query: .*zero or not finite"):
+            Query(bad, None, "x.mp4", False, "x.mp4, not in the tables")
+    assert Query(np.ones(4), None, "x.mp4", False, "x").vector.sum() == 4

@@ -98,7 +98,10 @@ def run_dedup(argv: Sequence[str], prog: str = "vmae-ray dedup") -> int:
                    "settings_fingerprint": committed.settings_fingerprint},
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
-    success = write_committed(args.output, storage, {DUPLICATES: table}, manifest)
+    try:  # checked before the work; this is what changed since (another job writing there, say)
+        success = write_committed(args.output, storage, {DUPLICATES: table}, manifest)
+    except ValueError as exc:
+        parser.error(f"--output: {exc}")
     c, m = facts["counts"], facts["method"]
     how = ("all pairs compared (exact)" if m["method"] == "all_pairs" else
            f"k-means partition, nlist {m['nlist']}, nprobe {m['nprobe']}: {100 * m['share_compared']:.2f}% of pairs "

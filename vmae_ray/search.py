@@ -137,6 +137,13 @@ class Query:
     in_tables: bool
     description: str
 
+    def __post_init__(self) -> None:
+        # Cosine similarity to a zero (or non-finite) vector is undefined: refused here, for
+        # the exact search and the index alike.
+        if not np.all(np.isfinite(self.vector)) or not np.any(self.vector):
+            raise ConfigError("--query", f"{self.description}: its embedding is zero or not finite, so it has no "
+                              "cosine similarity to anything")
+
 
 def match_query(text: str, meta: pa.Table) -> str | None:
     """The video_id that ``text`` names in ``meta`` (a video_id, or a URI, also as an absolute
@@ -214,11 +221,23 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
 
     embedder = VideoMAEEmbedder(spec.model_dir, storage=storage, cache_root=config.model_cache_dir, device="auto",
                                 dtype=config.dtype)
-    order = np.argsort(batch.column("clip_index").to_numpy())
+    order = last_row_of_each_clip(batch.column("clip_index").to_pylist())
     size = config.batch_size or DEFAULT_BATCH_SIZE_CPU
     parts = [embedder.embed(clip_pixels(batch, order[s:s + size].tolist()))[0] for s in range(0, len(order), size)]
     facts = batch.select(["clip_index", "start_seconds", "end_seconds"]).take(order).to_pylist()
     return np.concatenate(parts).astype(np.float32), facts
+
+
+def last_row_of_each_clip(clip_indices: list[int]) -> np.ndarray:
+    """Row numbers, in clip order, of the last row of each clip_index: decode_video re-sends a
+    video's clips after a retried read, and (as in the job's assembly) the last one wins; a clip
+    counted twice would weigh twice in the query's mean.
+
+    >>> last_row_of_each_clip([0, 1, 0, 1, 2]).tolist()
+    [2, 3, 4]
+    """
+    last = {k: i for i, k in enumerate(clip_indices)}
+    return np.array([last[k] for k in sorted(last)], dtype=np.int64)
 
 
 def _clips(n: int) -> str:
