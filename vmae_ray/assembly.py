@@ -1,14 +1,15 @@
-"""Assemble the output rows from the embedded row stream: pure logic, no Ray and no I/O.
+"""Assemble output rows from embedded clips: pure logic (Arrow and numpy), no Ray and no I/O.
 
-The driver feeds every embedded batch to `ResultAssembler`. A video is finished when all
-the clips its plan announced (`num_clips` on every clip row) have arrived, in any order (an
-actor pool does not keep order), or as soon as an error row for it arrives; then its clip
-rows and its video row (mean of the clip embeddings; labels from the mean of the clip
-logits: the classifier's, or a linear head's on the clip embeddings; with reconstruction,
-the mean of the clip losses), or its error row, are released for writing. Rows for a video
-that is already finished are ignored, which makes Ray's at-least-once retries (a restarted
-actor or decode task re-sending rows) harmless: each input ends in exactly one of videos/ or
-errors/, and each clip once.
+The model actor (and, for a video split across actor calls, the task that finishes it) holds
+per-clip rows (`schema.embedded_schema`). A video is complete when its distinct clips number
+the ``num_clips`` its plan announced. From a complete video come its clip rows and its video
+row: the mean of the clip embeddings (`video_embedding`), labels from the mean of the clip
+logits (the classifier's, or a linear head's on the clip embeddings), with reconstruction
+the mean of the clip losses, and the video's facts. A clip that arrived twice (a retried
+read) counts once: the last copy wins.
+
+Everything here works on whole tables (numpy over Arrow buffers), never a dict per row:
+it runs once per clip on the workers of a fleet.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from vmae_ray.heads import LinearHead
 from vmae_ray.labels import top_k_labels
-from vmae_ray.listing import VideoInput
-from vmae_ray.schema import KIND_CLIP, KIND_ERROR, VIDEO_FACTS, check_error_code
+from vmae_ray.schema import VIDEO_FACTS, check_error_code
 
 
 def video_embedding(clip_embeddings: np.ndarray) -> np.ndarray:
@@ -34,179 +35,185 @@ def video_embedding(clip_embeddings: np.ndarray) -> np.ndarray:
     return np.asarray(clip_embeddings, dtype=np.float64).mean(axis=0).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class Labeler:
+    """Where labels come from: a checkpoint's classifier (its per-clip ``logits``) or a linear
+    ``head`` (`vmae-ray probe fit`) applied to the clip embeddings; ``top_k`` per clip and video."""
+
+    id2label: dict[int, str]
+    top_k: int
+    head: LinearHead | None = None
+
+    def clip_logits(self, clips: pa.Table, embeddings: np.ndarray) -> np.ndarray:
+        """(C, L) float64 logits of the clips of ``clips`` (``embeddings``: their (C, D))."""
+        if self.head is not None:
+            return self.head.logits(embeddings)
+        values = clips.column("logits")
+        return np.asarray(pc.list_flatten(values).to_numpy(zero_copy_only=False),
+                          dtype=np.float64).reshape(len(values), -1)
+
+
+@dataclass(frozen=True)
+class OutputSchemas:
+    """The schemas of the tables a run writes (`schema.clips_schema` and friends)."""
+
+    clips: pa.Schema
+    videos: pa.Schema
+    errors: pa.Schema
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column (fixed_size_list<float32, D>, no nulls) as float32 (N, D)."""
+    column = table.column("embedding")
+    dim = column.type.list_size
+    if table.num_rows == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    arr = column.combine_chunks()
+    values = arr.values.slice(arr.offset * dim, len(arr) * dim)
+    return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), dim)
+
+
+def dedupe_clips(clips: pa.Table) -> pa.Table:
+    """One row per (input_number, clip_index), the last of each, sorted by input then clip."""
+    if clips.num_rows == 0:
+        return clips
+    numbers = clips.column("input_number").to_numpy(zero_copy_only=False)
+    indices = clips.column("clip_index").to_numpy(zero_copy_only=False)
+    position = np.arange(clips.num_rows)
+    # Sort by (input, clip, position); the last of each run of equal (input, clip) is kept.
+    order = np.lexsort((position, indices, numbers))
+    n, k = numbers[order], indices[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = (n[1:] != n[:-1]) | (k[1:] != k[:-1])
+    return clips.take(pa.array(order[last]))
+
+
+def video_groups(clips: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(start row, number of rows) of each video's run in a table sorted by input_number."""
+    if clips.num_rows == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    numbers = clips.column("input_number").to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]])
+    counts = np.diff(np.r_[starts, len(numbers)])
+    return starts, counts
+
+
+def split_complete(clips: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(rows of complete videos, rows of the others) of a `dedupe_clips` table: a video is
+    complete when its rows number its ``num_clips``."""
+    starts, counts = video_groups(clips)
+    if len(starts) == 0:
+        return clips, clips
+    planned = clips.column("num_clips").to_numpy(zero_copy_only=False)[starts]
+    complete = np.repeat(counts >= planned, counts)
+    mask = pa.array(complete)
+    return clips.filter(mask), clips.filter(pc.invert(mask))
+
+
+def assemble(clips: pa.Table, *, schemas: OutputSchemas, common: dict[str, Any], labeler: Labeler | None,
+             with_reconstruction: bool) -> tuple[pa.Table, pa.Table]:
+    """(clip rows, video rows) of the complete videos of a `dedupe_clips` table.
+
+    ``common`` holds the values every row gets (run_id, settings_fingerprint). Raises
+    ValueError when a video's clips are not all there (a contract violation upstream).
+    """
+    starts, counts = video_groups(clips)
+    if len(starts):
+        planned = clips.column("num_clips").to_numpy(zero_copy_only=False)[starts]
+        short = np.flatnonzero(counts != planned)
+        if len(short):
+            i = int(short[0])
+            raise ValueError(f"video {clips.column('video_id')[int(starts[i])].as_py()} has {counts[i]} of its "
+                             f"{planned[i]} clips")
+    embeddings = embedding_matrix(clips)
+    n = clips.num_rows
+    constant = {name: pa.array([value] * n, pa.string()) for name, value in common.items()}
+    clip_columns: dict[str, pa.Array | pa.ChunkedArray] = {name: clips.column(name) for name in clips.column_names}
+    clip_columns.update(constant)
+    video_columns: dict[str, Any] = {}
+    first = pa.array(starts)
+    for name in schemas.videos.names:
+        if name in clips.column_names and name not in ("embedding", "num_clips", "reconstruction_loss"):
+            video_columns[name] = clips.column(name).take(first)
+    video_columns.update({name: pa.array([value] * len(starts), pa.string()) for name, value in common.items()})
+    video_columns["num_clips"] = pa.array(counts, pa.int32())
+    means = np.stack([video_embedding(embeddings[s:s + c]) for s, c in zip(starts, counts)]) if len(starts) else \
+        np.zeros((0, embeddings.shape[1]), dtype=np.float32)
+    video_columns["embedding"] = _fixed_size(means)
+    if labeler is not None:
+        logits = labeler.clip_logits(clips, embeddings)
+        labels, scores = top_k_labels(logits, labeler.id2label, labeler.top_k) if n else ([], [])
+        clip_columns["top_labels"], clip_columns["top_scores"] = _labels(labels, scores)
+        mean_logits = np.stack([logits[s:s + c].mean(axis=0) for s, c in zip(starts, counts)]) if len(starts) else logits
+        labels, scores = top_k_labels(mean_logits, labeler.id2label, labeler.top_k) if len(starts) else ([], [])
+        video_columns["top_labels"], video_columns["top_scores"] = _labels(labels, scores)
+    if with_reconstruction:
+        losses = clips.column("reconstruction_loss").to_numpy(zero_copy_only=False).astype(np.float64)
+        video_columns["reconstruction_loss"] = pa.array(
+            [float(losses[s:s + c].mean()) for s, c in zip(starts, counts)], pa.float32())
+    return _conform(clip_columns, schemas.clips, n), _conform(video_columns, schemas.videos, len(starts))
+
+
+def error_rows(errors: pa.Table, *, schema: pa.Schema, common: dict[str, Any]) -> pa.Table:
+    """The errors/ rows of decoded (or embed-failed) error rows, one per input.
+
+    Raises ValueError for a stage or error_type outside the stable lists (`schema.check_error_code`).
+    """
+    for stage, error_type in zip(errors.column("stage").to_pylist(), errors.column("error_type").to_pylist()):
+        check_error_code(stage=stage, error_type=error_type)
+    columns: dict[str, Any] = {name: errors.column(name) for name in errors.column_names}
+    columns.update({name: pa.array([value] * errors.num_rows, pa.string()) for name, value in common.items()})
+    if "message" in columns:
+        columns["message"] = pc.fill_null(columns["message"], "")
+    return _conform(columns, schema, errors.num_rows)
+
+
+def _labels(labels: list[list[str]], scores: list[list[float]]) -> tuple[pa.Array, pa.Array]:
+    return pa.array(labels, pa.list_(pa.string())), pa.array(scores, pa.list_(pa.float32()))
+
+
+def _fixed_size(matrix: np.ndarray) -> pa.Array:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def _conform(columns: dict[str, Any], schema: pa.Schema, num_rows: int) -> pa.Table:
+    """A table with exactly ``schema``'s columns, in order, cast to its types (absent: null)."""
+    arrays = []
+    for f in schema:
+        value = columns.get(f.name)
+        if value is None:
+            value = pa.nulls(num_rows, f.type)
+        if isinstance(value, pa.ChunkedArray):
+            value = value.combine_chunks() if value.num_chunks != 1 else value.chunk(0)
+        if not value.type.equals(f.type):
+            value = value.cast(f.type)
+        arrays.append(value)
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 @dataclass
-class Finished:
-    """Rows released by one `ResultAssembler.add` call, per output table."""
-
-    clips: list[dict] = field(default_factory=list)
-    videos: list[dict] = field(default_factory=list)
-    errors: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class _Pending:
-    num_clips: int
-    clips: dict[int, dict] = field(default_factory=dict)
-
-
-@dataclass
-class StageTimes:
-    """Busy seconds measured inside the stages (summed over the rows that arrived) and the
-    clips of the videos that finished well."""
+class Stats:
+    """Counts and stage seconds summed over receipts (see `staging.CallStats`)."""
 
     clips: int = 0
+    videos: int = 0
+    errors: int = 0
+    errors_by_type: dict[str, int] = field(default_factory=dict)
     decode_seconds: float = 0.0
     embed_seconds: float = 0.0
-    # model call id -> clips it embedded (duplicates from retries count once)
-    model_calls: dict[str, int] = field(default_factory=dict)
+    model_calls: dict[int, int] = field(default_factory=dict)  # {clips in a call: calls}
 
-    def model_call_sizes(self) -> dict[int, int]:
-        """{clips in a model call: number of such calls}."""
-        sizes: dict[int, int] = {}
-        for n in self.model_calls.values():
-            sizes[n] = sizes.get(n, 0) + 1
-        return dict(sorted(sizes.items()))
+    def add(self, other: dict[str, Any]) -> None:
+        self.clips += other.get("clips", 0)
+        self.videos += other.get("videos", 0)
+        self.errors += other.get("errors", 0)
+        for k, v in other.get("errors_by_type", {}).items():
+            self.errors_by_type[k] = self.errors_by_type.get(k, 0) + v
+        self.decode_seconds += other.get("decode_seconds", 0.0)
+        self.embed_seconds += other.get("embed_seconds", 0.0)
+        for k, v in other.get("model_calls", {}).items():
+            self.model_calls[int(k)] = self.model_calls.get(int(k), 0) + v
 
 
-class ResultAssembler:
-    """Turns the embedded row stream into finished clip, video and error rows."""
-
-    def __init__(self, inputs: dict[str, VideoInput], *, id2label: dict[int, str] | None, top_k: int,
-                 run_id: str, settings_fingerprint: str, head: LinearHead | None = None,
-                 with_reconstruction: bool = False):
-        """``id2label`` None: no labels. With a ``head``, clip logits are the head's logits of the
-        clip embeddings; otherwise the classifier's, from each row's ``logits``. With
-        ``with_reconstruction``, clip rows carry their loss and mask and videos the mean loss."""
-        self._inputs = inputs
-        self._with_reconstruction = with_reconstruction
-        self._id2label = id2label
-        self._head = head
-        self._k = top_k
-        self._common = {"run_id": run_id, "settings_fingerprint": settings_fingerprint}
-        self._pending: dict[str, _Pending] = {}
-        self._finished: set[str] = set()
-        self.times = StageTimes()
-        self.num_videos = 0
-        self.num_errors = 0
-        self.num_clips = 0
-        self.errors_by_type: dict[str, int] = {}
-
-    @property
-    def finished_count(self) -> int:
-        return len(self._finished)
-
-    def is_finished(self, video_id: str) -> bool:
-        return video_id in self._finished
-
-    def unfinished(self) -> list[str]:
-        """Videos with rows but no conclusion (should be none once the stream ends)."""
-        return sorted(self._pending)
-
-    def add(self, batch: pa.Table) -> Finished:
-        """Take one batch of embedded rows (`schema.embedded_schema`); return what it finished.
-
-        Raises ValueError for a row whose kind is not in `schema.ROW_KINDS`.
-        """
-        out = Finished()
-        emb = batch.column("embedding")
-        dim = emb.type.list_size
-        emb_values = None
-        if emb.null_count < len(emb):
-            # The child values of every slot (nulls included, unlike flatten()), so row i
-            # is emb_values[i*dim:(i+1)*dim].
-            arr = emb.combine_chunks() if isinstance(emb, pa.ChunkedArray) else emb
-            child = arr.values.slice(arr.offset * dim, len(arr) * dim)
-            emb_values = np.asarray(child.to_numpy(zero_copy_only=False), dtype=np.float32)
-        rows = batch.drop_columns(["embedding"]).to_pylist()
-        for i, row in enumerate(rows):
-            vid = row["video_id"]
-            if vid in self._finished:
-                continue  # a retried task or actor re-sent it: already accounted for
-            # Work done for a video counts when it arrives, whether or not the video ends well.
-            self.times.decode_seconds += row.get("decode_seconds") or 0.0
-            kind = row["kind"]
-            if kind == KIND_ERROR:
-                self._pending.pop(vid, None)
-                out.errors.append(self._error(row))
-                self._finished.add(vid)
-                continue
-            if kind != KIND_CLIP:
-                raise ValueError(f"row of video {vid} has unknown kind {kind!r}")
-            if emb_values is None or row.get("model_call") is None:
-                raise ValueError(f"clip {row['clip_index']} of video {vid} arrived without an embedding")
-            if self._with_reconstruction and (row.get("reconstruction_loss") is None
-                                              or row.get("reconstruction_mask") is None):
-                raise ValueError(f"clip {row['clip_index']} of video {vid} arrived without a reconstruction loss")
-            self.times.embed_seconds += row.get("embed_seconds") or 0.0
-            self.times.model_calls[row["model_call"]] = row["model_call_clips"]
-            pending = self._pending.setdefault(vid, _Pending(num_clips=row["num_clips"]))
-            row["embedding"] = emb_values[i * dim : (i + 1) * dim]
-            pending.clips[row["clip_index"]] = row
-            if len(pending.clips) >= pending.num_clips:
-                self._pending.pop(vid)
-                self._release(vid, pending, out)
-                self._finished.add(vid)
-        return out
-
-    def _clip_logits(self, clips: list[dict], embeddings: np.ndarray) -> np.ndarray | None:
-        """(clips, L) float64 logits of a video's clips (``embeddings``: theirs, stacked), or None
-        without labels. The one source of labels for both producers: a video's labels come from
-        the mean of these."""
-        if self._id2label is None:
-            return None
-        if self._head is not None:
-            return self._head.logits(embeddings)
-        return np.stack([np.asarray(c["logits"], dtype=np.float64) for c in clips])
-
-    def _passthrough(self, vid: str) -> dict[str, Any]:
-        item = self._inputs.get(vid)
-        return dict(item.passthrough) if item else {}
-
-    def _error(self, row: dict) -> dict:
-        stage, error_type = row["stage"], row["error_type"]
-        check_error_code(stage=stage, error_type=error_type)
-        self.errors_by_type[error_type] = self.errors_by_type.get(error_type, 0) + 1
-        self.num_errors += 1
-        return {
-            "video_id": row["video_id"], "uri": row["uri"], "stage": stage, "error_type": error_type,
-            "message": row.get("message") or "", "input_fingerprint": row.get("input_fingerprint"),
-            **self._common, **self._passthrough(row["video_id"]),
-        }
-
-    def _release(self, vid: str, pending: _Pending, out: Finished) -> None:
-        clips = [pending.clips[k] for k in sorted(pending.clips)]
-        passthrough = self._passthrough(vid)
-        embeddings = np.stack([c["embedding"] for c in clips])
-        clip_logits = self._clip_logits(clips, embeddings)
-        if clip_logits is not None:
-            clip_labels, clip_scores = top_k_labels(clip_logits, self._id2label, self._k)
-        for i, c in enumerate(clips):
-            clip_row = {
-                "video_id": vid, "uri": c["uri"], "clip_index": c["clip_index"],
-                "start_seconds": c["start_seconds"], "end_seconds": c["end_seconds"],
-                "frame_indices": c["frame_indices"], "embedding": c["embedding"],
-                "input_fingerprint": c.get("input_fingerprint"), **self._common, **passthrough,
-            }
-            if clip_logits is not None:
-                clip_row["top_labels"], clip_row["top_scores"] = clip_labels[i], clip_scores[i]
-            if self._with_reconstruction:
-                clip_row["reconstruction_loss"] = c["reconstruction_loss"]
-                clip_row["reconstruction_mask"] = c["reconstruction_mask"]
-            out.clips.append(clip_row)
-        first = clips[0]
-        video_row = {
-            "video_id": vid, "uri": first["uri"], "num_clips": len(clips),
-            "embedding": video_embedding(embeddings),
-            **{name: first[name] for name in VIDEO_FACTS},
-            "size_bytes": first.get("size_bytes"), "input_fingerprint": first.get("input_fingerprint"),
-            **self._common, **passthrough,
-        }
-        if clip_logits is not None:
-            labels, scores = top_k_labels(clip_logits.mean(axis=0)[None], self._id2label, self._k)
-            video_row["top_labels"], video_row["top_scores"] = labels[0], scores[0]
-        if self._with_reconstruction:
-            video_row["reconstruction_loss"] = float(np.mean([c["reconstruction_loss"] for c in clips], dtype=np.float64))
-        out.videos.append(video_row)
-        self.num_videos += 1
-        self.num_clips += len(clips)
-        self.times.clips += len(clips)
+VIDEO_FACT_COLUMNS = VIDEO_FACTS

@@ -51,7 +51,8 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
     io.add_argument("--config", help="YAML file with the same options (flags win)")
     io.add_argument("--storage-options", help="fsspec options as a JSON object, or @FILE with one (keeps secrets off the "
                     "command line); default: $VMAE_RAY_STORAGE_OPTIONS")
-    io.add_argument("--limit", type=int, help="process at most N inputs (after listing, in URI order)")
+    io.add_argument("--limit", type=int, help="process at most N of the inputs that still need work (new, changed, "
+                    "or failed with --retry-failed); the rest wait for the next run")
     io.add_argument("--extensions", help="comma-separated extensions to take from a directory listing")
 
     model = p.add_argument_group("model")
@@ -80,13 +81,27 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
     res.add_argument("--decode-cpus", type=float, help="CPUs per decode task (default 1)")
     res.add_argument("--decode-threads", type=int, help="libavcodec threads per decode (default 1; 0 = auto)")
     res.add_argument("--decode-memory-mb", type=int, help="memory reserved per decode task (default 1024)")
+    res.add_argument("--videos-per-task", type=int,
+                     help="inputs per decode task (default: from the run's size, at most 1024, so that a large run "
+                     "is thousands of tasks that every node can take)")
+    res.add_argument("--block-mib", type=int, help="Ray Data block size for decoded clips, MiB (default 512): larger "
+                     "blocks cost the driver less per clip")
 
     run = p.add_argument_group("runs, resume, limits")
     run.add_argument("--overwrite", action="store_true", help="discard the committed tables under --output and start over")
     run.add_argument("--no-resume", dest="resume", action="store_false", help="fail if --output already has committed results")
     run.add_argument("--retry-failed", action="store_true", help="process inputs that ended in errors/ again")
     run.add_argument("--run-id", help="id for this run (default: time + random)")
-    run.add_argument("--rows-per-shard", type=int, help="max rows per Parquet file")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list and diff, print what a run would do (new, changed, done, no longer listed), and exit "
+                     "without decoding or writing anything")
+    run.add_argument("--prune", action="store_true",
+                     help="remove the rows (clips, videos, errors) of inputs that are no longer listed")
+    run.add_argument("--wait-for-lock", nargs="?", type=float, const=float("inf"), metavar="SECONDS",
+                     help="when another run holds --output, wait for it (up to SECONDS) instead of exiting")
+    run.add_argument("--lease-seconds", type=float,
+                     help="a run's lease on --output expires this long after its last renewal (default 120)")
+    run.add_argument("--progress-bars", action="store_true", help="show Ray Data's own progress bars too")
     run.add_argument("--max-frame-pixels", type=int, help="refuse videos whose frames have more pixels (default 8192*8192)")
     run.add_argument("--max-duration-seconds", type=float, help="refuse longer videos (default 21600)")
     run.add_argument("--max-bytes", type=int, help="refuse larger files (default 64 GiB)")
@@ -156,7 +171,8 @@ def config_from_args(argv: Sequence[str] | None = None, prog: str = "vmae-ray em
         # Uniform sampling means one clip; only stride takes the default of several.
         if values.get("sampling") == "stride" and "clips_per_video" not in values:
             values["clips_per_video"] = DEFAULT_STRIDE_CLIPS_PER_VIDEO
-        return EmbedConfig(**values).validate()
+        # Paths are resolved here, where they were typed, before anything is shipped to workers.
+        return EmbedConfig(**values).validate().resolved()
     except ConfigError as exc:
         parser.error(str(exc))
     except TypeError as exc:  # a YAML value of the wrong kind

@@ -96,13 +96,21 @@ class EmbedConfig:
     max_frame_pixels: int = 8192 * 8192
     max_duration_seconds: float = 6 * 3600.0
     max_bytes: int = 64 * 2**30
-    rows_per_shard: int = 50_000
     model_cache_dir: str | None = None
     run_id: str | None = None
     progress_seconds: float = 10.0
     decode_timeout_seconds: float = 300.0
     decode_isolation: bool = True
     commit_every_seconds: float = 600.0
+    # Listing, diff and scale (issue "one driver for a whole fleet").
+    dry_run: bool = False  # list and diff, print what a run would do, write nothing
+    prune: bool = False  # remove the rows of inputs no longer listed
+    videos_per_task: int | None = None  # inputs per decode task; None: from the run's size
+    block_mib: int = 512  # Ray Data's target block size for decoded clips
+    progress_bars: bool = False  # Ray Data's own progress bars
+    # One writer per output: the lease on --output.
+    wait_for_lock: float | None = None  # seconds to wait for another run's lease; None: refuse at once
+    lease_seconds: float = 120.0  # a lease not renewed for this long is stale (its holder died)
 
     def validate(self) -> EmbedConfig:
         if not self.input:
@@ -124,7 +132,13 @@ class EmbedConfig:
         _positive("--limit", self.limit, allow_none=True)
         _positive("--decode-threads", self.decode_threads, allow_zero=True)
         _positive("--decode-memory-mb", self.decode_memory_mb)
-        _positive("--rows-per-shard", self.rows_per_shard)
+        _positive("--videos-per-task", self.videos_per_task, allow_none=True)
+        _positive("--block-mib", self.block_mib)
+        _positive("--wait-for-lock", self.wait_for_lock, allow_none=True, allow_zero=True)
+        _positive("--lease-seconds", self.lease_seconds)
+        if self.lease_seconds < 10:
+            raise ConfigError("--lease-seconds", f"expected at least 10 seconds (the lease is renewed every third of it); "
+                              f"got {self.lease_seconds!r}")
         _positive("--max-frame-pixels", self.max_frame_pixels)
         _positive("--max-duration-seconds", self.max_duration_seconds)
         _positive("--max-bytes", self.max_bytes)
@@ -158,15 +172,52 @@ class EmbedConfig:
                                            ("--mask-seed", self.mask_seed, DEFAULT_MASK_SEED)):
                 if value != default:
                     raise ConfigError(option, "has no effect without --reconstruction")
+        if self.dry_run and self.overwrite:
+            raise ConfigError("--dry-run", "lists and diffs what a run would do; --overwrite would process everything: "
+                              "drop one of them")
+        if self.prune and self.overwrite:
+            raise ConfigError("--prune", "has no meaning with --overwrite (the rows of inputs no longer listed go anyway)")
+        if _same_place(self.input, self.output):
+            raise ConfigError("--output", f"is the same place as --input ({self.input}); the tables need a folder of their "
+                              "own (a sub-folder is fine: it is not listed as input)")
         if self.overwrite and self.retry_failed:
             raise ConfigError("--retry-failed", "has no meaning with --overwrite (everything is processed again)")
         if self.run_id is not None and not self.run_id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError("--run-id", "letters, digits, '-' and '_' only")
         return self
 
+    def resolved(self, cwd: str | None = None) -> EmbedConfig:
+        """This config with every relative local path made absolute against ``cwd`` (default: the
+        working directory of this process, where the command was typed): --input, --output,
+        --model (a local checkpoint), --head, --model-cache-dir. Workers run elsewhere, and
+        `_SUCCESS` must name what other commands can find from any folder. Raises ConfigError
+        for a --model that is a local path (it exists, or its first folder does, or it cannot be
+        a hub id) that does not exist."""
+        cwd = cwd or os.getcwd()
+        changes: dict[str, Any] = {}
+        for name in ("input", "output", "head", "model_cache_dir"):
+            value = getattr(self, name)
+            if value and _is_local_path(value):
+                changes[name] = _absolute(value, cwd)
+        if self.model and _is_local_path(self.model):
+            from vmae_ray.checkpoint import is_hub_id
+
+            path = _absolute(self.model, cwd)
+            first = self.model.split("/", 1)[0]
+            local = (os.path.exists(path) or self.model.startswith((".", "/", "~")) or not is_hub_id(self.model)
+                     or ("/" in self.model and os.path.isdir(os.path.join(cwd, first))))
+            if local:
+                if not os.path.isdir(path):
+                    what = "is a file; expected a checkpoint directory" if os.path.exists(path) else "no such local directory"
+                    raise ConfigError("--model", f"{self.model!r}: {what} (looked for {path}, from {cwd})")
+                changes["model"] = path
+        return dataclasses.replace(self, **changes) if changes else self
+
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """JSON-ready settings for `_SUCCESS` and logs, with storage secrets redacted."""
         out = dataclasses.asdict(self)
+        if out["wait_for_lock"] is not None and out["wait_for_lock"] == float("inf"):
+            out["wait_for_lock"] = None  # JSON has no infinity; how long to wait is not a result setting
         if redact:
             from vmae_ray.storage import StorageOptions
 
@@ -241,6 +292,25 @@ def plan_resources(config: EmbedConfig, cluster: dict[str, float], *, gpus_to_ad
     decode_slots = max(1, int((cpus - actor_cpus) // config.decode_cpus)) if cpus > actor_cpus else 1
     return Resources(device=device, gpus_per_actor=gpus_per_actor, num_actors=num_actors, batch_size=batch_size,
                      decode_slots=decode_slots, cluster_cpus=cpus, cluster_gpus=gpus_now)
+
+
+def _is_local_path(value: str) -> bool:
+    return "://" not in value
+
+
+def _absolute(value: str, cwd: str) -> str:
+    return os.path.normpath(os.path.join(cwd, os.path.expanduser(value)))
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two local paths or URIs name the same folder (trailing slashes and file:// aside)."""
+    def norm(u: str) -> str:
+        u = u[len("file://"):] if u.startswith("file://") else u
+        if "://" in u:
+            return u.rstrip("/")
+        return os.path.normpath(os.path.abspath(os.path.expanduser(u)))
+
+    return bool(a) and bool(b) and norm(a) == norm(b)
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:

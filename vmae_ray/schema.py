@@ -5,17 +5,23 @@ from here, so the contract in DESIGN.md lives in one place. Embeddings are plain
 `fixed_size_list<float32, D>` (not Ray's tensor extension) so pyarrow, pandas, DuckDB and
 Spark read the tables without Ray installed.
 
-Rows between the steps (decode -> embed -> assemble) have one schema, `DECODED_SCHEMA`,
-whatever their kind:
-- ``clip``: one sampled clip; ``pixels`` holds uint8 (T, H, W, 3) bytes (clips travel as
-  uint8, never float: 4x less object-store traffic). Every clip row also carries its video's
-  facts (probe results) and ``num_clips``, the number of clips the video's plan has, so a
-  video is complete when that many distinct clips have arrived and no other row is needed:
-  the model stage sees clips only, in full batches.
+Rows between the steps (decode -> embed and write) have one schema, `decoded_schema`, whatever
+their kind; each row is a whole video, or a chunk of a long one:
+- ``clip``: the clips of one video (or of a chunk of at most `MAX_CLIPS_PER_ROW` of them):
+  ``pixels`` holds their uint8 (C, T, H, W, 3) bytes (clips travel as uint8, never float: 4x
+  less object-store traffic) and the list columns (``clip_index``, ``start_seconds``, ...)
+  one value per clip. Every row carries its video's facts and ``num_clips``, the number of
+  clips the video's plan has, so a video is complete when that many distinct clips have
+  arrived. Rows are videos, so Ray Data's blocks (sized by bytes) and batches (sized in
+  rows) never cut a video that fits in one row.
 - ``error``: the video failed; carries stage, error_type and message, built by `error_row`
-  only. Clip rows of that video that were already sent are discarded downstream (a video is
-  all or nothing).
-The embed step drops ``pixels`` and adds the columns of `embedded_schema`.
+  only. A video that fails sends no clip row (a chunked one may have sent some; they are
+  never committed, see `vmae_ray.commit`).
+Every row carries ``input_number``, the input's number in the run's to-do table: receipts
+name inputs by it, so the driver keeps a bitmap, not ids.
+The model actor turns clip rows into per-clip rows of `embedded_schema` (embedding, logits,
+reconstruction), assembles whole videos into output rows and writes them itself
+(`vmae_ray.staging`); only a receipt (`RECEIPT_SCHEMA`) travels back to the driver.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ ERROR_TYPES = (
 # Columns the job owns; a manifest column with one of these names cannot pass through.
 RESERVED_COLUMNS = frozenset(
     {
+        "input_number", "kind", "pixels", "clip_shape", "decode_seconds", "decoded_at",
+        "logits",
         "video_id", "uri", "clip_index", "start_seconds", "end_seconds", "frame_indices",
         "embedding", "top_labels", "top_scores", "num_clips", "duration_seconds", "width",
         "height", "fps", "codec", "stream_index", "num_streams", "stage", "error_type",
@@ -185,54 +193,85 @@ ROW_KINDS = (KIND_CLIP, KIND_ERROR)
 # Error messages are cut to this many characters: a decoder can produce pages of text.
 MAX_MESSAGE_CHARS = 2000
 
-
-DECODED_SCHEMA = pa.schema(
-    [
-        ("kind", pa.string()),
-        ("video_id", pa.string()),
-        ("uri", pa.string()),
-        ("input_fingerprint", pa.string()),
-        ("size_bytes", pa.int64()),
-        ("clip_index", pa.int32()),
-        ("num_clips", pa.int32()),  # clips the video's plan has (every clip row carries it)
-        ("start_seconds", pa.float64()),
-        ("end_seconds", pa.float64()),
-        ("frame_indices", pa.list_(pa.int32())),
-        ("pixels", pa.large_binary()),
-        ("pixels_shape", pa.list_(pa.int32())),
-        *VIDEO_FACT_FIELDS,
-        ("stage", pa.string()),
-        ("error_type", pa.string()),
-        ("message", pa.string()),
-        # Seconds of work spent on this row in its stage: the driver sums them to report
-        # each stage's throughput and which one bounded the run.
-        ("decode_seconds", pa.float64()),
-        # Wall-clock time (Unix seconds) a clip finished decoding: lets the driver tell clips
-        # decoded after start-up from the backlog decoded while the model actors started.
-        ("decoded_at", pa.float64()),
-    ]
+# The columns that identify an input on every row between the steps.
+INPUT_FIELDS = (
+    pa.field("input_number", pa.int64()),  # the input's number in the run's to-do table
+    pa.field("video_id", pa.string()),
+    pa.field("uri", pa.string()),
+    pa.field("input_fingerprint", pa.string()),
+    pa.field("size_bytes", pa.int64()),
 )
 
+DECODED_FIELDS = (
+    pa.field("kind", pa.string()),
+    *INPUT_FIELDS,
+    pa.field("num_clips", pa.int32()),  # clips the video's plan has (every clip row carries it)
+    # One value per clip of the row:
+    pa.field("clip_index", pa.list_(pa.int32())),
+    pa.field("start_seconds", pa.list_(pa.float64())),
+    pa.field("end_seconds", pa.list_(pa.float64())),
+    pa.field("frame_indices", pa.list_(pa.list_(pa.int32()))),
+    pa.field("pixels", pa.large_binary()),  # uint8 (C, T, H, W, 3), C = len(clip_index)
+    pa.field("clip_shape", pa.list_(pa.int32())),  # (T, H, W, 3) of each clip
+    *VIDEO_FACT_FIELDS,
+    pa.field("stage", pa.string()),
+    pa.field("error_type", pa.string()),
+    pa.field("message", pa.string()),
+    # Seconds of decode work spent on this row: the workers sum them into receipts, so the
+    # driver can report each stage's throughput and which one bounded the run.
+    pa.field("decode_seconds", pa.float64()),
+    # Wall-clock time (Unix seconds) the row finished decoding: tells clips decoded after the
+    # model actors started from the backlog decoded while they started.
+    pa.field("decoded_at", pa.float64()),
+)
+DECODED_SCHEMA = pa.schema(DECODED_FIELDS)
 
-def embedded_schema(dim: int, *, with_logits: bool, with_reconstruction: bool = False) -> pa.Schema:
-    """Rows leaving the embed step: `DECODED_SCHEMA` without pixels, plus the model's outputs.
 
-    ``model_call`` names the model call that embedded a clip (actor + counter) and
-    ``model_call_clips`` how many clips that call had, so the driver can report batch fill.
-    With ``with_reconstruction``, clip rows also carry ``reconstruction_loss`` and
-    ``reconstruction_mask`` (as in `clips_schema`).
+def decoded_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
+    """Rows leaving the decode step: `DECODED_SCHEMA` plus the input's passthrough columns."""
+    return pa.schema(list(DECODED_FIELDS) + list(passthrough or []))
+
+
+def embedded_schema(dim: int, *, with_logits: bool, with_reconstruction: bool = False,
+                    passthrough: pa.Schema | None = None) -> pa.Schema:
+    """One row per embedded clip, inside the model actor and in the ``parts/`` files of videos
+    split across actor calls: the input, the clip, the video's facts, the model's outputs.
+
+    ``logits`` are the label logits of the clip (a checkpoint's classifier, or a `--head`'s on
+    the clip's embedding), from which clip and video labels are drawn. With
+    ``with_reconstruction``, ``reconstruction_loss`` and ``reconstruction_mask`` as in
+    `clips_schema`.
     """
-    fields = [f for f in DECODED_SCHEMA if f.name != "pixels"]
-    fields += [
-        pa.field("embed_seconds", pa.float64()),
-        pa.field("model_call", pa.string()),
-        pa.field("model_call_clips", pa.int32()),
+    fields = [
+        *INPUT_FIELDS,
+        pa.field("num_clips", pa.int32()),
+        pa.field("clip_index", pa.int32()),
+        pa.field("start_seconds", pa.float64()),
+        pa.field("end_seconds", pa.float64()),
+        pa.field("frame_indices", pa.list_(pa.int32())),
+        *VIDEO_FACT_FIELDS,
         pa.field("embedding", embedding_type(dim)),
     ]
     if with_logits:
         fields.append(pa.field("logits", pa.list_(pa.float32())))
     fields += _reconstruction_fields(with_reconstruction, with_mask=True)
-    return pa.schema(fields)
+    return pa.schema(fields + list(passthrough or []))
+
+
+# What a model actor call (or a task finishing split videos) sends back to the driver instead
+# of rows: the files it staged and which inputs they finish. Small and fixed-size per call.
+RECEIPT_SCHEMA = pa.schema([
+    pa.field("attempt", pa.string()),  # unique per call attempt; the stem of its file names
+    pa.field("files", pa.list_(pa.string())),  # staged files, relative to the run's staging folder
+    pa.field("done", pa.list_(pa.int64())),  # input numbers finished: in videos/ or errors/ of these files
+    # Inputs of which only some clips are here (in the parts/ file): (input, clips planned, clips here).
+    pa.field("parts", pa.list_(pa.struct([
+        pa.field("input_number", pa.int64()),
+        pa.field("num_clips", pa.int32()),
+        pa.field("clip_index", pa.list_(pa.int32())),
+    ]))),
+    pa.field("stats", pa.string()),  # JSON: rows, clips, error types, stage seconds, model call sizes
+])
 
 
 def check_error_code(*, stage: str, error_type: str) -> None:
@@ -247,13 +286,13 @@ def error_row(item: Mapping[str, Any], *, stage: str, error_type: str, message: 
               decode_seconds: float = 0.0) -> dict[str, Any]:
     """The one way to build an error row between the steps.
 
-    ``item`` is the input record (``video_id``, ``uri``, optional ``input_fingerprint`` and
-    ``size_bytes``) or any row of that video. Raises ValueError for a stage or error_type
+    ``item`` is the input record (``video_id``, ``uri``, optional ``input_number``,
+    ``input_fingerprint`` and ``size_bytes``) or any row of that video. Raises ValueError for a stage or error_type
     outside the stable lists; the message is cut to MAX_MESSAGE_CHARS.
     """
     check_error_code(stage=stage, error_type=error_type)
     return {
-        "kind": KIND_ERROR, "video_id": item["video_id"], "uri": item["uri"],
+        "kind": KIND_ERROR, "input_number": item.get("input_number"), "video_id": item["video_id"], "uri": item["uri"],
         "input_fingerprint": item.get("input_fingerprint"), "size_bytes": item.get("size_bytes"),
         "stage": stage, "error_type": error_type, "message": str(message)[:MAX_MESSAGE_CHARS],
         "decode_seconds": decode_seconds,

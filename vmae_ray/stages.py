@@ -1,28 +1,36 @@
 """Ray adapters for the decode and embed steps.
 
-The work itself lives in `decoding` and `embedder` (no Ray there); this module only turns
-Ray Data batches into calls on them and back, in the row contract of `vmae_ray.schema`
-(`DECODED_SCHEMA`: clip rows and error rows). Decode is a stateless function (Ray tasks,
-CPU); embed is a callable class (a Ray actor that loads the model once).
+The work itself lives in `decoding`, `embedder`, `assembly` and `staging` (no Ray there);
+this module turns Ray Data batches into calls on them, in the row contract of
+`vmae_ray.schema`. Decode is a stateless function (Ray tasks, CPU): each input becomes one
+row of all its clips (`decoded_schema`; long videos several rows of at most `MAX_ROW_BYTES`
+of clips), or an error row. Embed is a callable class (a Ray actor that loads the model once):
+it embeds the clips of a batch of such rows in full model calls, assembles the finished
+videos, writes them as Parquet shards into the run's staging folder and returns one small
+receipt per batch (`vmae_ray.staging.Receipt`), so no row travels back to the driver.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from vmae_ray.decoding import DecodeError, DecodeLimits, FrameGeometry, VideoDecoder
+from vmae_ray.decoding import DecodedClip, DecodeError, DecodeLimits, FrameGeometry, VideoDecoder
 from vmae_ray.isolation import IsolatedDecoder
-from vmae_ray.reconstruction import clip_mask, pack_mask
-from vmae_ray.schema import DECODED_SCHEMA, KIND_CLIP, embedded_schema, error_row
+from vmae_ray.schema import DECODED_SCHEMA, KIND_CLIP, KIND_ERROR, error_row
 from vmae_ray.storage import StorageOptions, classify_storage_error, open_input
+
+# The most bytes of clips one decoded row holds: a longer video is sent as several rows
+# (chunks) so that no row, and no Ray object, grows with the video's length. 64 MiB is 26
+# VideoMAE-B clips (16x224x224x3 uint8).
+MAX_ROW_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,11 @@ class DecodeParams:
     timeout_seconds: float = 300.0
     # Transient storage errors (throttling, 5xx, resets) are retried with backoff.
     transient_retries: int = 3
+    max_row_bytes: int = MAX_ROW_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoded rows
 
 
 def decoded_table(rows: list[dict]) -> pa.Table:
@@ -52,27 +65,33 @@ def decoded_table(rows: list[dict]) -> pa.Table:
 _PIXELS = DECODED_SCHEMA.get_field_index("pixels")
 
 
-def clip_table(row: dict, pixels: np.ndarray) -> pa.Table:
-    """One clip row whose `pixels` value is the clip's own buffer (no copy).
+def clips_row(common: dict, clips: list[DecodedClip], *, decode_seconds: float) -> pa.Table:
+    """One decoded row holding ``clips`` (of one video) and the video's ``common`` facts.
 
-    The clip is the largest thing a row carries (2.4 MB at 16x224x224); building the value
-    through Python bytes would copy it twice more per clip.
+    The clips' pixels become one contiguous uint8 buffer (C, T, H, W, 3) that the Arrow value
+    uses without a further copy; the model actor reads it back as a view (`row_clips`).
     """
+    pixels = np.stack([c.pixels for c in clips]) if len(clips) > 1 else np.ascontiguousarray(clips[0].pixels)[None]
+    row = {
+        **common, "kind": KIND_CLIP,
+        "clip_index": [c.clip_index for c in clips],
+        "start_seconds": [c.start_seconds for c in clips],
+        "end_seconds": [c.end_seconds for c in clips],
+        "frame_indices": [list(c.frame_indices) for c in clips],
+        "clip_shape": list(pixels.shape[1:]),
+        "decode_seconds": decode_seconds, "decoded_at": time.time(),
+    }
     table = decoded_table([row])
-    pixels = np.ascontiguousarray(pixels)
     offsets = pa.py_buffer(np.array([0, pixels.nbytes], dtype=np.int64))
     value = pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(pixels)])
     return table.set_column(_PIXELS, DECODED_SCHEMA.field(_PIXELS), value)
 
 
-def clip_pixels(batch: pa.Table, rows: list[int]) -> np.ndarray:
-    """The uint8 clips of these clip rows of a decoded table, stacked: (len(rows), T, H, W, 3).
-
-    Views of the Arrow buffers (as_buffer, not as_py: no bytes copy); np.stack makes the one
-    contiguous batch the model reads.
-    """
-    pixels, shapes = batch.column("pixels"), batch.column("pixels_shape")
-    return np.stack([np.frombuffer(pixels[i].as_buffer(), dtype=np.uint8).reshape(shapes[i].as_py()) for i in rows])
+def row_clips(batch: pa.Table, row: int) -> np.ndarray:
+    """The uint8 clips of a decoded clip row, (C, T, H, W, 3): a view of the Arrow buffer, no copy."""
+    shape = batch.column("clip_shape")[row].as_py()
+    data = np.frombuffer(batch.column("pixels")[row].as_buffer(), dtype=np.uint8)
+    return data.reshape(-1, *shape)
 
 
 def error_table(item: dict, stage: str, error_type: str, message: str, decode_seconds: float = 0.0) -> pa.Table:
@@ -81,8 +100,35 @@ def error_table(item: dict, stage: str, error_type: str, message: str, decode_se
                                     decode_seconds=decode_seconds)])
 
 
+def video_clips(tables: list[pa.Table]) -> tuple[list[dict], np.ndarray] | dict:
+    """One video's decoded rows (as `decode_video` yields them), gathered in this process: (one
+    dict per clip in clip order: clip_index, start_seconds, end_seconds, frame_indices and the
+    video's facts; their uint8 clips (C, T, H, W, 3)), or the error row's dict when it failed.
+
+    A clip sent twice (a retried read) counts once: the last one wins, as in the job.
+    """
+    by_index: dict[int, tuple[dict, np.ndarray]] = {}
+    for table in tables:
+        for r in range(table.num_rows):
+            facts = table.slice(r, 1).drop_columns(["pixels"]).to_pylist()[0]
+            if facts["kind"] == KIND_ERROR:
+                return facts
+            pixels = row_clips(table, r)
+            for j, k in enumerate(facts["clip_index"]):
+                clip = {name: value for name, value in facts.items()
+                        if name not in ("clip_index", "start_seconds", "end_seconds", "frame_indices")}
+                clip.update(clip_index=k, start_seconds=facts["start_seconds"][j], end_seconds=facts["end_seconds"][j],
+                            frame_indices=facts["frame_indices"][j])
+                by_index[k] = (clip, pixels[j])
+    order = sorted(by_index)
+    if not order:
+        return [], np.zeros((0,), dtype=np.uint8)
+    return [by_index[k][0] for k in order], np.stack([by_index[k][1] for k in order])
+
+
 def _base(item: dict) -> dict:
     return {
+        "input_number": item.get("input_number"),
         "video_id": item["video_id"],
         "uri": item["uri"],
         "input_fingerprint": item.get("input_fingerprint"),
@@ -102,17 +148,23 @@ def _video_facts(decoder: VideoDecoder, geometry: FrameGeometry) -> dict[str, An
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# Decode
+
+
 def decode_video(item: dict, params: DecodeParams, storage: StorageOptions) -> Iterator[pa.Table]:
-    """Decode one input into its clip rows, or an error row.
+    """Decode one input into its decoded rows: one row of all its clips (several rows, in clip
+    order, of at most ``params.max_row_bytes`` each for a long video), or an error row.
 
     Every failure of this video is caught here and becomes its error row, so one broken
     file never fails the task (and with it the other videos of the block). Transient
-    storage errors are retried with exponential backoff; clip rows a failed attempt
-    already sent are replaced downstream (same clip_index).
+    storage errors are retried with exponential backoff; a retry sends only the clips the
+    failed attempt had not sent.
     """
+    sent: set[int] = set()
     for attempt in range(params.transient_retries + 1):
         retry_allowed = attempt < params.transient_retries
-        for table in _decode_attempt(item, params, storage, retrying=retry_allowed):
+        for table in _decode_attempt(item, params, storage, retrying=retry_allowed, sent=sent):
             if table is _RETRY:
                 break
             yield table
@@ -124,37 +176,47 @@ def decode_video(item: dict, params: DecodeParams, storage: StorageOptions) -> I
 _RETRY = object()
 
 
-def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *, retrying: bool) -> Iterator:
+def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *, retrying: bool,
+                    sent: set[int]) -> Iterator:
     started = time.perf_counter()
+    made = 0
+    planned = None
     try:
         with open_input(item["uri"], storage, size=item.get("size_bytes")) as f:
             with VideoDecoder(f, limits=params.limits, size_bytes=item.get("size_bytes"),
                               threads=params.threads) as decoder:
                 plans = decoder.plan(sampling=params.sampling, num_frames=params.num_frames,
                                      frame_stride=params.frame_stride, clips_per_video=params.clips_per_video)
+                planned = len(plans)
                 common = None
+                pending: list[DecodedClip] = []
+                pending_bytes = 0
                 last = started
-                made = 0
                 for clip in decoder.clips(plans, params.geometry):
-                    if common is None:
-                        common = {**_base(item), "kind": KIND_CLIP, "num_clips": len(plans),
-                                  **_video_facts(decoder, params.geometry)}
-                    now = time.perf_counter()
-                    yield clip_table({
-                        **common, "clip_index": clip.clip_index,
-                        "start_seconds": clip.start_seconds, "end_seconds": clip.end_seconds,
-                        "frame_indices": clip.frame_indices, "pixels_shape": list(clip.pixels.shape),
-                        "decode_seconds": now - last, "decoded_at": time.time(),
-                    }, clip.pixels)
                     made += 1
-                    last = time.perf_counter()
-                if made != len(plans):
-                    # Downstream a video is complete when all its planned clips arrived; one
-                    # that can never be complete must end as an error, not hang unfinished.
-                    raise DecodeError("corrupt", "decode", f"the decoder built {made} of {len(plans)} planned clips")
+                    if clip.clip_index in sent:
+                        continue  # an earlier attempt sent it
+                    if common is None:
+                        common = {**_base(item), "num_clips": planned, **_video_facts(decoder, params.geometry)}
+                    if pending and pending_bytes + clip.pixels.nbytes > params.max_row_bytes:
+                        now = time.perf_counter()
+                        yield clips_row(common, pending, decode_seconds=now - last)
+                        sent.update(c.clip_index for c in pending)
+                        pending, pending_bytes, last = [], 0, now
+                    pending.append(clip)
+                    pending_bytes += clip.pixels.nbytes
+                if made != planned:
+                    # A video is complete when all its planned clips arrived; one that can
+                    # never be complete must end as an error, not hang unfinished.
+                    raise DecodeError("corrupt", "decode", f"the decoder built {made} of {planned} planned clips")
+                if pending:
+                    yield clips_row(common, pending, decode_seconds=time.perf_counter() - last)
+                    sent.update(c.clip_index for c in pending)
     except DecodeError as exc:
         yield error_table(item, exc.stage, exc.error_type, exc.message, time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - storage and unexpected errors: still one row
+        if planned is not None and made == planned and len(sent) == planned:
+            return  # every clip was sent: a failure while closing the file changes nothing
         kind = classify_storage_error(exc)
         if kind == "transient" and retrying:
             yield _RETRY
@@ -164,19 +226,26 @@ def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *
                           time.perf_counter() - started)
 
 
-def decode_batch(batch: pa.Table, *, params: DecodeParams, storage: StorageOptions) -> Iterator[pa.Table]:
-    """Ray Data UDF (task pool): a batch of input records -> decoded rows, streamed.
+INPUT_COLUMNS = ("input_number", "video_id", "uri", "input_fingerprint", "size_bytes")
 
-    A generator, so Ray Data turns the output into blocks as it comes: a long video with
-    hundreds of clips never sits in the task's memory at once.
+
+def decode_batch(batch: pa.Table, *, params: DecodeParams, storage: StorageOptions) -> Iterator[pa.Table]:
+    """Ray Data UDF (task pool): a block of to-do rows (one per input) -> decoded rows, streamed.
+
+    A generator, so Ray Data turns the output into blocks (of Ray Data's target size) as it
+    comes: a long video never sits in the task's memory at once. The input's other columns
+    (a manifest's passthrough columns) are appended to each of its rows.
     """
-    if not params.isolate:
-        for item in batch.to_pylist():
-            yield from decode_video(item, params, storage)
-        return
-    decoder = _isolated_decoder(params, storage)
-    for item in batch.to_pylist():
-        yield from decoder.decode(item)
+    passthrough = [name for name in batch.column_names if name not in INPUT_COLUMNS]
+    decode = _isolated_decoder(params, storage).decode if params.isolate else (
+        lambda item: decode_video(item, params, storage))
+    for i, item in enumerate(batch.select(list(INPUT_COLUMNS)).to_pylist()):
+        for table in decode(item):
+            for name in passthrough:
+                column = batch.column(name).slice(i, 1)
+                table = table.append_column(batch.schema.field(name),
+                                            pa.repeat(column[0], table.num_rows).cast(column.type))
+            yield table
 
 
 _DECODERS: dict[bytes, IsolatedDecoder] = {}
@@ -200,21 +269,28 @@ def _isolated_decoder(params: DecodeParams, storage: StorageOptions) -> Isolated
     return decoder
 
 
-class EmbedActor:
-    """Ray Data UDF (actor pool): loads VideoMAE once, embeds the clip rows of each batch.
+# ---------------------------------------------------------------------------------------------
+# Embed, assemble, write
 
-    A Ray Data batch may hold several model calls' worth of clips: they go to the model
-    ``batch_size`` at a time (the last call of a batch takes the rest), so `--batch-size` is
-    the clips per model call whatever Ray Data's batches are. Error rows pass through. Pixels
-    are dropped here, so only embeddings (D floats per clip) travel on to the driver. A model
-    call that fails makes its clips error rows (`embed_failed`), not a failed job.
+
+class EmbedActor:
+    """Ray Data UDF (actor pool): loads VideoMAE once; for each batch of decoded rows, embeds
+    their clips, writes the finished videos into the run's staging folder and returns one
+    receipt row (`schema.RECEIPT_SCHEMA`).
+
+    A batch's clips go to the model ``batch_size`` at a time (only the batch's last call may
+    be smaller), so `--batch-size` is the clips per model call whatever Ray Data's batches
+    are. A model call that fails makes its videos error rows (`embed_failed`), not a failed
+    job. A video whose clips are all in the batch is assembled here (`assembly`); one split
+    across batches (a long video sent as several rows) goes to the ``parts/`` file and is
+    finished once the driver has seen all its parts (`staging.finish_split_videos`).
 
     ``reconstruction`` = (mask_ratio, mask_seed): each clip also gets its pretraining loss under
-    the tube mask `reconstruction.clip_mask` draws for its (video_id, clip_index), and the mask.
+    the tube mask `reconstruction.clip_mask` draws for it, and the mask.
     """
 
     def __init__(self, model_ref: str, *, storage: StorageOptions, cache_root: str | None,
-                 device: str, dtype: str, compile: bool, with_logits: bool, batch_size: int,
+                 device: str, dtype: str, compile: bool, batch_size: int, writer: Any,
                  reconstruction: tuple[float, int] | None = None):
         from vmae_ray.embedder import VideoMAEEmbedder
 
@@ -222,82 +298,92 @@ class EmbedActor:
                                          device=device, dtype=dtype, compile=compile,
                                          reconstruction=reconstruction is not None)
         self.dim = self.embedder.spec.hidden_size
-        self.with_logits = with_logits
+        self.writer = writer  # staging.VideoWriter: what to assemble and where to write it
+        self.with_logits = writer.labels is not None and writer.labels.head is None
         self.batch_size = batch_size
         self.reconstruction = reconstruction
-        self.schema = embedded_schema(self.dim, with_logits=with_logits, with_reconstruction=reconstruction is not None)
-        self._actor = uuid.uuid4().hex[:12]
-        self._calls = 0
+        self.schema = writer.embedded_schema
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        kinds = batch.column("kind").to_pylist()
-        clip_rows = [i for i, k in enumerate(kinds) if k == KIND_CLIP]
-        n = batch.num_rows
-        out = {
-            "embedding": np.zeros((n, self.dim), dtype=np.float32), "valid": np.zeros(n, dtype=bool),
-            "embed_seconds": [None] * n, "model_call": [None] * n, "model_call_clips": [None] * n,
-            "logits": [None] * n, "reconstruction_loss": [None] * n, "reconstruction_mask": [None] * n,
-        }
-        failed: dict[int, str] = {}
-        for start in range(0, len(clip_rows), self.batch_size):
-            self._model_call(batch, clip_rows[start:start + self.batch_size], out, failed)
-        table = batch.drop_columns(["pixels"])
-        table = table.append_column(self.schema.field("embed_seconds"), pa.array(out["embed_seconds"], pa.float64()))
-        table = table.append_column(self.schema.field("model_call"), pa.array(out["model_call"], pa.string()))
-        table = table.append_column(self.schema.field("model_call_clips"), pa.array(out["model_call_clips"], pa.int32()))
-        values = pa.array(out["embedding"].reshape(-1), type=pa.float32())
-        embedding = pa.FixedSizeListArray.from_arrays(values, self.dim, mask=pa.array(~out["valid"]))
-        table = table.append_column(self.schema.field("embedding"), embedding)
-        if self.with_logits:
-            table = table.append_column(self.schema.field("logits"), pa.array(out["logits"], pa.list_(pa.float32())))
-        if self.reconstruction is not None:
-            table = table.append_column(self.schema.field("reconstruction_loss"),
-                                        pa.array(out["reconstruction_loss"], pa.float32()))
-            table = table.append_column(self.schema.field("reconstruction_mask"),
-                                        pa.array(out["reconstruction_mask"], pa.binary()))
-        return self._as_errors(table, failed) if failed else table
+        from vmae_ray import staging
 
-    def _model_call(self, batch: pa.Table, rows: list[int], out: dict, failed: dict[int, str]) -> None:
-        """One model call on the clips of ``rows``; results go into ``out`` at those rows."""
         started = time.perf_counter()
-        self._calls += 1
-        call_id = f"{self._actor}:{self._calls}"
-        try:
-            clips = clip_pixels(batch, rows)
-            if self.reconstruction is None:
-                embeddings, logits = self.embedder.embed(clips)
-            else:
-                masks = self._masks(batch, rows)
-                embeddings, logits, losses = self.embedder.embed_with_reconstruction(clips, masks)
-                for j, i in enumerate(rows):
-                    out["reconstruction_loss"][i], out["reconstruction_mask"][i] = float(losses[j]), pack_mask(masks[j])
-        except Exception as exc:  # noqa: BLE001 - a failed call makes error rows, not a failed job
-            for i in rows:
-                failed[i] = f"{type(exc).__name__}: {exc}"
-            return
-        out["embedding"][rows] = embeddings
-        out["valid"][rows] = True
-        if self.with_logits and logits is not None:
-            for j, i in enumerate(rows):
-                out["logits"][i] = logits[j].astype(np.float32).tolist()
-        per_clip = (time.perf_counter() - started) / len(rows)
-        for i in rows:
-            out["embed_seconds"][i], out["model_call"][i], out["model_call_clips"][i] = per_clip, call_id, len(rows)
+        decoded = batch
+        kinds = decoded.column("kind").to_pylist()
+        clip_rows = [i for i, k in enumerate(kinds) if k == KIND_CLIP]
+        errors = decoded.filter(pc.equal(decoded.column("kind"), KIND_ERROR))
+        embedded, failed, calls = self._embed_rows(decoded, clip_rows)
+        stats = staging.CallStats(embed_seconds=time.perf_counter() - started, model_calls=calls)
+        stats.add_decoded(decoded)
+        receipt = self.writer.write(embedded, errors, failed=failed, stats=stats)
+        staging.failpoint_in_worker("worker_after_write")
+        rows = [receipt]
+        if staging.failpoint_fires("worker_duplicate_receipt"):
+            rows.append(self.writer.duplicate(receipt))
+        return staging.receipts_table(rows)
 
-    def _masks(self, batch: pa.Table, clip_rows: list[int]) -> np.ndarray:
-        """(clips, N) bool tube masks of the batch's clip rows, from their video_id and clip_index."""
+    def _embed_rows(self, batch: pa.Table, clip_rows: list[int]) -> tuple[pa.Table, dict[int, str], dict[int, int]]:
+        """(per-clip embedded rows of the batch's clip rows, {input_number: why} for videos one of
+        whose model calls failed, {clips in a model call: number of such calls})."""
+        from vmae_ray import staging
+
+        if not clip_rows:
+            return staging.empty_embedded(self.schema), {}, {}
+        rows = batch.take(clip_rows)
+        clips_per_row = np.array([len(v) for v in rows.column("clip_index").to_pylist()], dtype=np.int64)
+        total = int(clips_per_row.sum())
+        owner = np.repeat(np.arange(rows.num_rows), clips_per_row)  # row of each clip
+        first = np.concatenate([[0], np.cumsum(clips_per_row)[:-1]])
+        views = [row_clips(rows, r) for r in range(rows.num_rows)]
+        embeddings = np.zeros((total, self.dim), dtype=np.float32)
+        logits: list | None = [None] * total if self.with_logits else None
+        losses = np.full(total, np.nan, dtype=np.float32) if self.reconstruction else None
+        masks: list | None = [None] * total if self.reconstruction else None
+        failed: dict[int, str] = {}
+        calls: dict[int, int] = {}
+        numbers = rows.column("input_number").to_numpy(zero_copy_only=False)
+        for start in range(0, total, self.batch_size):
+            stop = min(start + self.batch_size, total)
+            clip_ids = np.arange(start, stop)
+            try:
+                clips = np.concatenate([views[owner[c]][c - first[owner[c]]][None] for c in clip_ids]) \
+                    if len(clip_ids) > 1 else views[owner[start]][start - first[owner[start]]][None]
+                if self.reconstruction is None:
+                    emb, lgt = self.embedder.embed(clips)
+                else:
+                    mask = self._masks(rows, owner, first, clip_ids)
+                    emb, lgt, loss = self.embedder.embed_with_reconstruction(clips, mask)
+                    losses[start:stop] = loss
+                    from vmae_ray.reconstruction import pack_mask
+
+                    for j, c in enumerate(clip_ids):
+                        masks[c] = pack_mask(mask[j])
+            except Exception as exc:  # noqa: BLE001 - a failed call makes error rows, not a failed job
+                for c in clip_ids:
+                    failed.setdefault(int(numbers[owner[c]]), f"{type(exc).__name__}: {exc}")
+                continue
+            embeddings[start:stop] = emb
+            if logits is not None and lgt is not None:
+                for j, c in enumerate(clip_ids):
+                    logits[c] = lgt[j]
+            calls[len(clip_ids)] = calls.get(len(clip_ids), 0) + 1
+        table = staging.explode_clip_rows(rows, self.schema, embeddings=embeddings, logits=logits,
+                                          losses=losses, masks=masks)
+        # Rows of failed calls stay (with a zero embedding): the writer turns their videos into
+        # error rows whole, as it does for any video with a failed clip.
+        return table, failed, calls
+
+    def _masks(self, rows: pa.Table, owner: np.ndarray, first: np.ndarray, clip_ids: np.ndarray) -> np.ndarray:
+        """(clips, N) bool tube masks of these clips, from their video_id and clip_index."""
+        from vmae_ray.reconstruction import clip_mask
+
         mask_ratio, mask_seed = self.reconstruction
         spec = self.embedder.spec
-        video_ids, clip_indices = batch.column("video_id"), batch.column("clip_index")
+        video_ids, clip_indices = rows.column("video_id"), rows.column("clip_index")
         return np.stack([
-            clip_mask(video_ids[i].as_py(), clip_indices[i].as_py(), mask_seed=mask_seed, mask_ratio=mask_ratio,
+            clip_mask(video_ids[int(owner[c])].as_py(), clip_indices[int(owner[c])][int(c - first[owner[c]])].as_py(),
+                      mask_seed=mask_seed, mask_ratio=mask_ratio,
                       num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
-            for i in clip_rows
+            for c in clip_ids
         ])
 
-    def _as_errors(self, table: pa.Table, failed: dict[int, str]) -> pa.Table:
-        """The embedded table with the rows of failed model calls turned into error rows."""
-        rows = table.to_pylist()
-        for i, message in failed.items():
-            rows[i] = error_row(rows[i], stage="embed", error_type="embed_failed", message=message)
-        return pa.Table.from_pylist(rows, schema=self.schema)

@@ -1,19 +1,24 @@
-"""Write step: Parquet shards staged per run, then committed; `_SUCCESS` written last.
+"""Commit step: Parquet shards staged per run, then committed; `_SUCCESS` written last.
 
 Ray Data's `write_parquet` appends and is not atomic, so the job owns its commit:
 
-1. While the run works, shards go to ``OUT/_staging/<run_id>/<table>/`` (a name starting
-   with ``_``: pyarrow, DuckDB and Spark skip it when reading the folders).
-2. To commit, a journal ``_staging/<run_id>/_COMMIT.json`` lists every move, the staged
-   files are moved into ``clips/``, ``videos/``, ``errors/``, and ``_SUCCESS`` is rewritten
-   (write-then-rename on local disk; a single PUT on S3) listing all committed files.
+1. While the run works, the workers write shards to ``OUT/_staging/<run_id>/<table>/`` (a
+   name starting with ``_``: pyarrow, DuckDB and Spark skip it when reading the folders) and
+   send receipts; the driver accepts them (`vmae_ray.commit`).
+2. To commit, a journal ``_staging/<run_id>/_COMMIT.json`` lists every move, the accepted
+   files are moved into ``clips/``, ``videos/``, ``errors/`` (many at a time), and
+   ``_SUCCESS`` is rewritten (write-then-rename on local disk; a single PUT on S3, conditional
+   on the `_SUCCESS` the run last saw where the store supports it) listing all committed files.
 3. The next run first repairs an interrupted commit from its journal (rolls it forward),
    deletes files in the table folders that no ``_SUCCESS`` lists (rolls back anything
-   else), and removes stale staging folders.
+   else), and removes stale staging folders (it holds the output's lease, `vmae_ray.lease`,
+   so no other run is writing there).
 
 So the committed state is always the one `_SUCCESS` names, and a killed driver costs at
-most the uncommitted work. Rows superseded by a run (an input that changed, or a failed
-input retried) are removed by rewriting the shards that hold them, in the same commit.
+most the uncommitted work. Rows superseded by a run (an input that changed, a failed input
+retried, an input pruned) are removed by rewriting, in Ray tasks, only the shard groups that
+hold them (`rewrite_group`); the rewritten files replace the old ones in the run's first
+commit.
 """
 
 from __future__ import annotations
@@ -25,11 +30,10 @@ import posixpath
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -40,7 +44,12 @@ from vmae_ray.storage import StorageOptions, is_local_fs, join, url_to_fs
 log = logging.getLogger(__name__)
 
 FORMAT = "vmae-ray/1"
+# 2: the shards of one receipt share their file name across clips/, videos/ and errors/ (a
+# video's clips are in the clips/ shard named like its videos/ shard); 1 (absent): no relation.
+LAYOUT = 2
 STAGING = "_staging"
+# Moves and deletes of a commit run this many at a time (an S3 move is a copy and a delete).
+COMMIT_THREADS = 32
 JOURNAL = "_COMMIT.json"
 # The names of the shards vmae-ray writes: part-<run id>-<5+ digits>.parquet, or -rw<5+ digits>
 # for a shard rewritten without superseded videos (Spark's part-00000-<uuid>-c000.snappy.parquet
@@ -48,12 +57,66 @@ JOURNAL = "_COMMIT.json"
 SHARD_NAME = re.compile(r"^part-.+-(rw)?[0-9]{5,}[.]parquet$")
 
 
+class ConcurrentCommitError(RuntimeError):
+    """`_SUCCESS` changed since this run read it: another run committed to the output."""
+
+
+def is_s3_fs(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return any(p in ("s3", "s3a") for p in protocols)
+
+
+def precondition_failed(exc: BaseException) -> bool:
+    """Whether a storage error is a failed conditional request (HTTP 412), however s3fs wrapped it."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, FileExistsError):
+            return True
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def s3_get(fs, path: str) -> tuple[bytes, str | None] | None:
+    """(content, ETag) of one S3 object from one GET (so the two agree), or None when absent."""
+    from fsspec.asyn import sync
+
+    bucket, _, key = path.partition("/")
+
+    async def get():
+        try:
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        try:
+            data = await response["Body"].read()
+        finally:
+            response["Body"].close()
+        return data, response.get("ETag")
+
+    return sync(fs.loop, get)
+
+
+def s3_put(fs, path: str, data: bytes, **condition) -> str | None:
+    """PUT one S3 object (``condition``: IfNoneMatch="*" or IfMatch=etag); returns its new ETag.
+    A failed condition raises (see `precondition_failed`)."""
+    bucket, _, key = path.partition("/")
+    response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    fs.invalidate_cache(path)
+    return response.get("ETag")
+
+
+_UNKNOWN = object()
+
+
 class ForeignFilesError(ValueError):
     """An output's table folders hold files vmae-ray did not write: nothing is written there."""
 
 
 # The named points of a commit, in order (see `failpoint`).
-FAILPOINTS = ("before_journal", "after_journal", "after_first_move", "before_success", "after_success")
+FAILPOINTS = ("after_accept", "before_journal", "after_journal", "after_first_move", "before_success", "after_success")
 
 
 def failpoint(name: str) -> None:
@@ -94,6 +157,10 @@ class CommittedState:
     def settings_fingerprint(self) -> str | None:
         return self.manifest.get("settings_fingerprint")
 
+    @property
+    def layout(self) -> int:
+        return int(self.manifest.get("layout", 1))
+
 
 class OutputStore:
     """All reads and writes under an output folder whose tables are committed by `_SUCCESS`.
@@ -108,6 +175,15 @@ class OutputStore:
         self.tables = tuple(tables)
         self.fs, self.root = url_to_fs(self.output, storage)
         self.root = self.root.rstrip("/")
+        # On S3, _SUCCESS is replaced only if it is still the version this store last read or
+        # wrote (a compare-and-swap on its ETag): a run that lost its lease cannot commit over
+        # another's. _UNKNOWN until read.
+        self._success_etag: Any = _UNKNOWN
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_success_etag"] = _UNKNOWN  # a worker's copy never writes _SUCCESS
+        return state
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts) if "://" not in self.root else join(self.root, *parts)
@@ -115,13 +191,21 @@ class OutputStore:
     # -- reading -------------------------------------------------------------------------
     def read_state(self) -> CommittedState:
         p = self.path(SUCCESS_FILE)
-        if not self.fs.exists(p):
-            return CommittedState()
-        with self.fs.open(p, "rb") as f:
-            try:
-                data = json.loads(f.read().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # another tool's _SUCCESS (Spark's is empty)
-                raise ValueError(f"{self.output}/_SUCCESS is not a vmae-ray manifest (not JSON: {exc})") from None
+        if is_s3_fs(self.fs):
+            found = s3_get(self.fs, p)
+            self._success_etag = None if found is None else found[1]
+            if found is None:
+                return CommittedState()
+            raw = found[0]
+        else:
+            if not self.fs.exists(p):
+                return CommittedState()
+            with self.fs.open(p, "rb") as f:
+                raw = f.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # another tool's _SUCCESS (Spark's is empty)
+            raise ValueError(f"{self.output}/_SUCCESS is not a vmae-ray manifest (not JSON: {exc})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             data = data if isinstance(data, dict) else {}
             raise ValueError(f"{self.output}/_SUCCESS is not a vmae-ray manifest (format {data.get('format')!r})")
@@ -215,11 +299,16 @@ class OutputStore:
 
     # -- commit --------------------------------------------------------------------------
     def commit(self, run_id: str, staged: dict[str, list[str]], manifest: dict[str, Any],
-               previous: CommittedState, superseded_ids: set[str], *, replace_all: bool = False) -> dict[str, Any]:
+               previous: CommittedState, *, replace_all: bool = False,
+               replaced: dict[str, str | None] | None = None, final: bool = True) -> dict[str, Any]:
         """Make the staged files of ``run_id`` the new committed state; returns _SUCCESS.
 
-        ``replace_all`` drops every previously committed file (the settings changed, so
-        old rows must not stay beside new ones).
+        ``staged``: {table: [paths relative to the run's staging folder, e.g. clips/part-...]}.
+        ``replace_all`` drops every previously committed file (the settings changed, so old
+        rows must not stay beside new ones). ``replaced`` maps committed files to their
+        rewritten versions (staged paths) or None (the file is dropped): superseded rows.
+        ``final`` removes the run's staging folder afterwards (workers may still be writing
+        there before the run's last commit).
         """
         files = {t: previous.files_of(t) for t in self.tables}
         staged = {t: list(staged.get(t, [])) for t in self.tables}
@@ -228,17 +317,20 @@ class OutputStore:
         if replace_all:
             dropped = [rel for rels in files.values() for rel in rels]
             files = {t: [] for t in self.tables}
-        elif superseded_ids:
-            files, rewrites, dropped = self._rewrite_without(run_id, files, superseded_ids)
-            for table, rels in rewrites.items():
-                staged[table].extend(rels)
+        for old, new in (replaced or {}).items():
+            table = old.split("/", 1)[0]
+            if old in files.get(table, []):
+                files[table].remove(old)
+                dropped.append(old)
+            if new is not None:
+                staged[table].append(new)
         for table in self.tables:
             for rel in staged.get(table, []):
-                final = posixpath.join(table, posixpath.basename(rel))
-                moves.append((rel, final))
-                files[table].append(final)
-        success = {**manifest, "format": FORMAT, "files": files}
-        plan = {"run_id": run_id, "moves": moves, "success": success, "delete": dropped}
+                final_rel = posixpath.join(table, posixpath.basename(rel))
+                moves.append((rel, final_rel))
+                files[table].append(final_rel)
+        success = {**manifest, "format": FORMAT, "layout": LAYOUT, "files": files}
+        plan = {"run_id": run_id, "moves": moves, "success": success, "delete": dropped, "final": final}
         failpoint("before_journal")
         self._write_bytes(self.path(STAGING, run_id, JOURNAL), json.dumps(plan).encode())
         failpoint("after_journal")
@@ -247,50 +339,75 @@ class OutputStore:
 
     def _apply_commit(self, plan: dict[str, Any]) -> None:
         run_id = plan["run_id"]
-        for rel, final in plan["moves"]:
+
+        def move(pair: tuple[str, str]) -> None:
+            rel, final = pair
             src = self.path(STAGING, run_id, rel)
             dst = self.path(final)
             if self.fs.exists(src):
-                self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
                 self.fs.mv(src, dst)
                 failpoint("after_first_move")
             elif not self.fs.exists(dst):
                 raise RuntimeError(f"commit of run {run_id}: staged file {rel} is missing")
+
+        for folder in sorted({posixpath.dirname(final) for _, final in plan["moves"]}):
+            self.fs.makedirs(self.path(folder), exist_ok=True)
+        self._parallel(move, plan["moves"])
         failpoint("before_success")
-        self._write_bytes(self.path(SUCCESS_FILE), json.dumps(plan["success"], indent=1, default=str).encode())
+        self._write_success(json.dumps(plan["success"], indent=1, default=str).encode())
         failpoint("after_success")
-        # Superseded shards go only after _SUCCESS no longer lists them.
-        for rel in plan.get("delete", []):
+
+        def delete(rel: str) -> None:
             p = self.path(rel)
             if self.fs.exists(p):
                 self.fs.rm(p)
-        if self.fs.exists(self.path(STAGING, run_id)):
-            self.fs.rm(self.path(STAGING, run_id), recursive=True)
-        staging = self.path(STAGING)
-        if self.fs.exists(staging) and not self.fs.ls(staging, detail=False):
-            self.fs.rm(staging, recursive=True)
 
-    def _rewrite_without(self, run_id: str, files: dict[str, list[str]], ids: set[str]):
-        """Copy-on-write: shards holding superseded video ids are rewritten without them."""
-        keep: dict[str, list[str]] = {t: [] for t in self.tables}
-        rewrites: dict[str, list[str]] = {t: [] for t in self.tables}
-        dropped: list[str] = []
-        id_array = pa.array(sorted(ids), pa.string())
-        for table in self.tables:
-            for rel in files[table]:
-                with self.fs.open(self.path(rel), "rb") as f:
-                    data = pq.read_table(f)
-                mask = pc.is_in(data.column("video_id"), value_set=id_array)
-                if not pc.any(mask).as_py():
-                    keep[table].append(rel)
-                    continue
-                dropped.append(rel)
-                remaining = data.filter(pc.invert(mask))
-                if remaining.num_rows:
-                    name = posixpath.join(table, f"part-{run_id}-rw{len(rewrites[table]):05d}.parquet")
-                    self.write_table(run_id, name, remaining)
-                    rewrites[table].append(name)
-        return keep, rewrites, dropped
+        # Superseded shards go only after _SUCCESS no longer lists them.
+        self._parallel(delete, plan.get("delete", []))
+        journal = self.path(STAGING, run_id, JOURNAL)
+        if self.fs.exists(journal):
+            self.fs.rm(journal)
+        if plan.get("final", True):
+            if self.fs.exists(self.path(STAGING, run_id)):
+                self.fs.rm(self.path(STAGING, run_id), recursive=True)
+            staging = self.path(STAGING)
+            if self.fs.exists(staging) and not self.fs.ls(staging, detail=False):
+                self.fs.rm(staging, recursive=True)
+
+    def _write_success(self, data: bytes) -> None:
+        p = self.path(SUCCESS_FILE)
+        if not is_s3_fs(self.fs) or self._success_etag is _UNKNOWN:
+            self._write_bytes(p, data)
+            return
+        condition = {"IfMatch": self._success_etag} if self._success_etag else {"IfNoneMatch": "*"}
+        try:
+            self._success_etag = s3_put(self.fs, p, data, **condition)
+        except Exception as exc:
+            if precondition_failed(exc):
+                raise ConcurrentCommitError(f"{self.output}/_SUCCESS changed since this run read it: another run "
+                                            "committed there; this run's commit is left for recovery") from exc
+            raise
+
+    @staticmethod
+    def _parallel(fn, items: list) -> None:
+        """``fn`` over ``items``, COMMIT_THREADS at a time (object-store requests wait on the
+        network); the first exception is raised once all are done."""
+        if len(items) <= 1:
+            for item in items:
+                fn(item)
+            return
+        with ThreadPoolExecutor(min(COMMIT_THREADS, len(items))) as pool:
+            for future in [pool.submit(fn, item) for item in items]:
+                future.result()
+
+    def remove_staged(self, run_id: str, rels: list[str]) -> None:
+        """Delete staged files of ``run_id`` (a dropped receipt's); missing ones are fine."""
+        def delete(rel: str) -> None:
+            p = self.path(STAGING, run_id, rel)
+            if self.fs.exists(p):
+                self.fs.rm(p)
+
+        self._parallel(delete, rels)
 
     # -- staging -------------------------------------------------------------------------
     def write_table(self, run_id: str, rel: str, table: pa.Table) -> None:
@@ -301,53 +418,6 @@ class OutputStore:
 
     def _write_bytes(self, p: str, data: bytes) -> None:
         write_bytes_atomic(self.fs, p, data)
-
-
-class ShardWriter:
-    """Buffers finished rows per table and stages a Parquet shard per ``rows_per_shard``.
-
-    `take_staged` hands the names staged since the last call to a commit; shard numbers go
-    on across commits, so a name never repeats within a run (a repeated name would make a
-    commit's move overwrite a committed shard, and _SUCCESS list it twice).
-    """
-
-    def __init__(self, store: OutputStore, run_id: str, schemas: dict[str, pa.Schema], rows_per_shard: int):
-        self.store = store
-        self.run_id = run_id
-        self.schemas = schemas
-        self.rows_per_shard = rows_per_shard
-        self._buffers: dict[str, list[dict]] = {t: [] for t in schemas}
-        self._staged: dict[str, list[str]] = {t: [] for t in schemas}
-        self._shards: dict[str, int] = {t: 0 for t in schemas}
-
-    def add(self, table: str, rows: list[dict]) -> None:
-        if not rows:
-            return
-        buf = self._buffers[table]
-        buf.extend(rows)
-        while len(buf) >= self.rows_per_shard:
-            self._flush(table, buf[: self.rows_per_shard])
-            del buf[: self.rows_per_shard]
-
-    @property
-    def has_rows(self) -> bool:
-        """Whether rows were added since the last `take_staged` (buffered or staged)."""
-        return any(self._buffers.values()) or any(self._staged.values())
-
-    def take_staged(self) -> dict[str, list[str]]:
-        """Stage what is buffered, and return (and forget) every shard staged since the last call."""
-        for table, buf in self._buffers.items():
-            if buf:
-                self._flush(table, buf)
-                buf.clear()
-        staged, self._staged = self._staged, {t: [] for t in self.schemas}
-        return staged
-
-    def _flush(self, table: str, rows: list[dict]) -> None:
-        rel = posixpath.join(table, f"part-{self.run_id}-{self._shards[table]:05d}.parquet")
-        self._shards[table] += 1
-        self.store.write_table(self.run_id, rel, rows_to_table(rows, self.schemas[table]))
-        self._staged[table].append(rel)
 
 
 def write_bytes_atomic(fs, path: str, data: bytes) -> None:
@@ -370,26 +440,6 @@ def write_bytes_atomic(fs, path: str, data: bytes) -> None:
     else:
         with fs.open(path, "wb") as f:
             f.write(data)
-
-
-def rows_to_table(rows: Iterable[dict], schema: pa.Schema) -> pa.Table:
-    """Build an Arrow table with exactly ``schema``; embeddings become fixed_size_list."""
-    rows = list(rows)
-    arrays = []
-    for f in schema:
-        values = [r.get(f.name) for r in rows]
-        if pa.types.is_fixed_size_list(f.type):
-            dim = f.type.list_size
-            mask = np.array([v is None for v in values], dtype=bool)
-            flat = np.zeros((len(values), dim), dtype=np.float32)
-            for i, v in enumerate(values):
-                if v is not None:
-                    flat[i] = v
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim,
-                                                             mask=pa.array(mask) if mask.any() else None))
-        else:
-            arrays.append(pa.array(values, type=f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def check_committed_output(output: str, storage: StorageOptions, tables: tuple[str, ...]) -> OutputStore:
@@ -432,5 +482,36 @@ def write_committed(output: str, storage: StorageOptions, tables: dict[str, pa.T
             rel = posixpath.join(name, f"part-{run_id}-{i:05d}.parquet")
             store.write_table(run_id, rel, table.slice(start, rows_per_shard))
             staged[name].append(rel)
-    return store.commit(run_id, staged, {"run_id": run_id, **manifest}, previous, set(), replace_all=True)
+    return store.commit(run_id, staged, {"run_id": run_id, **manifest}, previous, replace_all=True)
+
+
+def rewrite_group(store: OutputStore, run_id: str, rels: list[str], video_ids: set[str]) -> dict[str, str | None]:
+    """Copy-on-write of one shard group without the rows of ``video_ids``; runs in a Ray task.
+
+    ``rels`` are committed files (relative to the output) rewritten together: a receipt's
+    clips/, videos/ and errors/ shards, which share a name, get one new shared name so that
+    stays true. Returns {old file: its rewritten staged file, or None when no row is left};
+    files that hold none of ``video_ids`` are still rewritten when another file of the group is,
+    and left out of the result when none is."""
+    ids = pa.array(sorted(video_ids), pa.string())
+    tables = {}
+    touched = False
+    for rel in rels:
+        with store.fs.open(store.path(rel), "rb") as f:
+            data = pq.read_table(f)
+        mask = pc.is_in(data.column("video_id"), value_set=ids)
+        touched = touched or pc.any(mask).as_py()
+        tables[rel] = data.filter(pc.invert(mask))
+    if not touched:
+        return {}
+    stem = f"{run_id}-{uuid.uuid4().hex[:10]}-rw00000"
+    out: dict[str, str | None] = {}
+    for rel, remaining in tables.items():
+        if remaining.num_rows == 0:
+            out[rel] = None
+            continue
+        new = posixpath.join(posixpath.dirname(rel), f"part-{stem}.parquet")
+        store.write_table(run_id, new, remaining)
+        out[rel] = new
+    return out
 
