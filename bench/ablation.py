@@ -106,15 +106,16 @@ def _decode_cpu(paths: list[str], params, storage) -> tuple[float, int]:
                 pass
         return total
 
-    items = [{"video_id": os.path.basename(p), "uri": p, "size_bytes": os.path.getsize(p),
-              "input_fingerprint": None} for p in paths]
+    items = [{"input_number": i, "video_id": os.path.basename(p), "uri": p, "size_bytes": os.path.getsize(p),
+              "input_fingerprint": None} for i, p in enumerate(paths)]
     # The isolated decoder's child is started on first use: start it before timing.
     list(decode_batch(pa.Table.from_pylist(items[:1]), params=params, storage=storage))
     c0, k0 = time.process_time(), children_cpu()
     clips = 0
     for item in items:
         for table in decode_batch(pa.Table.from_pylist([item]), params=params, storage=storage):
-            clips += sum(1 for k in table.column("kind").to_pylist() if k == KIND_CLIP)
+            clips += sum(len(k) for kind, k in zip(table.column("kind").to_pylist(),
+                                                   table.column("clip_index").to_pylist()) if kind == KIND_CLIP)
     return time.process_time() - c0 + children_cpu() - k0, clips
 
 
@@ -172,7 +173,7 @@ def preroll_skip(paths: list[str], wl, geometry, *, repeats: int = 2) -> dict[st
 def cluster_autoscaler(wl, checkpoint: str, res, output: str) -> dict[str, Any]:
     """The job end to end under each Ray Data cluster autoscaler (Ray already started)."""
     from bench.peers import vmae_ray_peer
-    from vmae_ray.pipeline import CLUSTER_AUTOSCALER_ENV
+    from vmae_ray.graph import CLUSTER_AUTOSCALER_ENV
 
     saved = os.environ.get(CLUSTER_AUTOSCALER_ENV)
     out: dict[str, Any] = {}
@@ -191,46 +192,6 @@ def cluster_autoscaler(wl, checkpoint: str, res, output: str) -> dict[str, Any]:
         else:
             os.environ[CLUSTER_AUTOSCALER_ENV] = saved
     out["speedup"] = out["V2"]["clips_per_second"] / out["RATE_BASED"]["clips_per_second"]
-    return out
-
-
-def model_batches(wl, checkpoint: str, res, output: str, *, repeats: int = 3) -> dict[str, Any]:
-    """The job end to end with full batches (one clip per block) and with Ray Data's default
-    block size (Ray already started), interleaved ``repeats`` times.
-
-    Medians, and the gain as the ratio of the median clips/s after start-up: a 200-clip run is
-    half model-actor start-up, whose jitter would otherwise decide the comparison.
-    """
-    import statistics
-
-    from bench.peers import vmae_ray_peer
-    from vmae_ray import pipeline
-
-    original = pipeline.build_dataset
-    runs: dict[str, list[dict[str, Any]]] = {"ray_bundling": [], "full_batches": []}
-    try:
-        for attempt in range(repeats):
-            for full in (False, True):
-                pipeline.build_dataset = lambda plan, r, full=full: original(plan, r, full_batches=full)
-                name = "full_batches" if full else "ray_bundling"
-                started = time.perf_counter()
-                summary, _argv = vmae_ray_peer(wl, checkpoint, res, os.path.join(output, f"{name}-{attempt}"))
-                seconds = time.perf_counter() - started
-                report = summary.stage_report
-                calls = report.get("model_calls")
-                runs[name].append({"clips": summary.clips, "clips_per_second": summary.clips / seconds,
-                                   "after_startup_clips_per_second": report.get("after_startup_clips_per_second"),
-                                   "model_calls": calls, "model_call_sizes": report.get("model_call_sizes"),
-                                   "clips_per_model_call": summary.clips / calls if calls else None})
-    finally:
-        pipeline.build_dataset = original
-    out: dict[str, Any] = {"repeats": repeats}
-    for name, rows in runs.items():
-        after = [r["after_startup_clips_per_second"] for r in rows if r["after_startup_clips_per_second"]]
-        out[name] = {**rows[-1], "clips_per_second": statistics.median(r["clips_per_second"] for r in rows),
-                     "after_startup_clips_per_second": statistics.median(after) if after else None, "runs": rows}
-    a, b = out["ray_bundling"]["after_startup_clips_per_second"], out["full_batches"]["after_startup_clips_per_second"]
-    out["speedup"] = (b / a) if a and b else out["full_batches"]["clips_per_second"] / out["ray_bundling"]["clips_per_second"]
     return out
 
 

@@ -66,7 +66,7 @@ def measure(path: str, checkpoint: str, sampling: str, frame_stride: int, clips_
     for table in decode_video(item, params, StorageOptions({})):
         kind = table.column("kind")[0].as_py()
         if kind == KIND_CLIP:
-            clips += 1
+            clips += len(table.column("clip_index")[0].as_py())
         elif kind == KIND_ERROR:
             error = table.to_pylist()[0]["message"]
         del table

@@ -240,7 +240,7 @@ def vmae_ray_peer(wl: Workload, checkpoint: str, res: Resources, output: str, ex
 
 
 def decode_params(spec, wl: Workload, threads: int = 1, isolate: bool | None = None):
-    """The DecodeParams `pipeline.build_dataset` builds for this workload, with the job's defaults.
+    """The DecodeParams `planning.decode_params` builds for this workload, with the job's defaults.
 
     ``isolate`` (decode in a child process) defaults to the job's own default.
     """
@@ -275,7 +275,7 @@ def decode_alone(paths: list[str], spec, wl: Workload, *, keep: int = 48,
     import pyarrow as pa
 
     from vmae_ray.schema import KIND_CLIP, KIND_ERROR
-    from vmae_ray.stages import decode_batch
+    from vmae_ray.stages import decode_batch, row_clips
     from vmae_ray.storage import StorageOptions
 
     params = decode_params(spec, wl, isolate=isolate)
@@ -284,16 +284,15 @@ def decode_alone(paths: list[str], spec, wl: Workload, *, keep: int = 48,
     clips = errors = 0
     started, cpu0 = time.perf_counter(), time.process_time()
     for path in paths:
-        item = {"video_id": os.path.basename(path), "uri": path, "size_bytes": os.path.getsize(path),
-                "input_fingerprint": None}
+        item = {"input_number": len(kept), "video_id": os.path.basename(path), "uri": path,
+                "size_bytes": os.path.getsize(path), "input_fingerprint": None}
         for table in decode_batch(pa.Table.from_pylist([item]), params=params, storage=storage):
             kinds = table.column("kind").to_pylist()
             for i, kind in enumerate(kinds):
                 if kind == KIND_CLIP:
-                    clips += 1
-                    if len(kept) < keep:
-                        row = table.slice(i, 1).to_pylist()[0]
-                        kept.append(np.frombuffer(row["pixels"], np.uint8).reshape(row["pixels_shape"]))
+                    row_pixels = row_clips(table, i)  # a video's clips (or a chunk of them)
+                    clips += len(row_pixels)
+                    kept += list(row_pixels[: max(0, keep - len(kept))])
                 elif kind == KIND_ERROR:
                     errors += 1
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu0

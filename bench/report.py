@@ -525,14 +525,6 @@ def _cpu_per_clip(x: dict | None, clips: int) -> float | None:
     return sum(cpu.values()) / clips
 
 
-def _job_rate(run: dict) -> str:
-    """A job's clips/s after start-up (and end to end), with its clips per model call."""
-    after = run.get("after_startup_clips_per_second")
-    text = f"{after:.2f} clips/s after start-up ({run['clips_per_second']:.2f} end to end)" if after else (
-        f"{run['clips_per_second']:.2f} clips/s end to end")
-    return text + f", {run.get('clips_per_model_call') or 0:.1f} clips per model call"
-
-
 def _ablations(ab: dict) -> str:
     """Each throughput change of the codebase, off and on, from `bench/ablation.py`."""
     if not ab:
@@ -569,11 +561,6 @@ def _ablations(ab: dict) -> str:
             f"{c['V2']['clips']} clips, whole job on a running Ray | "
             f"{c['RATE_BASED']['clips_per_second']:.2f} clips/s | {c['V2']['clips_per_second']:.2f} clips/s | "
             f"**{c['speedup']:.2f}x** |"),
-        "model_batches": lambda b: (
-            f"| full model batches: clip rows only, one clip per block, so every model call but the last gets `--batch-size` | "
-            f"ssv2, {b['full_batches']['clips']} clips, whole job on a running Ray, median of {b.get('repeats', 1)} "
-            f"interleaved runs | {_job_rate(b['ray_bundling'])} | {_job_rate(b['full_batches'])} | "
-            f"**{b['speedup']:.2f}x** (after start-up) |"),
     }
     for key, render_row in rows.items():
         entry = ab.get(key)

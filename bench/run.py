@@ -444,13 +444,6 @@ def main(argv=None) -> int:
 
                     _guard(ablations, "cluster_autoscaler", ablation.cluster_autoscaler, by_name["ssv2"],
                            checkpoint, res, os.path.join(workdir, "out", "autoscaler"))
-                if "ablations" in steps and "ssv2" in by_name and "model_batches" not in ablations:
-                    log("ablations: full model batches vs Ray Data's bundling (ssv2, end to end)")
-                    from bench import ablation
-
-                    _guard(ablations, "model_batches", ablation.model_batches, by_name["ssv2"],
-                           checkpoint, res, os.path.join(workdir, "out", "model_batches"),
-                           repeats=1 if args.preset == "tiny" else 3)
         finally:
             if owns_ray:
                 ray.shutdown()

@@ -217,3 +217,42 @@ def uniform_indices(num_frames: int, segments: int) -> list[int]:
     """Brute force for constant-rate video: the frame on screen at the middle of each of
     ``segments`` equal segments of ``num_frames`` frames (frame k covers [k, k + 1))."""
     return [int((i + 0.5) * num_frames / segments) for i in range(segments)]
+
+
+# ---------------------------------------------------------------------------------------------
+# A small corpus and its undisturbed run, shared by the crash, kill, lease and multi-node tests.
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_session) -> str:
+    return ray_session.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def crash_corpus(tmp_path_factory) -> dict:
+    """16 inputs (14 small videos, 2 broken files); ~42 clips with the crash settings."""
+    from vmae_ray.listing import video_id_for_uri
+    from vmae_ray.synthetic import make_video
+
+    folder = tmp_path_factory.mktemp("crash_corpus")
+    for i in range(14):
+        make_video(str(folder / f"v{i:02d}.mp4"), codec="h264", width=64, height=48, fps=10,
+                   num_frames=30 + 2 * i, gop_size=10, seed=100 + i)
+    (folder / "broken_empty.mp4").write_bytes(b"")
+    (folder / "broken_text.mp4").write_bytes(b"this is not a video\n" * 50)
+    ids = {video_id_for_uri(str(p)) for p in folder.iterdir()}
+    return {"dir": str(folder), "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, tiny_classifier, crash_corpus, tmp_path_factory) -> str:
+    """An undisturbed run over the crash corpus: what every disturbed run must reproduce."""
+    out = str(tmp_path_factory.mktemp("baseline") / "out")
+    from tests.test_robustness import CRASH_ARGS, check_final, run_job
+
+    run_job("--input", crash_corpus["dir"], "--output", out, "--model", tiny_classifier, *CRASH_ARGS)
+    state = check_final(out, crash_corpus["ids"])
+    assert len(state["errors"]) == 2 and len(state["videos"]) == 14
+    return out
+
+

@@ -55,7 +55,9 @@ def test_config_file_and_flags_win(tmp_path):
     cfg.write_text("input: from-file/\noutput: out/\nsampling: stride\nframe-stride: 8\nbatch_size: 2\n")
     c = config_from_args(["--config", str(cfg), "--frame-stride", "3"])
     assert config_from_args(["--config", str(cfg), "--sampling", "uniform"]).sampling == "uniform"  # its stride unused
-    assert c.input == "from-file/" and c.sampling == "stride" and c.frame_stride == 3 and c.batch_size == 2
+    # Relative paths in a config file, as on the command line, are the working directory's.
+    assert c.input == os.path.abspath("from-file") and c.sampling == "stride" and c.frame_stride == 3
+    assert c.batch_size == 2
 
 
 def test_config_file_unknown_key(tmp_path, capsys):
@@ -166,7 +168,7 @@ def test_a_bad_input_with_overwrite_keeps_the_committed_tables(tmp_path, classif
     import pyarrow as pa
 
     from vmae_ray.config import ConfigError
-    from vmae_ray.pipeline import prepare
+    from vmae_ray.planning import prepare
     from vmae_ray.storage import StorageOptions
     from vmae_ray.writing import write_committed
 
@@ -187,7 +189,7 @@ def test_an_output_folder_holding_other_files_is_refused(tmp_path, classifier_di
     import os
 
     from vmae_ray.config import ConfigError
-    from vmae_ray.pipeline import prepare
+    from vmae_ray.planning import prepare
     from vmae_ray.synthetic import make_video
 
     corpus = tmp_path / "corpus"
@@ -248,7 +250,7 @@ def test_embed_refuses_another_commands_output(tmp_path, classifier_dir):
     import pyarrow as pa
 
     from vmae_ray.config import ConfigError
-    from vmae_ray.pipeline import prepare
+    from vmae_ray.planning import prepare
     from vmae_ray.storage import StorageOptions
     from vmae_ray.writing import write_committed
 

@@ -410,7 +410,7 @@ def test_cover_art_is_never_chosen(tmp_path):
 def test_geometry_flag(tiny_classifier):
     from vmae_ray.checkpoint import load_model_spec
     from vmae_ray.cli import config_from_args
-    from vmae_ray.pipeline import decode_params, settings_fingerprint
+    from vmae_ray.planning import decode_params, settings_fingerprint
 
     spec = load_model_spec(tiny_classifier)
     base = ["--input", "in", "--output", "out", "--model", tiny_classifier]

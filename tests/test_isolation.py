@@ -8,21 +8,21 @@ import pyarrow as pa
 
 from vmae_ray.isolation import IsolatedDecoder
 from vmae_ray.schema import DECODED_SCHEMA
-from vmae_ray.stages import DecodeParams, clip_table, decode_video, decoded_table, error_table
+from vmae_ray.stages import DecodeParams, clips_row, decode_video, decoded_table, error_table
 
 
 def fake_decode(item, behaviour):
     """Stands in for a decoder: two clips, or crashing/hanging between them on marked inputs."""
     kind = behaviour.get(item["uri"], "ok")
     row = {"kind": "clip", "video_id": item["video_id"], "uri": item["uri"], "num_clips": 2}
-    yield decoded_table([{**row, "clip_index": 0}])
+    yield decoded_table([{**row, "clip_index": [0]}])
     if kind == "segfault":
         os.kill(os.getpid(), signal.SIGSEGV)
     if kind == "abort":
         os.abort()
     if kind == "hang":
         time.sleep(3600)
-    yield decoded_table([{**row, "clip_index": 1}])
+    yield decoded_table([{**row, "clip_index": [1]}])
 
 
 def items(*uris):
@@ -71,13 +71,19 @@ def test_real_decoder_in_child(synthetic_corpus, tmp_path):
     assert err["error_type"] == "not_found"
 
 
+class _Clip:
+    def __init__(self, index, pixels):
+        self.clip_index, self.start_seconds, self.end_seconds, self.frame_indices = index, 0.0, 1.0, [0]
+        self.pixels = pixels
+
+
 def sized_tables(item, sizes):
-    """Clip rows whose pixels are `size` bytes of a pattern derived from the size."""
+    """Decoded rows whose pixels are `size` bytes of a pattern derived from the size."""
     import numpy as np
 
     for i, size in enumerate(sizes):
         pixels = (np.arange(size, dtype=np.int64) * 7 + size).astype(np.uint8)
-        yield clip_table({"kind": "clip", "video_id": item["video_id"], "uri": item["uri"], "clip_index": i}, pixels)
+        yield clips_row({"video_id": item["video_id"], "uri": item["uri"]}, [_Clip(i, pixels)], decode_seconds=0.0)
 
 
 def test_tables_cross_the_pipe_intact():

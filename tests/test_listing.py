@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from vmae_ray.config import ConfigError, EmbedConfig
+from vmae_ray.config import EmbedConfig
 from vmae_ray.listing import list_inputs
 from vmae_ray.storage import StorageOptions
 
@@ -23,7 +23,7 @@ TRICKY = {"talk [1].mp4": "talk 1.mp4", "clip*.mp4": "clipA.mp4", "take?.mp4": "
 
 
 def _uris(uri: str, storage: StorageOptions | None = None) -> list[str]:
-    return [v.uri for v in list_inputs(uri, storage or StorageOptions()).inputs]
+    return list_inputs(uri, storage or StorageOptions()).column("uri").to_pylist()
 
 
 @pytest.fixture
@@ -76,13 +76,13 @@ def test_names_on_s3_are_taken_as_given(s3_server, s3_bucket):
 
 def test_bracketed_input_through_prepare(shared_media, tiny_classifier, tmp_path):
     """What `--input ".../brackets/talk [1].mp4"` makes the job read (checked before Ray starts)."""
-    from vmae_ray.pipeline import prepare
+    from vmae_ray.planning import prepare
 
     talk = os.path.join(shared_media, "cases", "brackets", "talk [1].mp4")
     if not os.path.exists(talk):
         pytest.skip(f"{talk} not found")
     plan = prepare(EmbedConfig(input=talk, output=str(tmp_path / "out"), model=tiny_classifier).validate())
-    assert [v.uri for v in plan.todo] == [talk]
+    assert [(p.kind, p.uri) for p in plan.listing.parts] == [("file", talk)]
     # A copy of the folder without the bracketed file: the same name is now a glob, which
     # reads the neighbour (as before this fix every time), and says so by its listing.
     copy = tmp_path / "brackets"
@@ -90,7 +90,7 @@ def test_bracketed_input_through_prepare(shared_media, tiny_classifier, tmp_path
     os.remove(copy / "talk [1].mp4")
     plan = prepare(EmbedConfig(input=str(copy / "talk [1].mp4"), output=str(tmp_path / "out2"),
                                model=tiny_classifier).validate())
-    assert [v.uri for v in plan.todo] == [str(copy / "talk 1.mp4")]
-    with pytest.raises(ConfigError, match="--input"):
-        prepare(EmbedConfig(input=str(copy / "talk [2].mp4"), output=str(tmp_path / "out3"),
-                            model=tiny_classifier).validate())
+    assert [p.kind for p in plan.listing.parts] == ["glob"]
+    assert _uris(str(copy / "talk [1].mp4")) == [str(copy / "talk 1.mp4")]
+    with pytest.raises(ValueError, match="matches no file"):  # a listing error of the run
+        _uris(str(copy / "talk [2].mp4"))

@@ -419,26 +419,25 @@ def test_stratified_group_folds_keep_videos_apart():
 def test_head_labels_win_in_the_assembler():
     """With a head, the job's labels come from the head's logits of the clip embeddings, even when
     rows carry a classifier's logits; videos from the mean of the clip logits."""
-    from vmae_ray.assembly import ResultAssembler
-    from vmae_ray.schema import VIDEO_FACTS, embedded_schema
+    from vmae_ray.assembly import Labeler, OutputSchemas, assemble
+    from vmae_ray.schema import clips_schema, embedded_schema, errors_schema, videos_schema
 
     rng = np.random.default_rng(0)
     head = LinearHead(weight=rng.normal(size=(3, 4)), bias=rng.normal(size=3), id2label={0: "x", 1: "y", 2: "z"},
                       level="clip", model_fingerprint="m", embedding_fingerprint="e", settings_fingerprint="s")
     emb = rng.normal(size=(2, 4)).astype(np.float32)
-    rows = [{"kind": "clip", "video_id": "v", "uri": "/v.mp4", "clip_index": i, "num_clips": 2, "model_call": "a:1",
-             "model_call_clips": 2, "logits": [9.0, 0.0, 0.0], **{k: None for k in VIDEO_FACTS}} for i in range(2)]
-    batch = pa.Table.from_pylist(rows, schema=embedded_schema(4, with_logits=True).remove(
-        embedded_schema(4, with_logits=True).get_field_index("embedding")))
-    batch = batch.append_column("embedding", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 4))
-    assembler = ResultAssembler({}, id2label=head.id2label, head=head, top_k=3, run_id="r", settings_fingerprint="s")
-    done = assembler.add(batch)
+    rows = [{"input_number": 0, "video_id": "v", "uri": "/v.mp4", "clip_index": i, "num_clips": 2,
+             "embedding": emb[i].tolist(), "logits": [9.0, 0.0, 0.0]} for i in range(2)]
+    table = pa.Table.from_pylist(rows, schema=embedded_schema(4, with_logits=True))
+    schemas = OutputSchemas(clips_schema(4, with_labels=True), videos_schema(4, with_labels=True), errors_schema())
+    clips, videos = assemble(table, schemas=schemas, common={"run_id": "r", "settings_fingerprint": "s"},
+                             labeler=Labeler(id2label=head.id2label, top_k=3, head=head), with_reconstruction=False)
     expected = softmax(head.logits(emb))
-    for row, p in zip(done.clips, expected):
+    for row, p in zip(clips.to_pylist(), expected):
         assert row["top_labels"][0] == head.id2label[int(p.argmax())]
-        np.testing.assert_allclose(row["top_scores"], np.sort(p)[::-1], rtol=1e-12)
+        np.testing.assert_allclose(row["top_scores"], np.sort(p)[::-1], rtol=1e-6)
     video = softmax(head.logits(emb).mean(axis=0)[None])[0]
-    np.testing.assert_allclose(done.videos[0]["top_scores"], np.sort(video)[::-1], rtol=1e-12)
+    np.testing.assert_allclose(videos.column("top_scores").to_pylist()[0], np.sort(video)[::-1], rtol=1e-6)
 
 
 def test_embedding_fingerprint_ignores_labels_and_head(tiny_pretraining):
@@ -447,7 +446,7 @@ def test_embedding_fingerprint_ignores_labels_and_head(tiny_pretraining):
     import hashlib
 
     from vmae_ray.checkpoint import load_model_spec
-    from vmae_ray.pipeline import embedding_fingerprint, settings_fingerprint
+    from vmae_ray.planning import embedding_fingerprint, settings_fingerprint
 
     spec = load_model_spec(tiny_pretraining)
     base = config_from_args(["--input", "i", "--output", "o", *JOB_ARGS])

@@ -22,12 +22,11 @@ import torch
 
 from tests.conftest import copy_checkpoint, edit_json
 from tests.test_pipeline import read_table, run_job, success
-from vmae_ray.assembly import ResultAssembler
+from vmae_ray.assembly import OutputSchemas, assemble
 from vmae_ray.cli import config_from_args, main
 from vmae_ray.embedder import ModelLoadError, VideoMAEEmbedder
-from vmae_ray.listing import VideoInput
 from vmae_ray.reconstruction import clip_mask, masked_per_frame, pack_mask, unpack_mask
-from vmae_ray.schema import RESERVED_COLUMNS, clips_schema, embedded_schema, videos_schema
+from vmae_ray.schema import RESERVED_COLUMNS, clips_schema, embedded_schema, errors_schema, videos_schema
 from vmae_ray.synthetic import (
     TEXTURE_CLIP_KINDS,
     TRAINED_PRETRAINING,
@@ -237,24 +236,20 @@ def test_columns_exist_only_with_reconstruction():
 
 def test_video_loss_is_the_mean_of_its_clips():
     schema = embedded_schema(2, with_logits=False, with_reconstruction=True)
-    rows = [{"kind": "clip", "video_id": "v", "uri": "/v.mp4", "clip_index": i, "num_clips": 3, "embedding": [0.0, 1.0],
-             "model_call": "a:1", "model_call_clips": 3, "reconstruction_loss": loss, "reconstruction_mask": bytes([i])}
+    rows = [{"input_number": 0, "video_id": "v", "uri": "/v.mp4", "clip_index": i, "num_clips": 3,
+             "embedding": [0.0, 1.0], "reconstruction_loss": loss, "reconstruction_mask": bytes([i])}
             for i, loss in enumerate([0.5, 0.25, 1.0])]
-    assembler = ResultAssembler({"v": VideoInput("v", "/v.mp4")}, id2label=None, top_k=1, run_id="r",
-                                settings_fingerprint="s", with_reconstruction=True)
-    finished = assembler.add(pa.Table.from_pylist(rows, schema=schema))
-    assert [c["reconstruction_mask"] for c in finished.clips] == [b"\x00", b"\x01", b"\x02"]
-    assert finished.videos[0]["reconstruction_loss"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
-    rows[0]["reconstruction_loss"] = None
-    fresh = ResultAssembler({"v": VideoInput("v", "/v.mp4")}, id2label=None, top_k=1, run_id="r",
-                            settings_fingerprint="s", with_reconstruction=True)
-    with pytest.raises(ValueError, match="without a reconstruction loss"):
-        fresh.add(pa.Table.from_pylist(rows, schema=schema))
+    schemas = OutputSchemas(clips_schema(2, with_labels=False, with_reconstruction=True),
+                            videos_schema(2, with_labels=False, with_reconstruction=True), errors_schema())
+    clips, videos = assemble(pa.Table.from_pylist(rows, schema=schema), schemas=schemas,
+                             common={"run_id": "r", "settings_fingerprint": "s"}, labeler=None, with_reconstruction=True)
+    assert clips.column("reconstruction_mask").to_pylist() == [b"\x00", b"\x01", b"\x02"]
+    assert videos.column("reconstruction_loss").to_pylist()[0] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
 
 
 def test_settings_fingerprint_separates_reconstruction_runs(tiny_pretraining):
     from vmae_ray.checkpoint import load_model_spec
-    from vmae_ray.pipeline import settings_fingerprint
+    from vmae_ray.planning import settings_fingerprint
 
     spec = load_model_spec(tiny_pretraining)
 
@@ -285,7 +280,7 @@ def test_flags_are_refused_before_ray(tiny_classifier, tiny_pretraining, tmp_pat
 
 def test_licence_lines(tiny_pretraining):
     from vmae_ray.checkpoint import load_model_spec
-    from vmae_ray.pipeline import licence_lines
+    from vmae_ray.planning import licence_lines
 
     spec = load_model_spec(tiny_pretraining)
     assert spec.license is None and licence_lines(spec) == (None, None)
@@ -317,8 +312,8 @@ def reconstruction_run(ray_session, tiny_pretraining, synthetic_corpus, tmp_path
 
 def test_job_rows_recompute_with_plain_transformers(reconstruction_run):
     from vmae_ray.checkpoint import load_model_spec
-    from vmae_ray.pipeline import decode_params
-    from vmae_ray.stages import decode_video
+    from vmae_ray.planning import decode_params
+    from vmae_ray.stages import decode_video, video_clips
     from vmae_ray.storage import StorageOptions
 
     out, model = reconstruction_run["out"], reconstruction_run["model"]
@@ -338,10 +333,9 @@ def test_job_rows_recompute_with_plain_transformers(reconstruction_run):
     row = rows[-1]
     config = config_from_args(reconstruction_run["args"])
     item = {"video_id": row["video_id"], "uri": row["uri"], "size_bytes": None, "input_fingerprint": None}
-    for table in decode_video(item, decode_params(config, spec, spec.num_frames), StorageOptions({})):
-        if table.column("clip_index")[0].as_py() == row["clip_index"]:
-            shape = table.column("pixels_shape")[0].as_py()
-            clip = np.frombuffer(table.column("pixels")[0].as_buffer(), np.uint8).reshape(shape)
+    facts, pixels = video_clips(list(decode_video(item, decode_params(config, spec, spec.num_frames),
+                                                  StorageOptions({}))))
+    clip = pixels[[f["clip_index"] for f in facts].index(row["clip_index"])]
     mask = unpack_mask(row["reconstruction_mask"], spec.num_tokens)
     assert row["reconstruction_loss"] == pytest.approx(hf_losses(model, clip[None], mask[None])[0], rel=1e-4)
     for video in videos.to_pylist():

@@ -29,7 +29,8 @@ from tests.browser import DomReader, render_page
 from vmae_ray import report, schema
 from vmae_ray.cli import config_from_args
 from vmae_ray.cli import main as cli_main
-from vmae_ray.pipeline import ClipTimeline, run
+from vmae_ray.pipeline import run
+from vmae_ray.progress import ClipTimeline
 from vmae_ray.storage import StorageOptions
 from vmae_ray.synthetic import make_hostile_corpus
 from vmae_ray.writing import write_committed

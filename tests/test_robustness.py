@@ -39,11 +39,11 @@ TABLES = ("clips", "videos", "errors")
 EXIT_FAILPOINT = 86
 
 # The settings every crash/kill run shares with its undisturbed baseline: stride sampling
-# (three clips a video), small model batches and shards, and a commit every 50 ms so that
-# kills land before, inside and between commits.
+# (three clips a video), small model batches, one input per decode task (many tasks and
+# receipts), and a commit every 50 ms so that kills land before, inside and between commits.
 CRASH_ARGS = ("--sampling", "stride", "--clips-per-video", "3", "--frame-stride", "2", "--batch-size", "2",
-              "--rows-per-shard", "8", "--commit-every-seconds", "0.05", "--progress-seconds", "60",
-              "--decode-timeout-seconds", "60")
+              "--commit-every-seconds", "0.05", "--progress-seconds", "60",
+              "--decode-timeout-seconds", "60", "--videos-per-task", "1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,11 +179,6 @@ def run_job(*args):
     return run(config_from_args([str(a) for a in args]))
 
 
-@pytest.fixture(scope="module")
-def ray_address(ray_session) -> str:
-    return ray_session.get_runtime_context().gcs_address
-
-
 def launch_driver(ray_address: str, args, log_path: str, **env) -> subprocess.Popen:
     """`python jobs/embed_videos.py ARGS` as its own process, on the session's Ray."""
     full_env = {**os.environ, "RAY_ADDRESS": ray_address, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
@@ -246,32 +241,6 @@ class JobThread(threading.Thread):
 # ---------------------------------------------------------------------------------------------
 # Media
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def crash_corpus(tmp_path_factory) -> dict:
-    """16 inputs (14 small videos, 2 broken files); ~42 clips with the crash settings."""
-    from vmae_ray.listing import video_id_for_uri
-    from vmae_ray.synthetic import make_video
-
-    folder = tmp_path_factory.mktemp("crash_corpus")
-    for i in range(14):
-        make_video(str(folder / f"v{i:02d}.mp4"), codec="h264", width=64, height=48, fps=10,
-                   num_frames=30 + 2 * i, gop_size=10, seed=100 + i)
-    (folder / "broken_empty.mp4").write_bytes(b"")
-    (folder / "broken_text.mp4").write_bytes(b"this is not a video\n" * 50)
-    ids = {video_id_for_uri(str(p)) for p in folder.iterdir()}
-    return {"dir": str(folder), "ids": ids}
-
-
-@pytest.fixture(scope="module")
-def baseline(ray_session, tiny_classifier, crash_corpus, tmp_path_factory) -> str:
-    """An undisturbed run over the crash corpus: what every disturbed run must reproduce."""
-    out = str(tmp_path_factory.mktemp("baseline") / "out")
-    run_job("--input", crash_corpus["dir"], "--output", out, "--model", tiny_classifier, *CRASH_ARGS)
-    state = check_final(out, crash_corpus["ids"])
-    assert len(state["errors"]) == 2 and len(state["videos"]) == 14
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,8 +424,8 @@ def kill_driver(proc: subprocess.Popen, commits, mode: str, rng: random.Random, 
 
 
 def _random_kill_chain(tmp_path, ray_address, baseline, crash_corpus, tiny_classifier, *, out, modes, seed,
-                       driver_env=None, inspect=lambda: None, before_rerun=lambda: None):
-    args = ["--input", crash_corpus["dir"], "--output", out, "--model", tiny_classifier, *CRASH_ARGS]
+                       driver_env=None, inspect=lambda: None, before_rerun=lambda: None, extra=()):
+    args = ["--input", crash_corpus["dir"], "--output", out, "--model", tiny_classifier, *CRASH_ARGS, *extra]
     rng = random.Random(seed)
     report = []
     for i, (mode, commits) in enumerate(modes):
@@ -514,6 +483,8 @@ def test_driver_killed_at_random_points_then_resumed_s3(ray_address, baseline, c
     _random_kill_chain(
         tmp_path, ray_address, baseline, crash_corpus, tiny_classifier, out=f"s3://{s3_bucket}/{prefix}", seed=1,
         modes=[("journal", commits), ("after_commit", commits)], driver_env=s3_server.env,
+        # A killed driver leaves its S3 lease until it expires: the next run waits and takes it over.
+        extra=("--lease-seconds", "10", "--wait-for-lock"),
         inspect=lambda: mirror_s3(s3_server, s3_bucket, prefix, mirror), before_rerun=before_rerun)
     s3fs.S3FileSystem.clear_instance_cache()  # drop the instance made with these credentials
 

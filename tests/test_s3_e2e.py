@@ -239,10 +239,10 @@ def test_videos_read_with_one_get_each(prefix_run, s3_world):
         path = "/" + uri.removeprefix("s3://")
         assert per_key.get(path) == ["GET"], (uri, per_key.get(path))
     assert f"/{s3_world.data}/videos/notes.txt" not in per_key
-    # The whole prefix was listed with a constant number of LIST requests (is it a
-    # directory, then one recursive listing); test_listing_cost_* shows it stays so for more.
+    # The whole prefix was listed with a constant number of LIST requests (is it a directory,
+    # one probe of its key range, one listing task); test_listing_cost_* shows it stays so.
     lists = [r for r in requests if r.path == f"/{s3_world.data}"]
-    assert 1 <= len(lists) <= 2, lists
+    assert 1 <= len(lists) <= 3, lists
 
 
 def test_listing_cost_does_not_grow_with_objects(s3_server, s3_bucket):
@@ -261,11 +261,44 @@ def test_listing_cost_does_not_grow_with_objects(s3_server, s3_bucket):
         listing = list_inputs(f"s3://{s3_bucket}/{prefix}/", storage)
         time.sleep(0.1)
         calls = s3_server.requests[mark:]
-        assert len(listing.inputs) == n
-        assert all(v.size_bytes is not None and v.version for v in listing.inputs)
+        assert listing.num_rows == n
+        assert all(s is not None for s in listing.column("size_bytes").to_pylist())
+        assert all(listing.column("version").to_pylist())
         assert not [r for r in calls if r.path.startswith(f"/{s3_bucket}/{prefix}/")], calls  # no per-object request
         costs[prefix] = len(calls)
     assert costs["many"] == costs["few"] <= 3, costs
+
+
+def test_a_flat_prefix_is_split_into_key_ranges_that_cover_every_key_once(s3_server, s3_bucket):
+    """A prefix with more keys than a probe page is split at the next key character (again
+    where a range is still full); the ranges' listings are the prefix's keys, each once, compared
+    with a plain paginated ListObjectsV2 (boto3), whatever characters the keys hold."""
+    import s3fs
+
+    from vmae_ray.listing import ListingPlan, list_part, plan_key_ranges
+    from vmae_ray.storage import StorageOptions, url_to_fs
+
+    names = [f"{c}{i:02d}.mp4" for c in "0aAz_-" for i in range(9)] + ["a.mp4", "a", "~odd.mp4", "é.mp4", "a/b/c.mp4"]
+    for name in names:
+        s3_server.client.put_object(Bucket=s3_bucket, Key=f"flat/{name}", Body=b"x")
+    s3fs.S3FileSystem.clear_instance_cache()
+    uri = f"s3://{s3_bucket}/flat"
+    fs, path = url_to_fs(uri, StorageOptions(s3_server.storage_options))
+    parts = plan_key_ranges(fs, uri, path, page_keys=4, max_ranges=400)
+    assert len(parts) > 20  # split twice where needed
+    plan = ListingPlan(uri, "directory", tuple(parts), extensions=(".mp4",), base_dir="/")
+    listed = [u for p in parts for t in list_part(p, plan, StorageOptions(s3_server.storage_options))
+              for u in t.column("uri").to_pylist()]
+    truth, token = [], None
+    while True:
+        page = s3_server.client.list_objects_v2(Bucket=s3_bucket, Prefix="flat/", **({"ContinuationToken": token}
+                                                                                       if token else {}))
+        truth += [f"s3://{s3_bucket}/{c['Key']}" for c in page.get("Contents", [])
+                  if c["Key"].endswith(".mp4") and not c["Key"].rsplit("/", 1)[-1].startswith("_")]  # hidden
+        if not page.get("IsTruncated"):
+            break
+        token = page["NextContinuationToken"]
+    assert sorted(listed) == sorted(truth) and len(listed) == len(set(listed)) == len(names) - 1 - 9
 
 
 def test_s3_output_commit(prefix_run, s3_server):

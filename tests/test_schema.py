@@ -8,18 +8,18 @@ import pytest
 from vmae_ray import schema
 from vmae_ray.schema import DECODED_SCHEMA, ERROR_TYPES, STAGES, embedded_schema, error_row
 
-ITEM = {"video_id": "v1", "uri": "s3://b/v1.mp4", "input_fingerprint": "fp", "size_bytes": 7}
+ITEM = {"input_number": 3, "video_id": "v1", "uri": "s3://b/v1.mp4", "input_fingerprint": "fp", "size_bytes": 7}
 
 
 def test_error_row_fields_and_truncation():
     row = error_row(ITEM, stage="probe", error_type="too_large", message="x" * 5000, decode_seconds=1.5)
     assert row["kind"] == schema.KIND_ERROR
-    assert (row["video_id"], row["uri"], row["input_fingerprint"], row["size_bytes"]) == ("v1", "s3://b/v1.mp4", "fp", 7)
+    assert (row["input_number"], row["video_id"], row["uri"], row["input_fingerprint"], row["size_bytes"]) == (
+        3, "v1", "s3://b/v1.mp4", "fp", 7)
     assert (row["stage"], row["error_type"], row["decode_seconds"]) == ("probe", "too_large", 1.5)
     assert row["message"] == "x" * schema.MAX_MESSAGE_CHARS
-    # It fits both row schemas between the steps.
+    # It fits the decoded rows' schema (the embedded rows hold clips only).
     assert pa.Table.from_pylist([row], schema=DECODED_SCHEMA).num_rows == 1
-    assert pa.Table.from_pylist([row], schema=embedded_schema(8, with_logits=True)).num_rows == 1
 
 
 @pytest.mark.parametrize("stage, error_type", [("decoding", "corrupt"), ("decode", "broken"), ("", "corrupt")])
@@ -56,8 +56,12 @@ def test_every_code_the_code_base_writes_is_known():
         assert value in (STAGES if key == "stage" else ERROR_TYPES), f"{key}={value!r} in {where}"
 
 
-def test_embedded_schema_drops_pixels_and_adds_model_outputs():
-    s = embedded_schema(16, with_logits=False)
+def test_embedded_schema_is_per_clip_with_model_outputs():
+    s = embedded_schema(16, with_logits=False, passthrough=pa.schema([("split", pa.string())]))
     assert "pixels" not in s.names and s.field("embedding").type == pa.list_(pa.float32(), 16)
-    assert {"embed_seconds", "model_call", "model_call_clips"} <= set(s.names) and "logits" not in s.names
+    assert s.field("clip_index").type == pa.int32() and s.field("input_number").type == pa.int64()
+    assert "logits" not in s.names and s.names[-1] == "split"
     assert embedded_schema(16, with_logits=True).field("logits").type == pa.list_(pa.float32())
+    # Decoded rows hold a video's clips: one value per clip in the list columns.
+    assert DECODED_SCHEMA.field("clip_index").type == pa.list_(pa.int32())
+    assert DECODED_SCHEMA.field("frame_indices").type == pa.list_(pa.list_(pa.int32()))

@@ -23,7 +23,7 @@ from vmae_ray.reading import CommittedOutput
 from vmae_ray.search import IndexFiles, UpdatePlan, decide_update
 from vmae_ray.storage import StorageOptions, url_to_fs
 from vmae_ray.synthetic import clustered_unit_vectors
-from vmae_ray.writing import OutputStore
+from vmae_ray.writing import OutputStore, rewrite_group
 
 DIM = 32
 CLIPS = 3
@@ -52,7 +52,12 @@ class World:
                 store.write_table(run_id, rel, data)
                 staged[table].append(rel)
         manifest = {"run_id": run_id, "settings_fingerprint": "fp", "config": {}, "model": {}}
-        store.commit(run_id, staged, manifest, previous, set(superseded))
+        replaced = {}
+        if superseded:  # as the job does: the shard groups holding them are rewritten without them
+            for stem in sorted({os.path.basename(f) for f in previous.files_of("videos")}):
+                group = [f"{t}/{stem}" for t in ("clips", "videos") if f"{t}/{stem}" in previous.files_of(t)]
+                replaced.update(rewrite_group(store, run_id, group, set(superseded)))
+        store.commit(run_id, staged, manifest, previous, replaced=replaced)
         self.videos.update(clips)
         return run_id
 
@@ -370,10 +375,20 @@ def test_a_retried_decode_counts_each_clip_once_and_a_zero_query_is_refused():
     import numpy as np
 
     from vmae_ray.config import ConfigError
-    from vmae_ray.search import Query, last_row_of_each_clip
+    from vmae_ray.search import Query
+    from vmae_ray.stages import clips_row, video_clips
 
-    assert last_row_of_each_clip([0, 1, 0, 1, 2]).tolist() == [2, 3, 4]  # a retry re-sent clips 0 and 1
-    assert last_row_of_each_clip([2, 0, 1]).tolist() == [1, 2, 0]
+    class Clip:
+        def __init__(self, k, value):
+            self.clip_index, self.start_seconds, self.end_seconds, self.frame_indices = k, 0.0, 1.0, [k]
+            self.pixels = np.full((1, 2, 2, 3), value, np.uint8)
+
+    # A retried read re-sent clips 0 and 1 (values 10 and 11 the second time): each counts once, the last wins.
+    rows = [clips_row({"video_id": "v", "uri": "u", "num_clips": 3}, [Clip(0, 0), Clip(1, 1)], decode_seconds=0),
+            clips_row({"video_id": "v", "uri": "u", "num_clips": 3}, [Clip(0, 10), Clip(1, 11), Clip(2, 2)],
+                      decode_seconds=0)]
+    facts, pixels = video_clips(rows)
+    assert [f["clip_index"] for f in facts] == [0, 1, 2] and pixels[:, 0, 0, 0, 0].tolist() == [10, 11, 2]
     for bad in (np.zeros(4), np.array([1.0, np.nan, 0.0, 0.0])):
         with pytest.raises(ConfigError, match="^--query: .*zero or not finite"):
             Query(bad, None, "x.mp4", False, "x.mp4, not in the tables")

@@ -18,10 +18,10 @@ from PIL import Image
 from vmae_ray.checkpoint import load_model_spec
 from vmae_ray.cli import config_from_args, main
 from vmae_ray.listing import video_id_for_uri
-from vmae_ray.pipeline import decode_params
+from vmae_ray.planning import decode_params
 from vmae_ray.reconstruction import clip_mask
 from vmae_ray.show import MASK_FILL, GridLayout, pixel_mask
-from vmae_ray.stages import decode_video
+from vmae_ray.stages import decode_video, video_clips
 from vmae_ray.storage import StorageOptions
 
 SAMPLING = ["--sampling", "stride", "--clips-per-video", "2", "--frame-stride", "2"]
@@ -31,10 +31,11 @@ def decoded_clip(model: str, video: str, clip_index: int) -> np.ndarray:
     config = config_from_args(["--input", video, "--output", "unused", "--model", model, *SAMPLING])
     spec = load_model_spec(model)
     item = {"video_id": "x", "uri": video, "size_bytes": None, "input_fingerprint": None}
-    for table in decode_video(item, decode_params(config, spec, spec.num_frames), StorageOptions({})):
-        if table.column("clip_index")[0].as_py() == clip_index:
-            shape = table.column("pixels_shape")[0].as_py()
-            return np.frombuffer(table.column("pixels")[0].as_buffer(), np.uint8).reshape(shape)
+    facts, pixels = video_clips(list(decode_video(item, decode_params(config, spec, spec.num_frames),
+                                                  StorageOptions({}))))
+    for fact, clip in zip(facts, pixels):
+        if fact["clip_index"] == clip_index:
+            return clip
     raise AssertionError(f"no clip {clip_index}")
 
 

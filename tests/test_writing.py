@@ -13,14 +13,13 @@ import json
 import os
 import re
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from vmae_ray import schema, writing
 from vmae_ray.storage import StorageOptions
-from vmae_ray.writing import FAILPOINTS, CommittedState, OutputStore, ShardWriter, rows_to_table
+from vmae_ray.writing import COMMIT_FAILPOINTS, CommittedState, OutputStore, rewrite_group
 
 DIM = 3
 SCHEMAS = {
@@ -43,12 +42,33 @@ def clip(vid: str, run_id: str) -> dict:
     return {"video_id": vid, "uri": f"/v/{vid}.mp4", "clip_index": 0, "embedding": [0.5, 0.5, 0.5], "run_id": run_id}
 
 
+def stage_receipt(store: OutputStore, run_id: str, attempt: str, vids: list[str]) -> dict[str, list[str]]:
+    """What a model actor call stages: clips and videos shards sharing one name."""
+    staged = {}
+    for table, make in ((schema.VIDEOS, video), (schema.CLIPS, clip)):
+        rel = f"{table}/part-{run_id}-{attempt}-00001.parquet"
+        store.write_table(run_id, rel, pa.Table.from_pylist([make(v, run_id) for v in vids], schema=SCHEMAS[table]))
+        staged[table] = [rel]
+    return staged
+
+
 def commit_run(store: OutputStore, state: CommittedState, run_id: str, vids: list[str], *,
-               superseded: set[str] = frozenset(), rows_per_shard: int = 2) -> dict:
-    writer = ShardWriter(store, run_id, SCHEMAS, rows_per_shard)
-    writer.add(schema.VIDEOS, [video(v, run_id) for v in vids])
-    writer.add(schema.CLIPS, [clip(v, run_id) for v in vids])
-    return store.commit(run_id, writer.take_staged(), {"run_id": run_id}, state, set(superseded))
+               superseded: set[str] = frozenset()) -> dict:
+    """A run that stages two receipts (the videos in halves) and commits them; ``superseded``
+    videos' rows are first rewritten out of the committed groups that hold them."""
+    staged: dict[str, list[str]] = {t: [] for t in schema.TABLES}
+    half = (len(vids) + 1) // 2
+    for i, part in enumerate((vids[:half], vids[half:])):
+        if part:
+            for table, rels in stage_receipt(store, run_id, f"w{i}", part).items():
+                staged[table] += rels
+    replaced = {}
+    if superseded:
+        stems = {os.path.basename(f) for f in state.files_of(schema.VIDEOS)}
+        for stem in sorted(stems):
+            rels = [f"{t}/{stem}" for t in schema.TABLES if f"{t}/{stem}" in state.files_of(t)]
+            replaced.update(rewrite_group(store, run_id, rels, set(superseded)))
+    return store.commit(run_id, staged, {"run_id": run_id}, state, replaced=replaced)
 
 
 def read_state(out: str) -> dict[str, list[tuple[str, str]]]:
@@ -69,32 +89,26 @@ def folder_files(out: str) -> set[str]:
     return {f"{t}/{n}" for t in schema.TABLES if os.path.isdir(os.path.join(out, t)) for n in os.listdir(os.path.join(out, t))}
 
 
-def test_shard_names_never_repeat_across_commits(tmp_path):
+def test_commits_of_one_run_add_up_and_rewrites_keep_groups_together(tmp_path):
     store = OutputStore(str(tmp_path / "out"), StorageOptions())
-    writer = ShardWriter(store, "r1", SCHEMAS, rows_per_shard=2)
-    writer.add(schema.VIDEOS, [video(f"v{i}", "r1") for i in range(5)])
-    first = writer.take_staged()
-    assert first[schema.VIDEOS] == [f"videos/part-r1-{i:05d}.parquet" for i in range(3)]
-    assert first[schema.CLIPS] == [] and writer.take_staged()[schema.VIDEOS] == []
-    state = store.commit("r1", first, {"run_id": "r1"}, CommittedState(), set())
-    writer.add(schema.VIDEOS, [video("v5", "r1")])
-    second = writer.take_staged()
-    assert second[schema.VIDEOS] == ["videos/part-r1-00003.parquet"]  # numbering goes on after a commit
-    state = store.commit("r1", second, {"run_id": "r1"}, CommittedState(state), set())
-    assert len(state["files"]["videos"]) == len(set(state["files"]["videos"])) == 4
-    assert sorted(r[0] for r in read_state(store.output)["videos"]) == [f"v{i}" for i in range(6)]
+    first = store.commit("r1", stage_receipt(store, "r1", "a", ["v0", "v1"]), {"run_id": "r1"}, CommittedState(),
+                         final=False)
+    second = store.commit("r1", stage_receipt(store, "r1", "b", ["v2"]), {"run_id": "r1"}, CommittedState(first))
+    assert len(second["files"]["videos"]) == len(set(second["files"]["videos"])) == 2
+    assert sorted(r[0] for r in read_state(store.output)["videos"]) == ["v0", "v1", "v2"]
+    assert second["layout"] == writing.LAYOUT
+    # Rewriting one group without v1: its clips and videos files get one new shared name.
+    group = [f"{t}/part-r1-a-00001.parquet" for t in (schema.CLIPS, schema.VIDEOS)]
+    replaced = rewrite_group(store, "r2", group, {"v1"})
+    assert set(replaced) == set(group)
+    assert len({os.path.basename(new) for new in replaced.values()}) == 1
+    third = store.commit("r2", {}, {"run_id": "r2"}, CommittedState(second), replaced=replaced)
+    assert sorted(r[0] for r in read_state(store.output)["clips"]) == ["v0", "v2"]
+    assert not set(group) & {f for fs in third["files"].values() for f in fs}
+    assert rewrite_group(store, "r3", [third["files"]["videos"][0]], {"nobody"}) == {}  # nothing to remove
 
 
-def test_rows_to_table_fixed_size_embeddings_and_nulls():
-    table = rows_to_table([video("a", "r"), {"video_id": "b", "uri": "/v/b.mp4", "embedding": None}],
-                          SCHEMAS[schema.VIDEOS])
-    assert table.schema == SCHEMAS[schema.VIDEOS]
-    assert table.column("embedding").type == pa.list_(pa.float32(), DIM)
-    assert table.column("embedding").to_pylist() == [[1.0, 2.0, 1.0], None]
-    assert np.asarray(table.column("embedding").chunk(0).values).dtype == np.float32
-
-
-@pytest.mark.parametrize("point", FAILPOINTS)
+@pytest.mark.parametrize("point", COMMIT_FAILPOINTS)
 def test_crash_at_each_failpoint_recovers_to_one_state(tmp_path, monkeypatch, point):
     out = str(tmp_path / "out")
     store = OutputStore(out, StorageOptions())
@@ -150,7 +164,7 @@ def test_other_tables_use_the_same_protocol(tmp_path):
     out = str(tmp_path / "labels_out")
     store = OutputStore(out, StorageOptions(), tables=("labels",))
     store.write_table("r1", "labels/part-r1-00000.parquet", pa.table({"video_id": ["a"], "run_id": ["r1"]}))
-    success = store.commit("r1", {"labels": ["labels/part-r1-00000.parquet"]}, {"run_id": "r1"}, CommittedState(), set())
+    success = store.commit("r1", {"labels": ["labels/part-r1-00000.parquet"]}, {"run_id": "r1"}, CommittedState())
     assert success["files"] == {"labels": ["labels/part-r1-00000.parquet"]}
     os.makedirs(os.path.join(out, "labels"), exist_ok=True)
     with open(os.path.join(out, "labels", "part-r2-00000.parquet"), "wb") as f:

@@ -14,7 +14,7 @@ it runs once per clip on the workers of a fleet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from vmae_ray.heads import LinearHead
 from vmae_ray.labels import top_k_labels
-from vmae_ray.schema import VIDEO_FACTS, check_error_code
+from vmae_ray.schema import check_error_code
 
 
 def video_embedding(clip_embeddings: np.ndarray) -> np.ndarray:
@@ -190,30 +190,3 @@ def _conform(columns: dict[str, Any], schema: pa.Schema, num_rows: int) -> pa.Ta
             value = value.cast(f.type)
         arrays.append(value)
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-@dataclass
-class Stats:
-    """Counts and stage seconds summed over receipts (see `staging.CallStats`)."""
-
-    clips: int = 0
-    videos: int = 0
-    errors: int = 0
-    errors_by_type: dict[str, int] = field(default_factory=dict)
-    decode_seconds: float = 0.0
-    embed_seconds: float = 0.0
-    model_calls: dict[int, int] = field(default_factory=dict)  # {clips in a call: calls}
-
-    def add(self, other: dict[str, Any]) -> None:
-        self.clips += other.get("clips", 0)
-        self.videos += other.get("videos", 0)
-        self.errors += other.get("errors", 0)
-        for k, v in other.get("errors_by_type", {}).items():
-            self.errors_by_type[k] = self.errors_by_type.get(k, 0) + v
-        self.decode_seconds += other.get("decode_seconds", 0.0)
-        self.embed_seconds += other.get("embed_seconds", 0.0)
-        for k, v in other.get("model_calls", {}).items():
-            self.model_calls[int(k)] = self.model_calls.get(int(k), 0) + v
-
-
-VIDEO_FACT_COLUMNS = VIDEO_FACTS

@@ -221,17 +221,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_embed(argv: Sequence[str], prog: str = "vmae-ray embed") -> int:
-    """The embed command: parse, validate, run the job; exit status 0, or 2 for a bad argument."""
+    """The embed command: parse, validate, run the job; returns the exit status (README, "Exit
+    status"): 0, 2 for a bad argument, 3 when every input it processed failed, 4 with listing
+    errors, 75 when another run holds --output; a failed run raises (status 1)."""
     config = config_from_args(argv, prog=prog)
+    from vmae_ray.lease import LeaseHeldError
     from vmae_ray.pipeline import run  # heavy imports only after the flags are good
+    from vmae_ray.progress import EXIT_LOCKED
 
     try:
-        run(config)
+        summary = run(config)
     except ConfigError as exc:
         # A bad argument found by the pre-flight checks (checkpoint files, --output state,
         # --input listing): same contract as a bad flag, exit 2 with the option named.
         build_parser(prog).error(str(exc))
-    return 0
+    except LeaseHeldError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_LOCKED
+    return summary.exit_code
 
 
 if __name__ == "__main__":

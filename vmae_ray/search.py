@@ -192,9 +192,8 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
     from vmae_ray.checkpoint import CheckpointError, load_model_spec
     from vmae_ray.config import DEFAULT_BATCH_SIZE_CPU, EmbedConfig
     from vmae_ray.listing import video_id_for_uri
-    from vmae_ray.pipeline import decode_params
-    from vmae_ray.schema import KIND_CLIP
-    from vmae_ray.stages import clip_pixels, decode_video
+    from vmae_ray.planning import decode_params
+    from vmae_ray.stages import decode_video, video_clips
 
     manifest = committed.manifest
     config = EmbedConfig.from_dict(manifest.get("config") or {})
@@ -210,34 +209,20 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
                            "one that made them (its fingerprint differs): embeddings would not be comparable")
     params = dataclasses.replace(decode_params(config, spec, model.get("num_frames") or spec.num_frames), isolate=False)
     item = {"video_id": video_id_for_uri(uri), "uri": uri}
-    decoded = [t for t in decode_video(item, params, storage)]
-    batch = pa.concat_tables(decoded) if decoded else None
-    kinds = batch.column("kind").to_pylist() if batch is not None else []
-    if not kinds or any(k != KIND_CLIP for k in kinds):
-        bad = batch.filter(pc.not_equal(batch.column("kind"), KIND_CLIP)).to_pylist()[0] if kinds else {}
+    found = video_clips(list(decode_video(item, params, storage)))
+    if isinstance(found, dict) or not found[0]:
+        bad = found if isinstance(found, dict) else {}
         raise ConfigError("--query", f"{uri} is neither a video_id nor a uri in {committed.uri}, and not a readable video "
                            f"({bad.get('error_type', 'no clips')}: {bad.get('message', '')})")
+    facts, clips = found
     from vmae_ray.embedder import VideoMAEEmbedder
 
     embedder = VideoMAEEmbedder(spec.model_dir, storage=storage, cache_root=config.model_cache_dir, device="auto",
                                 dtype=config.dtype)
-    order = last_row_of_each_clip(batch.column("clip_index").to_pylist())
     size = config.batch_size or DEFAULT_BATCH_SIZE_CPU
-    parts = [embedder.embed(clip_pixels(batch, order[s:s + size].tolist()))[0] for s in range(0, len(order), size)]
-    facts = batch.select(["clip_index", "start_seconds", "end_seconds"]).take(order).to_pylist()
+    parts = [embedder.embed(clips[s:s + size])[0] for s in range(0, len(clips), size)]
+    facts = [{k: f[k] for k in ("clip_index", "start_seconds", "end_seconds")} for f in facts]
     return np.concatenate(parts).astype(np.float32), facts
-
-
-def last_row_of_each_clip(clip_indices: list[int]) -> np.ndarray:
-    """Row numbers, in clip order, of the last row of each clip_index: decode_video re-sends a
-    video's clips after a retried read, and (as in the job's assembly) the last one wins; a clip
-    counted twice would weigh twice in the query's mean.
-
-    >>> last_row_of_each_clip([0, 1, 0, 1, 2]).tolist()
-    [2, 3, 4]
-    """
-    last = {k: i for i, k in enumerate(clip_indices)}
-    return np.array([last[k] for k in sorted(last)], dtype=np.int64)
 
 
 def _clips(n: int) -> str:

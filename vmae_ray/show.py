@@ -233,13 +233,13 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
         raise ConfigError("--mask-ratio", str(exc)) from exc
     with storage_errors_of("--video", config.input):  # credentials, endpoint
         try:
-            inputs = list_inputs(config.input, storage).inputs
+            inputs = list_inputs(config.input, storage).to_pylist()
         except (OSError, ValueError) as exc:
             raise ConfigError("--video", str(exc)) from exc
     if len(inputs) != 1:
         raise ConfigError("--video", f"names {len(inputs)} videos; give one")
     video = inputs[0]
-    video_id = video_id or video.video_id
+    video_id = video_id or video["video_id"]
 
     found = _decode_clip(config, spec, storage, video, video_id, clip_index)
     if isinstance(found, str):
@@ -257,40 +257,35 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     losses, reconstruction = embedder.reconstruct(clip[None], mask[None])
     loss = float(losses[0])
     target = "per-patch normalised pixels" if spec.norm_pix_loss else "pixels"
-    title = (f"{os.path.basename(video.uri)}  clip {clip_index} ({row['start_seconds']:.2f}-{row['end_seconds']:.2f} s)"
+    title = (f"{os.path.basename(video['uri'])}  clip {clip_index} ({row['start_seconds']:.2f}-{row['end_seconds']:.2f} s)"
              f"  reconstruction loss {loss:.4f}\n"
              f"{int(mask.sum())} of {mask.size} tokens masked (ratio {config.mask_ratio}, seed {config.mask_seed}, "
              f"video_id {video_id}); loss: MSE on {target}")
     fig, _ = draw(clip, mask, reconstruction[0], tubelet_size=spec.tubelet_size, patch_size=spec.patch_size,
                   rescale_factor=spec.rescale_factor, title=title, frame_indices=row.get("frame_indices"))
     fig.savefig(config.output, dpi=fig.dpi, format="png")
-    print(f"wrote {config.output}: clip {clip_index} of {video.uri}, reconstruction loss {loss:.6f}")
+    print(f"wrote {config.output}: clip {clip_index} of {video['uri']}, reconstruction loss {loss:.6f}")
     return 0
 
 
-def _decode_clip(config: EmbedConfig, spec, storage, video, video_id: str, clip_index: int):
-    """(row, uint8 clip (T, H, W, 3)) of clip ``clip_index``, decoded as the job decodes it, or an error message.
-
-    Raises ConfigError (--clip) when the video has fewer clips.
+def _decode_clip(config: EmbedConfig, spec, storage, video: dict, video_id: str, clip_index: int):
+    """(facts of the clip, uint8 clip (T, H, W, 3)) of clip ``clip_index``, decoded as the job
+    decodes it, or an error message. Raises ConfigError (--clip) when the video has fewer clips.
     """
-    from vmae_ray.pipeline import decode_params
-    from vmae_ray.schema import KIND_ERROR
-    from vmae_ray.stages import clip_pixels, decode_video
+    from vmae_ray.planning import decode_params
+    from vmae_ray.stages import decode_video, video_clips
 
     params = decode_params(config, spec, config.num_frames or spec.num_frames)
-    item = {"video_id": video_id, "uri": video.uri, "size_bytes": video.size_bytes,
-            "input_fingerprint": video.fingerprint}
-    tables = decode_video(item, params, storage)
-    try:
-        for table in tables:
-            row = table.drop_columns(["pixels"]).to_pylist()[0]
-            if row["kind"] == KIND_ERROR:
-                return f"cannot decode {video.uri}: {row['error_type']} ({row['stage']}): {row['message']}"
-            if clip_index >= row["num_clips"]:
-                raise ConfigError("--clip", f"{video.uri} has {row['num_clips']} clip(s) with these sampling flags "
-                                  f"(indices 0-{row['num_clips'] - 1}); got {clip_index}")
-            if row["clip_index"] == clip_index:
-                return row, clip_pixels(table, [0])[0]
-    finally:
-        tables.close()
-    raise ConfigError("--clip", f"{video.uri} produced no clip {clip_index}")
+    item = {"video_id": video_id, "uri": video["uri"], "size_bytes": video["size_bytes"],
+            "input_fingerprint": video["input_fingerprint"]}
+    found = video_clips(list(decode_video(item, params, storage)))
+    if isinstance(found, dict):
+        return f"cannot decode {video['uri']}: {found['error_type']} ({found['stage']}): {found['message']}"
+    facts, pixels = found
+    if facts and clip_index >= facts[0]["num_clips"]:
+        raise ConfigError("--clip", f"{video['uri']} has {facts[0]['num_clips']} clip(s) with these sampling flags "
+                          f"(indices 0-{facts[0]['num_clips'] - 1}); got {clip_index}")
+    for fact, clip in zip(facts, pixels):
+        if fact["clip_index"] == clip_index:
+            return fact, clip
+    raise ConfigError("--clip", f"{video['uri']} produced no clip {clip_index}")

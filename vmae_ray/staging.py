@@ -272,10 +272,14 @@ class VideoWriter:
         for i, n in enumerate(numbers):
             if n in failed and n not in first:
                 first[n] = i
-        rows = embedded.take(pa.array(list(first.values()), pa.int64())).to_pylist()
+        rows = embedded.take(pa.array(list(first.values()), pa.int64())).drop_columns(["embedding"]).to_pylist()
+        from vmae_ray.schema import DECODED_SCHEMA
+
+        # The input's identity and its passthrough columns; the per-clip columns are not the row's.
+        keep = [n for n in schema.names if n not in DECODED_SCHEMA.names]
         out = []
         for row in rows:
-            out.append({**{k: v for k, v in row.items() if k in schema.names},
+            out.append({**{k: row.get(k) for k in keep},
                         **error_row(row, stage="embed", error_type="embed_failed",
                                     message=failed[row["input_number"]])})
         return pa.Table.from_pylist(out, schema=schema)

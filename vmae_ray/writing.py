@@ -116,7 +116,9 @@ class ForeignFilesError(ValueError):
 
 
 # The named points of a commit, in order (see `failpoint`).
-FAILPOINTS = ("after_accept", "before_journal", "after_journal", "after_first_move", "before_success", "after_success")
+COMMIT_FAILPOINTS = ("before_journal", "after_journal", "after_first_move", "before_success", "after_success")
+# after_accept: the driver accepted a receipt and has not committed it yet (`pipeline`).
+FAILPOINTS = ("after_accept", *COMMIT_FAILPOINTS)
 
 
 def failpoint(name: str) -> None:
