@@ -38,7 +38,7 @@ from vmae_ray.config import CommandParser, ConfigError, check_output_option, sto
 from vmae_ray.heads import LEVELS, HeadError, LinearHead, head_exists
 from vmae_ray.labels import top_k_labels
 from vmae_ray.listing import read_table_file, uri_spellings
-from vmae_ray.reading import CommittedOutput
+from vmae_ray.reading import CommittedOutput, open_tables
 from vmae_ray.storage import StorageOptions
 from vmae_ray.writing import write_committed
 
@@ -449,18 +449,16 @@ def run_probe(argv: Sequence[str], prog: str = "vmae-ray probe") -> int:
 
 
 def _open_tables(args: argparse.Namespace, uris: list[str]) -> tuple[CommittedOutput, StorageOptions]:
-    """`search.open_tables`, and the fingerprints a head is tied to must be on record."""
-    from vmae_ray.search import open_tables
-
+    """`reading.open_tables`, and the fingerprints a head is tied to must be on record."""
     tables, storage = open_tables(args, uris)
     uri = args.tables
     missing = [name for name, value in (("model.fingerprint", tables.model.get("fingerprint")),
                                         ("embedding_fingerprint", tables.manifest.get("embedding_fingerprint")))
                if not value]
     if missing:
-        raise ConfigError("--tables", f"{uri}/_SUCCESS has no {' or '.join(missing)} (written by an older vmae-ray "
-                          "or another command); rerun the same `vmae-ray embed` command on it: nothing is embedded "
-                          "again and _SUCCESS records them")
+        raise ConfigError("--tables", f"{uri}/_SUCCESS has no {' or '.join(missing)} (written by an older "
+                          "vmae-ray); rerun the same `vmae-ray embed` command on it: nothing is embedded again and "
+                          "_SUCCESS records them")
     return tables, storage
 
 

@@ -101,13 +101,15 @@ CLIP_COLUMNS = ("video_id", "uri", "clip_index", "start_seconds", "end_seconds",
 def load_report_data(uri: str, storage=None, *, color_by: str | None = None) -> ReportData:
     """Read what the report needs from the committed output at ``uri`` (local or any fsspec URI).
 
-    Raises NotCommittedError (no `_SUCCESS`), ValueError (not a vmae-ray manifest), and
-    ConfigError naming --color-by when ``color_by`` is not a column of videos/, checked from
-    the Parquet footers before any table is read.
+    Raises ConfigError naming --tables when ``uri`` is not a committed embed output
+    (`reading.open_committed`: no `_SUCCESS`, another command's output, storage errors), and
+    naming --color-by when ``color_by`` is not a column of videos/, checked from the Parquet
+    footers before any table is read.
     """
-    from vmae_ray.reading import CommittedOutput, embedding_matrix
+    from vmae_ray.reading import embedding_matrix, open_committed
+    from vmae_ray.storage import StorageOptions
 
-    committed = CommittedOutput.open(uri, storage)
+    committed = open_committed(uri, storage if isinstance(storage, StorageOptions) else StorageOptions(storage))
     if color_by is not None:  # checked from the footers, before any table is read
         choices = [n for n in committed.schema(schema.VIDEOS).names if n != "embedding"]
         if color_by not in choices:
@@ -858,19 +860,17 @@ def write_html(page_text: str, output: str, storage) -> None:
 def build_parser(prog: str = "vmae-ray report") -> argparse.ArgumentParser:
     p = CommandParser(prog=prog, description="Write one self-contained HTML page about a committed "
                                 "output: the run, failures, throughput, the corpus, the embeddings.")
-    p.add_argument("--tables", required=True, help="the committed output (the embed job's --output); any fsspec URI")
+    from vmae_ray.reading import add_tables_arguments
+
+    add_tables_arguments(p)
     p.add_argument("--output", required=True, help="the HTML file to write (local path or fsspec URI)")
     p.add_argument("--color-by", help="videos/ column that colours the PCA map (e.g. a manifest's passthrough "
                    "column; list columns by their first element); default top_labels when labels exist")
-    p.add_argument("--storage-options", help="fsspec options as a JSON object, or @FILE with one; default: "
-                   "$VMAE_RAY_STORAGE_OPTIONS")
     return p
 
 
 def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
     """The report command: exit status 0, or 2 for a bad argument (named) before anything is written."""
-    from vmae_ray.reading import NotCommittedError
-
     parser = build_parser(prog)
     args = parser.parse_args(list(argv))
     try:
@@ -887,13 +887,8 @@ def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
         parser.error(str(exc))
     started = time.perf_counter()
     try:
-        with storage_errors_of("--tables", args.tables):  # credentials, endpoint
-            try:
-                data = load_report_data(args.tables, storage, color_by=args.color_by)
-            except ConfigError:
-                raise
-            except (NotCommittedError, ValueError) as exc:  # no _SUCCESS, or not a vmae-ray manifest
-                raise ConfigError("--tables", str(exc)) from exc
+        with storage_errors_of("--tables", args.tables):  # credentials, endpoint (reading the tables' files)
+            data = load_report_data(args.tables, storage, color_by=args.color_by)
     except ConfigError as exc:
         parser.error(str(exc))
     write_html(render_html(data, color_by=args.color_by), args.output, storage)
