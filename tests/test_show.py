@@ -2,7 +2,7 @@
 
 References: the clip decoded again as the job decodes it (`pipeline.decode_params`,
 `stages.decode_video`), the job's tube mask for that clip (`reconstruction.clip_mask` from the
-video_id the job gives the file), and transformers' `VideoMAEForPreTraining` logits un-normalised
+clip's pixels), and transformers' `VideoMAEForPreTraining` logits un-normalised
 by brute force in numpy (the VideoMAE repo's visualisation recipe) for the predicted patches.
 """
 
@@ -17,7 +17,6 @@ from PIL import Image
 
 from vmae_ray.checkpoint import load_model_spec
 from vmae_ray.cli import config_from_args, main
-from vmae_ray.listing import video_id_for_uri
 from vmae_ray.pipeline import decode_params
 from vmae_ray.reconstruction import clip_mask
 from vmae_ray.show import MASK_FILL, GridLayout, pixel_mask
@@ -86,7 +85,7 @@ def test_show_draws_input_masked_and_reconstruction(pretraining_dir, synthetic_c
                  *SAMPLING]) == 0
     spec = load_model_spec(pretraining_dir)
     clip = decoded_clip(pretraining_dir, video, 1)
-    mask = clip_mask(video_id_for_uri(video), 1, mask_seed=0, mask_ratio=0.9, num_time_slots=spec.num_time_slots,
+    mask = clip_mask(clip, mask_seed=0, mask_ratio=0.9, num_time_slots=spec.num_time_slots,
                      tokens_per_frame=spec.tokens_per_frame)
     picture = np.asarray(Image.open(png).convert("RGB"))
     layout = GridLayout.for_clip(num_frames=8, height=64, width=64, tubelet_size=2)
@@ -106,6 +105,26 @@ def test_show_draws_input_masked_and_reconstruction(pretraining_dir, synthetic_c
     assert difference.max() <= 1, "predicted patches: transformers' output un-normalised, within rounding"
     printed = float(re.search(r"reconstruction loss ([0-9.]+)", capsys.readouterr().out).group(1))
     assert printed == pytest.approx(loss, rel=1e-4)
+
+
+def test_a_copy_at_another_path_draws_the_same_picture(pretraining_dir, synthetic_corpus, tmp_path, capsys):
+    """The same bytes in two folders: the same mask and loss, so the same PNG byte for byte (the
+    title names the file by its base name, the same here)."""
+    import shutil
+
+    original = synthetic_corpus["a_h264.mp4"]
+    copy = tmp_path / "elsewhere" / "a_h264.mp4"
+    copy.parent.mkdir()
+    shutil.copy(original, copy)
+    pictures, printed = [], []
+    for i, video in enumerate((original, str(copy))):
+        png = tmp_path / f"{i}.png"
+        assert main(["show", "--model", pretraining_dir, "--video", video, "--clip", "1", "--output", str(png),
+                     *SAMPLING]) == 0
+        pictures.append(png.read_bytes())
+        printed.append(re.search(r"reconstruction loss ([0-9.]+)", capsys.readouterr().out).group(1))
+    assert printed[0] == printed[1]
+    assert pictures[0] == pictures[1]
 
 
 def test_show_refuses_bad_arguments(classifier_dir, pretraining_dir, synthetic_corpus, tmp_path, capsys):
@@ -129,7 +148,7 @@ def test_every_pixel_and_mask_option_reaches_the_config():
     args = vars(build_parser().parse_args(["--model", "m", "--video", "v.mp4", "--geometry", "stored",
                                            "--interpolation", "AREA", "--sampling", "stride", "--frame-stride", "2",
                                            "--mask-ratio", "0.75", "--mask-seed", "3"]))
-    args.pop("clip", None), args.pop("video_id", None)
+    args.pop("clip", None)
     config = show_config(args)
     assert (config.geometry, config.interpolation, config.sampling, config.frame_stride) == ("stored", "AREA", "stride", 2)
     assert (config.mask_ratio, config.mask_seed, config.reconstruction) == (0.75, 3, True)

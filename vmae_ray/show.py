@@ -2,10 +2,10 @@
 
     vmae-ray show --model CKPT --video PATH [--clip N] [--output FILE.png] [sampling and mask flags as embed]
 
-The video is decoded here, without Ray, as the job decodes it (`listing.list_inputs` gives it
-the job's video_id, `pipeline.decode_params` and `stages.decode_video` its clips), and clip N is
-masked with the tube mask the job draws for it (same video_id, clip_index, --mask-ratio and
---mask-seed), so the loss in the title is the clip's `reconstruction_loss` in the tables. One
+The video is decoded here, without Ray, as the job decodes it (`pipeline.decode_params` and
+`stages.decode_video`), and clip N is masked with the tube mask the job draws for it
+(`reconstruction.clip_mask`: from the clip's pixels, --mask-ratio and --mask-seed), so the loss
+in the title is the clip's `reconstruction_loss` in the tables, wherever the file lives. One
 row per tubelet (frame pair) of the clip, three panels per row: the input, the input with the
 masked patches blanked, and the reconstruction (visible patches from the input, masked ones
 predicted by the decoder and, with norm_pix_loss, un-normalised with the input patch's own
@@ -165,8 +165,6 @@ def build_parser(prog: str = "vmae-ray show") -> argparse.ArgumentParser:
     p.add_argument("--video", required=True, help="one video: a path or any fsspec URI")
     p.add_argument("--clip", type=int, help="clip index, as in the clips table (default 0)")
     p.add_argument("--output", help="PNG file to write (default reconstruction.png)")
-    p.add_argument("--video-id", help="the video's video_id in the job's tables, when a manifest gave it one "
-                   "(default: the id the job gives this URI); the mask is drawn from it")
     add_mask_arguments(p)
     add_sampling_arguments(p)
     p.add_argument("--device", choices=DEVICES)
@@ -178,7 +176,7 @@ def build_parser(prog: str = "vmae-ray show") -> argparse.ArgumentParser:
 
 def show_config(args: dict) -> EmbedConfig:
     """The job's config for show's parsed flags (``vars(build_parser().parse_args(...))`` less
-    --clip and --video-id); raises ConfigError for a bad value."""
+    --clip); raises ConfigError for a bad value."""
     from vmae_ray.config import parse_clips_per_video, parse_storage_options
 
     values = {"input": args.pop("video"), "output": args.pop("output", "reconstruction.png"), "reconstruction": True}
@@ -201,18 +199,17 @@ def run_show(argv: Sequence[str], prog: str = "vmae-ray show") -> int:
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     clip_index = args.pop("clip", 0)
-    video_id = args.pop("video_id", None)
     try:
         config = show_config(args)
         if clip_index < 0:
             raise ConfigError("--clip", f"expected a clip index >= 0; got {clip_index}")
-        return _show(config, clip_index, video_id)
+        return _show(config, clip_index)
     except ConfigError as exc:
         parser.error(str(exc))
     raise AssertionError("unreachable")
 
 
-def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
+def _show(config: EmbedConfig, clip_index: int) -> int:
     from vmae_ray.checkpoint import CheckpointError, load_model_spec
     from vmae_ray.listing import list_inputs
     from vmae_ray.reconstruction import clip_mask, masked_per_frame
@@ -239,9 +236,8 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     if len(inputs) != 1:
         raise ConfigError("--video", f"names {len(inputs)} videos; give one")
     video = inputs[0]
-    video_id = video_id or video.video_id
 
-    found = _decode_clip(config, spec, storage, video, video_id, clip_index)
+    found = _decode_clip(config, spec, storage, video, clip_index)
     if isinstance(found, str):
         print(f"vmae-ray show: {found}", file=sys.stderr)
         return 1
@@ -252,7 +248,7 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     # The directory the spec was read from: the checkpoint is not located (or fetched) twice.
     embedder = VideoMAEEmbedder(spec.model_dir, storage=storage, cache_root=config.model_cache_dir,
                                 device=config.device, dtype=config.dtype, reconstruction=True)
-    mask = clip_mask(video_id, clip_index, mask_seed=config.mask_seed, mask_ratio=config.mask_ratio,
+    mask = clip_mask(clip, mask_seed=config.mask_seed, mask_ratio=config.mask_ratio,
                      num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
     losses, reconstruction = embedder.reconstruct(clip[None], mask[None])
     loss = float(losses[0])
@@ -260,7 +256,7 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     title = (f"{os.path.basename(video.uri)}  clip {clip_index} ({row['start_seconds']:.2f}-{row['end_seconds']:.2f} s)"
              f"  reconstruction loss {loss:.4f}\n"
              f"{int(mask.sum())} of {mask.size} tokens masked (ratio {config.mask_ratio}, seed {config.mask_seed}, "
-             f"video_id {video_id}); loss: MSE on {target}")
+             f"drawn from the clip's pixels); loss: MSE on {target}")
     fig, _ = draw(clip, mask, reconstruction[0], tubelet_size=spec.tubelet_size, patch_size=spec.patch_size,
                   rescale_factor=spec.rescale_factor, title=title, frame_indices=row.get("frame_indices"))
     fig.savefig(config.output, dpi=fig.dpi, format="png")
@@ -268,7 +264,7 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     return 0
 
 
-def _decode_clip(config: EmbedConfig, spec, storage, video, video_id: str, clip_index: int):
+def _decode_clip(config: EmbedConfig, spec, storage, video, clip_index: int):
     """(row, uint8 clip (T, H, W, 3)) of clip ``clip_index``, decoded as the job decodes it, or an error message.
 
     Raises ConfigError (--clip) when the video has fewer clips.
@@ -278,7 +274,7 @@ def _decode_clip(config: EmbedConfig, spec, storage, video, video_id: str, clip_
     from vmae_ray.stages import clip_pixels, decode_video
 
     params = decode_params(config, spec, config.num_frames or spec.num_frames)
-    item = {"video_id": video_id, "uri": video.uri, "size_bytes": video.size_bytes,
+    item = {"video_id": video.video_id, "uri": video.uri, "size_bytes": video.size_bytes,
             "input_fingerprint": video.fingerprint}
     tables = decode_video(item, params, storage)
     try:

@@ -210,7 +210,7 @@ class EmbedActor:
     call that fails makes its clips error rows (`embed_failed`), not a failed job.
 
     ``reconstruction`` = (mask_ratio, mask_seed): each clip also gets its pretraining loss under
-    the tube mask `reconstruction.clip_mask` draws for its (video_id, clip_index), and the mask.
+    the tube mask `reconstruction.clip_mask` draws from its pixels, and the mask.
     """
 
     def __init__(self, model_ref: str, *, storage: StorageOptions, cache_root: str | None,
@@ -267,7 +267,7 @@ class EmbedActor:
             if self.reconstruction is None:
                 embeddings, logits = self.embedder.embed(clips)
             else:
-                masks = self._masks(batch, rows)
+                masks = self._masks(clips)
                 embeddings, logits, losses = self.embedder.embed_with_reconstruction(clips, masks)
                 for j, i in enumerate(rows):
                     out["reconstruction_loss"][i], out["reconstruction_mask"][i] = float(losses[j]), pack_mask(masks[j])
@@ -284,16 +284,13 @@ class EmbedActor:
         for i in rows:
             out["embed_seconds"][i], out["model_call"][i], out["model_call_clips"][i] = per_clip, call_id, len(rows)
 
-    def _masks(self, batch: pa.Table, clip_rows: list[int]) -> np.ndarray:
-        """(clips, N) bool tube masks of the batch's clip rows, from their video_id and clip_index."""
+    def _masks(self, clips: np.ndarray) -> np.ndarray:
+        """(clips, N) bool tube masks of uint8 clips (B, T, H, W, 3), drawn from their pixels."""
         mask_ratio, mask_seed = self.reconstruction
         spec = self.embedder.spec
-        video_ids, clip_indices = batch.column("video_id"), batch.column("clip_index")
-        return np.stack([
-            clip_mask(video_ids[i].as_py(), clip_indices[i].as_py(), mask_seed=mask_seed, mask_ratio=mask_ratio,
-                      num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
-            for i in clip_rows
-        ])
+        return np.stack([clip_mask(clip, mask_seed=mask_seed, mask_ratio=mask_ratio,
+                                   num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
+                         for clip in clips])
 
     def _as_errors(self, table: pa.Table, failed: dict[int, str]) -> pa.Table:
         """The embedded table with the rows of failed model calls turned into error rows."""
