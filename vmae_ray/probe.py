@@ -180,6 +180,19 @@ def check_classes(examples: Examples) -> None:
 # Fitting (scikit-learn)
 
 
+def group_numbers(video_ids: np.ndarray) -> np.ndarray:
+    """Each row's video as a number, 0, 1, ... in the order the videos first appear in the rows.
+
+    scikit-learn's grouped folds number the groups in sorted order of their labels; video_ids
+    hash the whole URI, so the same corpus in another folder would sort (and fold) otherwise.
+    Numbered in row order (`join_labels` orders rows by URI), the folds depend only on the
+    examples."""
+    _, first, inverse = np.unique(video_ids, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
 def cv_splits(y: np.ndarray, groups: np.ndarray, grouped: bool, max_folds: int = MAX_FOLDS) -> list | None:
     """Stratified (and, with ``grouped``, video-grouped) folds in which every class is on both
     sides, as many as the smallest class allows (<= max_folds); None when not even 2 exist."""
@@ -267,7 +280,7 @@ def _fit_head(examples: Examples, *, model_fingerprint: str, embedding_fingerpri
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     # float64: scikit-learn fits float32 input in float32; the head is float64 (see vmae_ray.heads).
-    x, y, groups = examples.embeddings.astype(np.float64), examples.labels, examples.video_ids
+    x, y, groups = examples.embeddings.astype(np.float64), examples.labels, group_numbers(examples.video_ids)
     grouped = examples.level == "clip"
     classes = examples.classes
     outer = cv_splits(y, groups, grouped)
