@@ -85,7 +85,7 @@ def read_labels(uri: str, storage: StorageOptions, label_column: str) -> tuple[s
     """(key column, {key: label}) from a CSV, Parquet or JSON Lines file with ``video_id`` or
     ``uri`` and ``label_column``. Raises ConfigError naming --labels or --label-column for a
     missing column, empty values, or one video given two labels."""
-    with storage_errors_of("--labels", uri):  # credentials, endpoint
+    with storage_errors_of("--labels", uri, storage):  # credentials, endpoint
         try:
             table = read_table_file(uri, storage, what="labels file")
         except ValueError as exc:
@@ -508,7 +508,7 @@ def apply_command(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--top-k", f"expected a positive number; got {args.top_k}")
     tables, storage = _open_tables(args, [args.head, args.output])
     check_output_option(args.output, storage, LABEL_TABLES)  # before any work: the whole table is read below
-    with storage_errors_of("--head", args.head):  # credentials, endpoint
+    with storage_errors_of("--head", args.head, storage):  # credentials, endpoint
         try:
             head = LinearHead.load(args.head, storage)
         except HeadError as exc:

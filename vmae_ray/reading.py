@@ -242,7 +242,7 @@ def open_committed(uri: str, storage: StorageOptions, *, option: str = "--tables
     `_SUCCESS` (saying what the folder is, when it is a head, an index, a checkpoint or a
     file), not a vmae-ray manifest, another command's output (named from its `_SUCCESS`), or
     the storage refused (credentials, access, endpoint)."""
-    with storage_errors_of(option, uri):  # credentials, access, endpoint
+    with storage_errors_of(option, uri, storage):  # credentials, access, endpoint
         try:
             committed = CommittedOutput.open(uri, storage)
         except NotCommittedError as exc:

@@ -878,7 +878,7 @@ def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
-        with storage_errors_of("--output", args.output):  # credentials, endpoint
+        with storage_errors_of("--output", args.output, storage):  # credentials, endpoint
             try:
                 check_html_output(args.output, storage)
             except (ValueError, OSError) as exc:
@@ -887,7 +887,7 @@ def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
         parser.error(str(exc))
     started = time.perf_counter()
     try:
-        with storage_errors_of("--tables", args.tables):  # credentials, endpoint (reading the tables' files)
+        with storage_errors_of("--tables", args.tables, storage):  # credentials, endpoint (reading the tables' files)
             data = load_report_data(args.tables, storage, color_by=args.color_by)
     except ConfigError as exc:
         parser.error(str(exc))

@@ -172,7 +172,7 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
     manifest = committed.manifest
     config = EmbedConfig.from_dict(manifest.get("config") or {})
     model = manifest.get("model") or {}
-    with storage_errors_of("--query", config.model):  # credentials, endpoint of the tables' model
+    with storage_errors_of("--query", config.model, storage):  # credentials, endpoint of the tables' model
         try:
             spec = load_model_spec(config.model, storage, config.model_cache_dir)
         except CheckpointError as exc:
@@ -222,7 +222,7 @@ def query_outside(text: str, committed: CommittedOutput, storage: StorageOptions
     from vmae_ray.assembly import video_embedding
 
     fs, path = url_to_fs(text, storage)
-    with storage_errors_of("--query", text):  # credentials, endpoint
+    with storage_errors_of("--query", text, storage):  # credentials, endpoint
         try:
             exists = fs.isfile(path)
         except (OSError, ValueError):

@@ -214,7 +214,7 @@ def _show(config: EmbedConfig, clip_index: int) -> int:
     from vmae_ray.listing import list_inputs
     from vmae_ray.reconstruction import clip_mask, masked_per_frame
     storage = storage_for(config.storage_options or None, [config.input, config.model])
-    with storage_errors_of("--model", config.model):  # credentials, endpoint
+    with storage_errors_of("--model", config.model, storage):  # credentials, endpoint
         try:
             spec = load_model_spec(config.model, storage, config.model_cache_dir)
         except CheckpointError as exc:
@@ -228,7 +228,7 @@ def _show(config: EmbedConfig, clip_index: int) -> int:
         masked_per_frame(spec.tokens_per_frame, config.mask_ratio)
     except ValueError as exc:
         raise ConfigError("--mask-ratio", str(exc)) from exc
-    with storage_errors_of("--video", config.input):  # credentials, endpoint
+    with storage_errors_of("--video", config.input, storage):  # credentials, endpoint
         try:
             inputs = list_inputs(config.input, storage).inputs
         except (OSError, ValueError) as exc:

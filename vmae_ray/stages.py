@@ -22,7 +22,7 @@ from vmae_ray.decoding import DecodeError, DecodeLimits, FrameGeometry, VideoDec
 from vmae_ray.isolation import IsolatedDecoder
 from vmae_ray.reconstruction import clip_mask, pack_mask
 from vmae_ray.schema import DECODED_SCHEMA, KIND_CLIP, embedded_schema, error_row
-from vmae_ray.storage import StorageOptions, classify_storage_error, open_input
+from vmae_ray.storage import StorageOptions, classify_storage_error, credential_sources, open_input
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,10 @@ def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *
             yield _RETRY
             return
         stage = "read" if kind else "decode"
-        yield error_table(item, stage, kind or "unknown", f"{type(exc).__name__}: {exc}",
-                          time.perf_counter() - started)
+        message = f"{type(exc).__name__}: {exc}"
+        if kind == "access_denied" and str(item["uri"]).startswith(("s3://", "s3a://")):
+            message += f"; {credential_sources(storage)}"  # this worker's sources, not the driver's
+        yield error_table(item, stage, kind or "unknown", message, time.perf_counter() - started)
 
 
 def decode_batch(batch: pa.Table, *, params: DecodeParams, storage: StorageOptions) -> Iterator[pa.Table]:
