@@ -42,6 +42,10 @@ MASK_FILL = (128, 128, 128)  # masked patches in the middle panel: blank, mid gr
 BACKGROUND = 255
 MIN_FRAME_PIXELS = 128  # small model inputs (tests, tiny checkpoints) are enlarged to about this size
 COLUMNS = ("input", "masked input", "reconstruction")
+DPI = 100
+TITLE_FONTSIZE = HEADER_FONTSIZE = 9
+LABEL_FONTSIZE = 8
+TEXT_GAP = 6  # pixels between a text and the panel it labels
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,14 @@ class GridLayout:
     top: int = 64  # room for the title and the column headers
     gap: int = 8
     margin: int = 8
+    min_width: int = 0  # room for a title wider than the panels
 
     @classmethod
-    def for_clip(cls, *, num_frames: int, height: int, width: int, tubelet_size: int) -> GridLayout:
+    def for_clip(cls, *, num_frames: int, height: int, width: int, tubelet_size: int, **room: int) -> GridLayout:
+        """The layout of a clip's panels; ``room`` (left, top, min_width) as `draw` measures its text."""
         zoom = max(1, math.ceil(MIN_FRAME_PIXELS / max(height, width)))
         return cls(rows=num_frames // tubelet_size, frames_per_panel=tubelet_size, frame_height=height,
-                   frame_width=width, zoom=zoom)
+                   frame_width=width, zoom=zoom, **room)
 
     @property
     def panel_height(self) -> int:
@@ -81,7 +87,7 @@ class GridLayout:
         """(width, height) of the picture in pixels."""
         width = self.left + len(COLUMNS) * self.panel_width + (len(COLUMNS) - 1) * self.gap + self.margin
         height = self.top + self.rows * self.panel_height + (self.rows - 1) * self.gap + self.margin
-        return width, height
+        return max(width, self.min_width), height
 
     def panel_box(self, row: int, column: int) -> tuple[int, int]:
         """(top, left) pixel of a panel; it spans panel_height x panel_width pixels."""
@@ -110,42 +116,70 @@ def compose(clip: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray, la
     return canvas
 
 
+def text_size(text: str, fontsize: float) -> tuple[int, int]:
+    """(width, height) in whole pixels of ``text`` (every line) as matplotlib's Agg renderer draws
+    it at `DPI`: what `draw` makes room for."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(dpi=DPI)
+    box = fig.text(0, 0, text, fontsize=fontsize).get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    return math.ceil(box.width), math.ceil(box.height)
+
+
+def row_labels(num_frames: int, tubelet_size: int, frame_indices: list[int] | None) -> list[str]:
+    """Each row's label: its frames' numbers in the video (``frame_indices``, the clip row's) or,
+    without them, in the clip."""
+    labels = []
+    for first in range(0, num_frames, tubelet_size):
+        if frame_indices is not None:
+            labels.append("frames " + ", ".join(str(i) for i in frame_indices[first:first + tubelet_size]))
+        else:
+            labels.append(f"clip frames {first}-{first + tubelet_size - 1}")
+    return labels
+
+
 def draw(clip: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray, *, tubelet_size: int, patch_size: int,
          rescale_factor: float, title: str, frame_indices: list[int] | None = None):
     """The figure for one clip: uint8 clip (T, H, W, 3), bool token mask (N,), reconstruction (T, H, W, 3)
     in [0, 1] (`VideoMAEEmbedder.reconstruct`). Each row is labelled with its frames' numbers in
-    the video (``frame_indices``, the clip row's, T of them) or, without them, in the clip.
-    Returns (matplotlib Figure, GridLayout)."""
+    the video (``frame_indices``, the clip row's, T of them) or, without them, in the clip. The
+    margins are made from the rendered size of the labels and the title, so every text is
+    whole. Returns (matplotlib Figure, GridLayout)."""
     from matplotlib.figure import Figure
 
     num_frames, height, width = clip.shape[:3]
-    layout = GridLayout.for_clip(num_frames=num_frames, height=height, width=width, tubelet_size=tubelet_size)
+    labels = row_labels(num_frames, tubelet_size, frame_indices)
+    defaults = GridLayout.for_clip(num_frames=num_frames, height=height, width=width, tubelet_size=tubelet_size)
+    label_width = max(text_size(label, LABEL_FONTSIZE)[0] for label in labels)
+    title_width, title_height = text_size(title, TITLE_FONTSIZE)
+    header_height = max(text_size(name, HEADER_FONTSIZE)[1] for name in COLUMNS)
+    layout = GridLayout.for_clip(
+        num_frames=num_frames, height=height, width=width, tubelet_size=tubelet_size,
+        left=max(defaults.left, defaults.margin + label_width + TEXT_GAP),
+        top=max(defaults.top, defaults.margin + title_height + TEXT_GAP + header_height + 4),
+        min_width=2 * defaults.margin + title_width)
     masked = clip.copy()
     masked[pixel_mask(mask, num_frames=num_frames, height=height, width=width, tubelet_size=tubelet_size,
                       patch_size=patch_size)] = MASK_FILL
     recon = np.clip(np.rint(reconstruction / rescale_factor), 0, 255).astype(np.uint8)
     canvas = compose(clip, masked, recon, layout)
 
-    dpi = 100
     fig_width, fig_height = layout.size
-    fig = Figure(figsize=(fig_width / dpi, fig_height / dpi), dpi=dpi)
+    fig = Figure(figsize=(fig_width / DPI, fig_height / DPI), dpi=DPI)
     fig.figimage(canvas, xo=0, yo=0, origin="upper")
 
     def text(x: float, y: float, value: str, **kwargs) -> None:
         fig.text(x / fig_width, 1 - y / fig_height, value, **kwargs)
 
-    text(layout.margin, layout.margin, title, ha="left", va="top", fontsize=9)
+    text(layout.margin, layout.margin, title, ha="left", va="top", fontsize=TITLE_FONTSIZE)
     for column, name in enumerate(COLUMNS):
         top, left = layout.panel_box(0, column)
-        text(left + layout.panel_width / 2, top - 4, name, ha="center", va="bottom", fontsize=9)
-    for row in range(layout.rows):
+        text(left + layout.panel_width / 2, top - 4, name, ha="center", va="bottom", fontsize=HEADER_FONTSIZE)
+    for row, label in enumerate(labels):
         top, _ = layout.panel_box(row, 0)
-        first = row * tubelet_size
-        if frame_indices is not None:
-            label = "frames " + ", ".join(str(i) for i in frame_indices[first:first + tubelet_size])
-        else:
-            label = f"clip frames {first}-{first + tubelet_size - 1}"
-        text(layout.left - 6, top + layout.panel_height / 2, label, ha="right", va="center", fontsize=8)
+        text(layout.left - TEXT_GAP, top + layout.panel_height / 2, label, ha="right", va="center",
+             fontsize=LABEL_FONTSIZE)
     return fig, layout
 
 
