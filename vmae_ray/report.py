@@ -285,6 +285,9 @@ def _histogram(ax, values: np.ndarray, title: str, xlabel: str, color: str = ACC
     values = values[np.isfinite(values)]
     bins = min(40, max(5, len(np.histogram_bin_edges(values, bins="auto")) - 1)) if len(values) > 1 else 5
     ax.hist(values, bins=bins, color=color, edgecolor="white", linewidth=0.5)
+    # Ticks as plain values: cosine similarities all near 1 would otherwise read as offsets
+    # from a corner label ("1e-7+1").
+    ax.ticklabel_format(axis="x", style="plain", useOffset=False)
     ax.yaxis.set_major_locator(_integer_ticks())
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel, fontsize=8)
@@ -327,18 +330,29 @@ def figure_failures(counts: dict[str, dict[str, int]]) -> bytes:
 
 def figure_history(runs: list[dict[str, Any]]) -> bytes:
     """Videos ok and failed per run (stacked bars), oldest first."""
+    return _png(draw_history(runs))
+
+
+def draw_history(runs: list[dict[str, Any]]):
+    """`figure_history`'s matplotlib Figure."""
     fig, axes = _figure(6.4, 2.6)
     ax = axes[0, 0]
     x = np.arange(len(runs))
     ok = np.array([(r.get("counts") or {}).get("videos_ok", 0) for r in runs], dtype=float)
     failed = np.array([(r.get("counts") or {}).get("videos_failed", 0) for r in runs], dtype=float)
-    ax.bar(x, ok, color=OK, label="videos ok")
-    ax.bar(x, failed, bottom=ok, color=FAIL, label="videos failed")
+    ax.bar(x, ok, width=0.7, color=OK, label="videos ok")
+    ax.bar(x, failed, width=0.7, bottom=ok, color=FAIL, label="videos failed")
+    # Limits set, not autoscaled: a stacked bar of height 0 is a sticky edge at its bottom,
+    # which kept the y axis from rising above the tallest run (its bar cut at the top), and a
+    # lone run's bar spanned the whole width.
+    ax.set_ylim(0, max(1.0, float((ok + failed).max(initial=0.0)) * 1.12))
+    ax.set_xlim(-0.6, max(len(runs), 4) - 0.4)
+    ax.yaxis.set_major_locator(_integer_ticks())
     step = max(1, len(runs) // 10)
     ax.set_xticks(x[::step], [str(r.get("committed_at", ""))[:10] for r in runs][::step], rotation=30, ha="right")
     ax.set_title("videos per run", fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
-    return _png(fig)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
 
 
 def figure_throughput(report: dict[str, Any]) -> bytes:
@@ -397,6 +411,12 @@ def figure_corpus(videos: pa.Table) -> bytes:
 def figure_embeddings(coords: np.ndarray | None, explained: np.ndarray | None, colors: list[Any] | None,
                       color_label: str | None, similarity: np.ndarray | None) -> bytes:
     """The PCA map (coloured by category or value) and the nearest-neighbour similarity histogram."""
+    return _png(draw_embeddings(coords, explained, colors, color_label, similarity))
+
+
+def draw_embeddings(coords: np.ndarray | None, explained: np.ndarray | None, colors: list[Any] | None,
+                    color_label: str | None, similarity: np.ndarray | None):
+    """`figure_embeddings`'s matplotlib Figure."""
     panels = [p for p in (coords is not None, similarity is not None) if p]
     fig, axes = _figure(10.0 if len(panels) == 2 else 6.0, 4.2, ncols=len(panels))
     col = 0
@@ -429,7 +449,7 @@ def figure_embeddings(coords: np.ndarray | None, explained: np.ndarray | None, c
         ax.set_title("video embeddings, PCA", fontsize=10)
     if similarity is not None:
         _histogram(axes[0, col], similarity.astype(float), "nearest-neighbour cosine similarity", "cosine similarity")
-    return _png(fig)
+    return fig
 
 
 def figure_distribution(panels: list[tuple[np.ndarray, str, str]]) -> bytes:
