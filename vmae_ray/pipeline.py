@@ -195,7 +195,7 @@ def prepare(config: EmbedConfig) -> Plan:
     """
     storage = StorageOptions(config.storage_options).with_driver_environment(
         [config.input, config.output, config.model])
-    with storage_errors_of("--model", config.model, storage):  # credentials, endpoint
+    with storage_errors_of("--model", config.model):  # credentials, endpoint
         try:
             spec = load_model_spec(config.model, storage, config.model_cache_dir)
         except CheckpointError as exc:  # its own message first: storage_errors_of would relabel its cause
@@ -207,7 +207,7 @@ def prepare(config: EmbedConfig) -> Plan:
             f"the checkpoint was trained with num_frames={spec.num_frames} (its position embeddings are "
             f"fixed to that length); got {num_frames}",
         )
-    with storage_errors_of("--head", config.head, storage):
+    with storage_errors_of("--head", config.head):
         head = _load_head(config, spec, num_frames, storage) if config.head else None
     if config.labels == "on" and spec.id2label is None and head is None:
         raise ConfigError(
@@ -222,7 +222,7 @@ def prepare(config: EmbedConfig) -> Plan:
 
     # The input is listed before --output is touched: a typo in --input must not cost the
     # committed tables of an --overwrite run.
-    with storage_errors_of("--input", config.input, storage):  # credentials, endpoint
+    with storage_errors_of("--input", config.input):  # credentials, endpoint
         try:
             listing = list_inputs(config.input, storage, extensions=config.extensions or VIDEO_EXTENSIONS,
                                   limit=config.limit)
@@ -237,7 +237,7 @@ def prepare(config: EmbedConfig) -> Plan:
     # A file, files vmae-ray did not write, another command's output: refused here, before
     # recovery touches anything.
     store = check_output_option(config.output, storage, schema.TABLES)
-    with storage_errors_of("--output", config.output, storage):
+    with storage_errors_of("--output", config.output):
         try:
             state = store.recover()
         except ValueError as exc:
