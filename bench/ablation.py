@@ -243,9 +243,9 @@ def reconstruction(checkpoint: str, clips: list[np.ndarray], *, batch_size: int,
         pool = [clips[i % len(clips)] for i in range(max(min_clips, len(clips)))]
         batches = []
         for start in range(0, len(pool), batch_size):
-            masks = np.stack([clip_mask("bench", start + k, mask_seed=0, mask_ratio=mask_ratio,
+            masks = np.stack([clip_mask(clip, mask_seed=0, mask_ratio=mask_ratio,
                                         num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
-                              for k in range(len(pool[start:start + batch_size]))])
+                              for clip in pool[start:start + batch_size]])
             batches.append((np.stack(pool[start:start + batch_size]), masks))
 
         def timed(fn) -> Callable[[], float]:

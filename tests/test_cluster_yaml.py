@@ -176,3 +176,19 @@ def test_commands_install_the_package_and_start_ray(config):
     assert "download.pytorch.org/whl/cu" in setup, "GPU nodes need a CUDA build of torch"
     assert any("ray start --head" in c for c in config["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
+
+
+def test_every_file_and_section_it_cites_exists(config_text):
+    """The comments name files (of this repository, or `ray/...` of the installed Ray) and a
+    README section: each must exist (it once cited a docs/cluster.md that did not)."""
+    import ray
+
+    cited = set(re.findall(r"(?<![\w/.:-])((?:[\w-]+/)*[\w-]+\.(?:md|py|yaml|yml|json))\b", config_text))
+    assert {"README.md", "tests/test_cluster_yaml.py", "ray/autoscaler/ray-schema.json"} <= cited
+    for path in cited:
+        base = os.path.dirname(os.path.dirname(ray.__file__)) if path.startswith("ray/") else ROOT
+        assert os.path.isfile(os.path.join(base, path)), f"cluster.yaml cites {path}, which does not exist"
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        headings = {line.lstrip("#").strip() for line in f if line.startswith("#")}
+    sections = re.findall(r'README\.md, "([^"]+)"', " ".join(line.lstrip("# ") for line in config_text.splitlines()))
+    assert sections and all(s in headings for s in sections), (sections, sorted(headings))

@@ -272,6 +272,11 @@ def ray_cluster():
     env = dict(os.environ)
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_JOB_HEADERS"):
         env.pop(name, None)
+    # Nodes with no S3 credentials of their own (no instance profile either): a job gets only
+    # what its runtime_env or --storage-options give it.
+    for name in [n for n in env if n.startswith("AWS_")]:
+        env.pop(name)
+    env.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true")
     env.update({
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": token_path,
@@ -499,3 +504,97 @@ def test_ray_job_submit_end_to_end(ray_cluster, job_inputs):
     assert counts["clips"] == clips.num_rows
     if inputs["audio_only"]:
         assert counts["errors_by_type"].get("no_video_stream") == 1
+
+
+# ---------------------------------------------------------------------------------------
+# secrets stay out of commits and out of the uploaded working_dir
+
+SECRET_FILES = ["storage.json", "jobs/storage.json", "storage-options.json", "prod.secret", "s3.secrets", ".env",
+                ".env.local", "credentials", "conf/credentials.json", "me_credentials.csv", "rootkey_accessKeys.csv",
+                ".aws/credentials", "deploy.pem", "auth_token"]
+CODE_FILES = ["vmae_ray/storage.py", "jobs/embed_videos.py", "tests/s3_server.py", "README.md", "cluster.yaml"]
+
+
+def test_secret_files_are_neither_committed_nor_uploaded(tmp_path):
+    """git (for .gitignore) and Ray's own working_dir packaging (what `ray job submit
+    --working-dir .` uploads), with and without .gitignore honoured: secret-looking files are
+    left out, the code is not."""
+    from zipfile import ZipFile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    ignored = _run(["git", "check-ignore", "--no-index", *SECRET_FILES, *CODE_FILES], dict(os.environ),
+                   check=False, cwd=ROOT).stdout.split()
+    assert sorted(ignored) == sorted(SECRET_FILES)
+    tree = tmp_path / "checkout"
+    for name in (".gitignore", ".rayignore"):
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(ROOT, name), tree / name)
+    for name in SECRET_FILES + CODE_FILES:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text("x")
+    for include_gitignore in (True, False):  # False: RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1
+        package = tmp_path / f"pkg-{include_gitignore}.zip"
+        _zip_files(str(tree), [], str(package), include_gitignore=include_gitignore)
+        uploaded = {n for n in ZipFile(package).namelist() if not n.endswith("/")}
+        assert not uploaded & set(SECRET_FILES), (include_gitignore, sorted(uploaded & set(SECRET_FILES)))
+        assert set(CODE_FILES) <= uploaded
+
+
+# ---------------------------------------------------------------------------------------
+# credentials of a submitted job
+
+
+def _submit_and_wait(cluster: Cluster, entrypoint: list[str], env: dict[str, str], runtime_env: dict) -> tuple[str, str]:
+    """Submit ``entrypoint`` with the Jobs CLI from ``env`` (the submitting shell); (status, logs)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    submission_id = f"vmae-ray-test-{secrets.token_hex(4)}"
+    _run(_ray_cli() + ["job", "submit", "--address", cluster.dashboard_url, "--working-dir", ROOT,
+                       "--submission-id", submission_id, "--no-wait", "--runtime-env-json", json.dumps(runtime_env),
+                       "--", *entrypoint], env, timeout=120, cwd=cluster.temp_dir)
+    client = JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": f"Bearer {cluster.token}"})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (status := client.get_job_status(submission_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                   JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            client.stop_job(submission_id)
+            pytest.fail(f"job {submission_id} still {status} after {JOB_TIMEOUT_S}s")
+        time.sleep(0.5)
+    cluster.remember()
+    return str(status), client.get_job_logs(submission_id)
+
+
+def test_credentials_reach_a_submitted_job_only_the_documented_ways(ray_cluster, s3_server, s3_bucket):
+    """AWS_* exported in the submitting shell do not reach the job, and its refusal says what it
+    saw and what to do; the same keys as runtime_env variables do reach it."""
+    import numpy as np
+
+    from vmae_ray.storage import StorageOptions
+    from vmae_ray.writing import write_committed
+
+    cluster = ray_cluster
+    vectors = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], dtype=np.float32)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 4)
+    rows = {"video_id": ["v0", "v1", "v2", "v3"], "uri": [f"/c/v{i}.mp4" for i in range(4)], "embedding": emb}
+    write_committed(f"s3://{s3_bucket}/tables", StorageOptions(s3_server.storage_options),
+                    {"videos": pa.table(rows)}, {"model": {}})
+    entrypoint = ["python", "-m", "vmae_ray.cli", "search", "--tables", f"s3://{s3_bucket}/tables", "--query", "v0"]
+    # Not credentials: where the server is, on every process of the job.
+    endpoint = {"AWS_ENDPOINT_URL": s3_server.endpoint_url, "AWS_DEFAULT_REGION": s3_server.region,
+                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    keys = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
+    cluster.wait_ready()
+
+    shell = {**cluster.env, **keys}  # exported where `ray job submit` runs
+    status, logs = _submit_and_wait(cluster, entrypoint, shell, {"env_vars": endpoint})
+    assert status == "FAILED", logs
+    assert f"--tables: s3://{s3_bucket}/tables: access denied or no credentials (NoCredentialsError" in logs, logs
+    assert ", a `ray job submit` job): AWS_ACCESS_KEY_ID unset, AWS_SECRET_ACCESS_KEY unset" in logs, logs
+    assert "botocore finds no credentials" in logs
+    assert "the AWS_* variables of the shell that submitted it do not reach it" in logs
+    assert s3_server.secret_key not in logs
+
+    status, logs = _submit_and_wait(cluster, entrypoint, cluster.env, {"env_vars": {**endpoint, **keys}})
+    assert status == "SUCCEEDED", logs
+    assert re.search(r"^\s+1\s+0\.707107\s+v1\s+/c/v1\.mp4$", logs, re.M), logs  # cos 45 degrees

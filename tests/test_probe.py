@@ -510,3 +510,40 @@ def test_examples_are_ordered_by_uri_so_a_moved_corpus_gets_the_same_folds(tmp_p
         id_orders.append([names[ids.index(i)] for i in sorted(ids)])
     assert id_orders[0] != id_orders[1]  # in video_id order the two would differ
     assert orders[0] == orders[1] and orders[0][0] == ["a", "b", "c", "d"]
+
+
+def test_clip_level_folds_and_fit_do_not_depend_on_where_the_corpus_sits(tmp_path):
+    """Clip level: the same 12 videos (2 clips each) under two roots. scikit-learn numbers the
+    groups of its grouped folds in sorted order of their labels, and video_ids (hashes of the
+    whole URI) sort otherwise under each root: grouped by video_id the folds differ; numbered
+    in URI order they, the cross-validated metrics and the head are the same."""
+    from vmae_ray.listing import video_id_for_uri
+    from vmae_ray.probe import cv_splits, fit_head, group_numbers, join_labels
+    from vmae_ray.writing import write_committed
+
+    rng = np.random.default_rng(3)
+    names = [f"{i:02d}.mp4" for i in range(12)]
+    classes = {n: "abc"[i % 3] for i, n in enumerate(names)}
+    centres = {c: rng.standard_normal(8) for c in "abc"}
+    vectors = np.stack([centres[classes[n]] + 1.5 * rng.standard_normal(8) for n in names for _ in range(2)])
+    results = []
+    for root in ("/data/x", "/srv/videos"):
+        uris = [f"{root}/{n}" for n in names for _ in range(2)]
+        ids = [video_id_for_uri(u) for u in uris]
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).reshape(-1)), 8)
+        out = tmp_path / root.strip("/").replace("/", "_")
+        write_committed(str(out), StorageOptions(), {"clips": pa.table({
+            "video_id": ids, "uri": uris, "clip_index": pa.array([0, 1] * 12, pa.int32()), "embedding": emb})}, {})
+        examples = join_labels(CommittedOutput.open(str(out)), "uri", {f"{root}/{n}": c for n, c in classes.items()},
+                               "clip")
+        by_id = [[t.tolist() for t in test] for _, test in cv_splits(examples.labels, examples.video_ids, True)]
+        by_number = [[t.tolist() for t in test]
+                     for _, test in cv_splits(examples.labels, group_numbers(examples.video_ids), True)]
+        fit = fit_head(examples, model_fingerprint="m", embedding_fingerprint="e", settings_fingerprint="s")
+        results.append((by_id, by_number, fit))
+    assert results[0][0] != results[1][0], "grouped by video_id, the folds follow the hashes"
+    assert results[0][1] == results[1][1]
+    (_, _, one), (_, _, other) = results
+    assert one.metrics == other.metrics
+    np.testing.assert_array_equal(one.head.weight, other.head.weight)
+    np.testing.assert_array_equal(group_numbers(np.array(["z", "z", "a", "m", "a"])), [0, 0, 1, 2, 1])

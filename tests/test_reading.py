@@ -121,3 +121,101 @@ def test_object_store_folder_markers_are_not_foreign(s3_server, s3_bucket):
     with pytest.raises(ForeignFilesError, match="items/notes.txt"):
         write_committed(out, storage, {"items": table_of(["d"], vectors(1))}, {})
     assert fs.cat(f"{root}/items/notes.txt") == b"mine"
+
+
+# ------------------------------------------------------------------------------------------
+# Only embed outputs are --tables: every command that reads one refuses anything else, saying
+# what it is. The other outputs are made here by the real commands from a small embed output.
+
+
+@pytest.fixture(scope="module")
+def other_outputs(tmp_path_factory) -> dict[str, str]:
+    from vmae_ray.cli import main
+
+    root = tmp_path_factory.mktemp("kinds")
+    tables = str(root / "tables")
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((2, DIM)).astype(np.float32)
+    ids = [f"v{i}" for i in range(8)]
+    matrix = (centres[np.arange(8) % 2] + 0.1 * rng.standard_normal((8, DIM))).astype(np.float32)
+    clips = table_of(ids, matrix).append_column("clip_index", pa.array([0] * 8, pa.int32()))
+    # As the job's _SUCCESS: no `command`, the fingerprints a head is tied to.
+    write_committed(tables, StorageOptions(), {"videos": table_of(ids, matrix), "clips": clips},
+                    {"settings_fingerprint": "s", "embedding_fingerprint": "e",
+                     "model": {"fingerprint": "m", "embedding_dim": DIM}})
+    labels = root / "labels.csv"
+    labels.write_text("video_id,label\n" + "".join(f"{v},{'ab'[i % 2]}\n" for i, v in enumerate(ids[:6])))
+    paths = {"tables": tables, "labels": str(labels), "head": str(root / "head"), "dups": str(root / "dups"),
+             "labels_out": str(root / "labels_out"), "root": str(root)}
+    assert main(["dedup", "--tables", tables, "--threshold", "0.9", "--output", paths["dups"]]) == 0
+    assert main(["probe", "fit", "--tables", tables, "--labels", paths["labels"], "--head", paths["head"]]) == 0
+    assert main(["probe", "apply", "--tables", tables, "--head", paths["head"], "--output", paths["labels_out"]]) == 0
+    assert main(["index", "--tables", tables]) == 0
+    return paths
+
+
+COMMANDS = {
+    "search": lambda p, t: ["search", "--tables", t, "--query", "v0"],
+    "index": lambda p, t: ["index", "--tables", t],
+    "dedup": lambda p, t: ["dedup", "--tables", t, "--threshold", "0.9", "--output", f"{p['root']}/new_dups"],
+    "probe fit": lambda p, t: ["probe", "fit", "--tables", t, "--labels", p["labels"], "--head", f"{p['root']}/new_head"],
+    "probe apply": lambda p, t: ["probe", "apply", "--tables", t, "--head", p["head"],
+                                 "--output", f"{p['root']}/new_labels"],
+    "report": lambda p, t: ["report", "--tables", t, "--output", f"{p['root']}/new_report.html"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_refuses_what_is_not_an_embed_output_naming_it(other_outputs, command, capsys):
+    import re
+
+    from vmae_ray.cli import main
+
+    p = other_outputs
+    tables = p["tables"]
+    cases = {
+        p["dups"]: f"a `vmae-ray dedup` output (duplicate groups), made from the embed output {tables}",
+        p["labels_out"]: f"a `vmae-ray probe apply` output (labels), made from the embed output {tables}",
+        p["head"]: "a `vmae-ray probe fit` head (head.json)",
+        f"{tables}/_index/video": "a `vmae-ray index` index (INDEX.json)",
+        f"{tables}/_index": "the folder of `vmae-ray index` indexes",
+        p["labels"]: "a file, not an output folder",
+    }
+    # What the other commands wrote says what each is (the reference the messages follow).
+    assert json.loads(open(f"{p['dups']}/_SUCCESS").read())["command"] == "dedup"
+    assert json.loads(open(f"{p['labels_out']}/_SUCCESS").read())["command"] == "probe apply"
+    for folder, what in cases.items():
+        with pytest.raises(SystemExit) as info:
+            main(COMMANDS[command](p, folder))
+        err = capsys.readouterr().err
+        assert info.value.code == 2, (command, folder, err)
+        assert f"--tables: {folder} is {what}" in err and "not a `vmae-ray embed` output" in err, (command, err)
+        assert "rerun" not in err  # the advice for an embed output written by an older vmae-ray
+    assert not [n for n in os.listdir(p["root"]) if n.startswith("new_")], "refused before writing anything"
+    # The embed output itself is accepted (the fixture's commands ran on it; this one too).
+    if command in ("search", "index"):
+        assert main(COMMANDS[command](p, tables)) == 0
+        assert re.search(r"\S", capsys.readouterr().out)
+
+
+def test_probe_fit_advice_on_an_embed_output_of_an_older_vmae_ray(tmp_path, capsys):
+    from vmae_ray.cli import main
+
+    out = str(tmp_path / "old")
+    write_committed(out, StorageOptions(), {"videos": table_of(["a", "b"], vectors(2))}, {"model": {}})
+    (tmp_path / "l.csv").write_text("video_id,label\na,x\nb,y\n")
+    with pytest.raises(SystemExit):
+        main(["probe", "fit", "--tables", out, "--labels", str(tmp_path / "l.csv"), "--head", str(tmp_path / "h")])
+    err = capsys.readouterr().err
+    assert "has no model.fingerprint or embedding_fingerprint (written by an older vmae-ray); rerun the same " \
+           "`vmae-ray embed` command" in err
+
+
+def test_output_kind_from_success():
+    from vmae_ray.reading import describe_output, output_kind
+
+    assert output_kind({"files": {"clips": [], "videos": ["videos/p.parquet"], "errors": []}}) == "embed"
+    assert output_kind({"files": {"errors": ["errors/p.parquet"]}}) == "embed"  # every input failed
+    assert output_kind({"command": "dedup", "files": {"duplicates": []}}) == "dedup"
+    assert output_kind({"files": {"items": []}}) == "unknown"
+    assert describe_output({"files": {"items": [], "more": []}}) == "an output of another command (tables items, more)"

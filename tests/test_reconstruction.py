@@ -38,10 +38,11 @@ from vmae_ray.synthetic import (
 NC_MODEL_CARD = "---\nlicense: cc-by-nc-4.0\ntags:\n- video\n---\n# VideoMAE (tiny test copy)\n"
 
 
-def masks_for(spec, video_id: str, clip_indices, *, mask_ratio=0.9, mask_seed=0) -> np.ndarray:
-    return np.stack([clip_mask(video_id, i, mask_seed=mask_seed, mask_ratio=mask_ratio,
+def masks_for(spec, clips: np.ndarray, *, mask_ratio=0.9, mask_seed=0) -> np.ndarray:
+    """The job's masks for these uint8 clips (B, T, H, W, 3)."""
+    return np.stack([clip_mask(clip, mask_seed=mask_seed, mask_ratio=mask_ratio,
                                num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
-                     for i in clip_indices])
+                     for clip in clips])
 
 
 def hf_losses(model_dir: str, clips: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -76,16 +77,30 @@ def parity_clips(spec, seed: int = 0) -> np.ndarray:
 # Masks (no torch)
 
 
-def test_tube_masks_are_reproducible_distinct_and_packed():
+def test_tube_masks_are_drawn_from_the_pixels_reproducible_distinct_and_packed():
+    import hashlib
+
     kw = dict(mask_seed=0, mask_ratio=0.9, num_time_slots=8, tokens_per_frame=196)  # VideoMAE-B geometry
-    mask = clip_mask("video-a", 3, **kw)
+    rng = np.random.default_rng(0)
+    clip = rng.integers(0, 256, (16, 224, 224, 3), dtype=np.uint8)
+    mask = clip_mask(clip, **kw)
     assert mask.dtype == bool and mask.shape == (1568,)
     slots = mask.reshape(8, 196)
     assert (slots == slots[0]).all(), "tube masking: the same spatial mask in every time slot"
     assert slots[0].sum() == int(0.9 * 196) == 176
-    assert (clip_mask("video-a", 3, **kw) == mask).all()  # reruns and resumes draw the same mask
-    others = [clip_mask("video-a", 4, **kw), clip_mask("video-b", 3, **kw), clip_mask("video-a", 3, **{**kw, "mask_seed": 1})]
+    # The same pixels (another array: a copy read from another path) draw the same mask.
+    assert (clip_mask(clip.copy(), **kw) == mask).all()
+    # Other pixels (one frame changed), another seed: other masks.
+    changed = clip.copy()
+    changed[5] = rng.integers(0, 256, changed[5].shape, dtype=np.uint8)
+    others = [clip_mask(changed, **kw), clip_mask(clip, **{**kw, "mask_seed": 1})]
     assert all((other != mask).any() for other in others)
+    # Written out from the documented recipe: blake2b-128 of the shape (4 little-endian uint32)
+    # and every 257th byte, as uint32 words after the seed in a SeedSequence.
+    digest = hashlib.blake2b(np.array(clip.shape, "<u4").tobytes() + clip.tobytes()[::257], digest_size=16).digest()
+    words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+    order = np.random.default_rng(np.random.SeedSequence([0, *words])).permutation(196)
+    assert sorted(np.flatnonzero(slots[0]).tolist()) == sorted(order[:176].tolist())
     packed = pack_mask(mask)
     assert packed == np.packbits(mask).tobytes() and len(packed) == 196
     assert (np.unpackbits(np.frombuffer(packed, np.uint8))[:1568].astype(bool) == mask).all()
@@ -118,7 +133,7 @@ def test_loss_matches_transformers_pretraining_loss(pretraining_dir, norm_pix_of
     spec = scorer.spec
     assert spec.norm_pix_loss is norm_pix_loss and scorer.reconstruction.norm_pix_loss is norm_pix_loss
     clips = parity_clips(spec)
-    masks = masks_for(spec, "parity", range(len(clips)))
+    masks = masks_for(spec, clips)
     embeddings, logits, losses = scorer.embed_with_reconstruction(clips, masks)
     assert losses.dtype == np.float32 and logits is None
     expected = hf_losses(model_dir, clips, masks)
@@ -134,7 +149,7 @@ def test_loss_in_bfloat16_is_within_stated_tolerance(pretraining_dir):
     reference = VideoMAEEmbedder(pretraining_dir, device="cpu", reconstruction=True)
     half = VideoMAEEmbedder(pretraining_dir, device="cpu", dtype="bfloat16", reconstruction=True)
     clips = parity_clips(reference.spec, seed=1)
-    masks = masks_for(reference.spec, "bf16", range(len(clips)))
+    masks = masks_for(reference.spec, clips)
     np.testing.assert_allclose(half.embed_with_reconstruction(clips, masks)[2],
                                reference.embed_with_reconstruction(clips, masks)[2], rtol=1e-2)
 
@@ -146,7 +161,7 @@ def test_cuda_loss_matches_transformers(pretraining_dir):
     gpu = VideoMAEEmbedder(pretraining_dir, reconstruction=True)
     assert gpu.device.type == "cuda" and gpu.dtype in (torch.bfloat16, torch.float16)
     clips = parity_clips(gpu.spec, seed=2)
-    masks = masks_for(gpu.spec, "cuda", range(len(clips)))
+    masks = masks_for(gpu.spec, clips)
     np.testing.assert_allclose(gpu.embed_with_reconstruction(clips, masks)[2], hf_losses(pretraining_dir, clips, masks),
                                rtol=1e-2)
 
@@ -203,7 +218,7 @@ def _scores_by_kind(model_dir: str) -> dict[str, np.ndarray]:
     for kind in TEXTURE_CLIP_KINDS:
         clips = np.stack([texture_clip(kind, rng, num_frames=spec.num_frames, size=spec.crop_height,
                                        period=spec.patch_size) for _ in range(16)])
-        out[kind] = scorer.embed_with_reconstruction(clips, masks_for(spec, kind, range(16)))[2]
+        out[kind] = scorer.embed_with_reconstruction(clips, masks_for(spec, clips))[2]
     return out
 
 
@@ -304,43 +319,76 @@ def reconstruction_run(ray_session, tiny_pretraining, synthetic_corpus, tmp_path
     folder.mkdir()
     for name in ("a_h264.mp4", "d_vfr.mkv"):
         shutil.copy(synthetic_corpus[name], folder / name)
+    # A byte-identical copy at another path (another video_id): its scores must be the same.
+    (folder / "elsewhere").mkdir()
+    shutil.copy(synthetic_corpus["a_h264.mp4"], folder / "elsewhere" / "a_h264.mp4")
     out = str(work / "out")
     args = ["--input", str(folder), "--output", out, "--model", str(model), "--sampling", "stride",
             "--clips-per-video", "2", "--frame-stride", "2", "--reconstruction", "--mask-seed", "7"]
     return {"out": out, "model": str(model), "args": args, "summary": run_job(*args)}
 
 
-def test_job_rows_recompute_with_plain_transformers(reconstruction_run):
-    from vmae_ray.checkpoint import load_model_spec
+def decoded_clip(run: dict, spec, uri: str, clip_index: int) -> np.ndarray:
+    """Clip ``clip_index`` of ``uri`` decoded again the way the run's job decoded it."""
     from vmae_ray.planning import decode_params
     from vmae_ray.stages import decode_video, video_clips
     from vmae_ray.storage import StorageOptions
+
+    config = config_from_args(run["args"])
+    item = {"video_id": "any", "uri": uri, "size_bytes": None, "input_fingerprint": None}
+    facts, pixels = video_clips(list(decode_video(item, decode_params(config, spec, spec.num_frames),
+                                                  StorageOptions({}))))
+    for fact, clip in zip(facts, pixels):
+        if fact["clip_index"] == clip_index:
+            return clip
+    raise AssertionError(f"no clip {clip_index} in {uri}")
+
+
+def test_job_rows_recompute_with_plain_transformers(reconstruction_run):
+    from vmae_ray.checkpoint import load_model_spec
 
     out, model = reconstruction_run["out"], reconstruction_run["model"]
     clips, videos = read_table(out, "clips"), read_table(out, "videos")
     assert clips.schema.field("reconstruction_loss").type == pa.float32()
     assert clips.schema.field("reconstruction_mask").type == pa.binary()
     assert videos.schema.field("reconstruction_loss").type == pa.float32()
-    assert clips.num_rows == 4 and videos.num_rows == 2
+    assert clips.num_rows == 6 and videos.num_rows == 3
     spec = load_model_spec(model)
     rows = clips.to_pylist()
-    masks = {(r["video_id"], r["clip_index"]): unpack_mask(r["reconstruction_mask"], spec.num_tokens) for r in rows}
-    for (vid, index), mask in masks.items():
-        assert (mask == masks_for(spec, vid, [index], mask_seed=7)[0]).all()
+    for r in rows:  # each stored mask is the one drawn from the clip's pixels with --mask-seed 7
+        mask = unpack_mask(r["reconstruction_mask"], spec.num_tokens)
+        clip = decoded_clip(reconstruction_run, spec, r["uri"], r["clip_index"])
+        assert (mask == masks_for(spec, clip[None], mask_seed=7)[0]).all()
         assert mask.reshape(spec.num_time_slots, -1).sum(1).tolist() == [int(0.9 * spec.tokens_per_frame)] * 4
     # Recompute one stored row from its stored mask with plain transformers, on the clip decoded
     # again the way the job decodes it.
     row = rows[-1]
-    config = config_from_args(reconstruction_run["args"])
-    item = {"video_id": row["video_id"], "uri": row["uri"], "size_bytes": None, "input_fingerprint": None}
-    facts, pixels = video_clips(list(decode_video(item, decode_params(config, spec, spec.num_frames),
-                                                  StorageOptions({}))))
-    clip = pixels[[f["clip_index"] for f in facts].index(row["clip_index"])]
+    clip = decoded_clip(reconstruction_run, spec, row["uri"], row["clip_index"])
     mask = unpack_mask(row["reconstruction_mask"], spec.num_tokens)
     assert row["reconstruction_loss"] == pytest.approx(hf_losses(model, clip[None], mask[None])[0], rel=1e-4)
     for video in videos.to_pylist():
         mine = [r["reconstruction_loss"] for r in rows if r["video_id"] == video["video_id"]]
         assert video["reconstruction_loss"] == pytest.approx(np.mean(mine), rel=1e-6)
+
+
+def test_identical_copies_at_two_paths_score_the_same(reconstruction_run, capsys):
+    """The same bytes at two paths (two video_ids): the same masks and losses, clip by clip, in the
+    job's tables, and `show` on either path prints the loss the tables hold."""
+    clips = read_table(reconstruction_run["out"], "clips").to_pylist()
+    original = [r for r in clips if r["uri"].endswith("/videos/a_h264.mp4")]
+    copy = [r for r in clips if r["uri"].endswith("/videos/elsewhere/a_h264.mp4")]
+    assert len(original) == len(copy) == 2 and original[0]["video_id"] != copy[0]["video_id"]
+    by_index = {r["clip_index"]: r for r in copy}
+    for row in original:
+        twin = by_index[row["clip_index"]]
+        assert twin["reconstruction_mask"] == row["reconstruction_mask"]
+        assert twin["reconstruction_loss"] == row["reconstruction_loss"]
+    sampling = ["--sampling", "stride", "--clips-per-video", "2", "--frame-stride", "2", "--mask-seed", "7"]  # the run's
+    for row in (original[1], copy[1]):
+        assert main(["show", "--model", reconstruction_run["model"], "--video", row["uri"], "--clip", "1",
+                     "--output", os.path.join(os.path.dirname(reconstruction_run["out"]), "show.png"), *sampling]) == 0
+        printed = float(re.search(r"reconstruction loss ([0-9.]+)", capsys.readouterr().out).group(1))
+        assert printed == pytest.approx(original[1]["reconstruction_loss"], abs=1e-6)
 
 
 def test_licence_on_record_and_in_summary(reconstruction_run, capsys, caplog):
@@ -350,7 +398,7 @@ def test_licence_on_record_and_in_summary(reconstruction_run, capsys, caplog):
     assert manifest["config"]["reconstruction"] is True
     # A rerun has nothing to do but still reports the licence and warns.
     summary = run_job(*reconstruction_run["args"])
-    assert summary.inputs_skipped == 2
+    assert summary.inputs_skipped == 3
     captured = capsys.readouterr()
     assert "model licence: cc-by-nc-4.0 (from the checkpoint's model card)" in captured.out
     assert "  WARNING: " in captured.out and "a non-commercial licence" in captured.out

@@ -339,3 +339,57 @@ def test_counts_tiles_follow_success_not_a_constant(hostile_run, tmp_path):
     assert history == [later["run_id"], hostile_run["success"]["run_id"]]  # newest first
     assert dom.find(id="fig-history")
     assert pc.sum(data.videos.column("num_clips")).as_py() == data.clips_total
+
+
+# ------------------------------------------------------------------------------------------
+# Figures read back through matplotlib's own renderer (what the PNG shows)
+# ------------------------------------------------------------------------------------------
+def _rendered(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def test_nearest_neighbour_axis_reads_plain_values():
+    """Similarities all within 3e-7 of 1 (near-duplicate corpora): no offset text ("1e-7+1")
+    beside the axis; each tick label is its value written out, and the labels do not overlap."""
+    similarity = (1 - np.random.default_rng(0).uniform(0, 3e-7, 40)).astype(np.float32)
+    fig = report.draw_embeddings(None, None, None, None, similarity)
+    renderer = _rendered(fig)
+    (ax,) = fig.axes
+    assert ax.get_title() == "nearest-neighbour cosine similarity"
+    assert ax.xaxis.get_offset_text().get_text() == ""
+    low, high = ax.get_xlim()
+    ticks = [(t.get_loc(), t.label1.get_text()) for t in ax.xaxis.get_major_ticks() if low <= t.get_loc() <= high]
+    assert len(ticks) >= 3
+    for value, label in ticks:
+        assert float(label) == pytest.approx(value, abs=1e-9), (value, label)
+    boxes = sorted((t.label1.get_window_extent(renderer) for t in ax.xaxis.get_major_ticks()
+                    if low <= t.get_loc() <= high), key=lambda b: b.x0)
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), "tick labels overlap"
+    assert boxes[0].x0 >= 0 and boxes[-1].x1 <= fig.bbox.width
+
+
+@pytest.mark.parametrize("counts", [[(80, 0)], [(80, 0), (0, 0), (3, 1), (120, 4)], [(0, 7)], [(0, 0)],
+                                    [(5, 1)] * 25])
+def test_videos_per_run_bars_are_whole_and_the_legend_clear_of_them(counts):
+    """Every bar lies inside the axes with room above the tallest, and the legend covers none:
+    a lone run used to fill the axes to its top (a zero-height bar on it is a sticky edge)."""
+    runs = [{"committed_at": f"2026-12-{i % 28 + 1:02d}T02:00:00Z", "counts": {"videos_ok": ok, "videos_failed": bad}}
+            for i, (ok, bad) in enumerate(counts)]
+    fig = report.draw_history(runs)
+    renderer = _rendered(fig)
+    (ax,) = fig.axes
+    bars = [p for p in ax.patches if p.get_height() > 0]
+    assert len(bars) == sum((ok > 0) + (bad > 0) for ok, bad in counts)
+    top = max((ok + bad for ok, bad in counts), default=0)
+    assert ax.get_ylim()[1] >= max(1.0, 1.1 * top)
+    axes_box = ax.get_window_extent(renderer)
+    legend_box = ax.get_legend().get_window_extent(renderer)
+    for bar in bars:
+        box = bar.get_window_extent(renderer)
+        assert axes_box.x0 <= box.x0 and box.x1 <= axes_box.x1 and axes_box.y0 <= box.y0 and box.y1 < axes_box.y1
+        assert not box.overlaps(legend_box), "the legend covers a bar"
+    assert axes_box.width > 0 and legend_box.x1 <= fig.bbox.width

@@ -850,3 +850,16 @@ def test_unloadable_checkpoints_fail_fast(ray_session, tiny_classifier, crash_co
             assert needle in message, f"{name}: {needle!r} not in {message!r}"
         assert not os.path.exists(tmp_path / f"out_{name}" / "_SUCCESS")
     print("failed after " + ", ".join(f"{n}: {s:.1f}s" for n, s in took.items()))
+
+
+def test_s3_access_denied_row_says_what_the_worker_had(hostile_run, s3_server):
+    """The archived object's 403, on a Ray worker: its errors/ message says which credential
+    sources that worker process had (the key came in the storage options), never the key."""
+    from vmae_ray.reading import CommittedOutput
+
+    errors = CommittedOutput.open(hostile_run["out"]).read("errors", ["uri", "error_type", "message"]).to_pylist()
+    (row,) = [r for r in errors if r["uri"].endswith("cold/archived.mp4")]
+    assert row["error_type"] == "access_denied"
+    assert "; seen on this process (host " in row["message"]
+    assert "key/secret in the storage options (from --storage-options or $VMAE_RAY_STORAGE_OPTIONS)" in row["message"]
+    assert s3_server.secret_key not in row["message"] and s3_server.access_key not in row["message"]

@@ -473,3 +473,88 @@ def test_pyav_decodes_through_both_paths(s3_server, s3_bucket, storage):
     with open_input(uri, storage, whole_object_max_bytes=64 * 1024, block_size=64 * 1024,
                     size=len(data)) as f:  # ranged reads, small blocks: many seeks
         assert not isinstance(f, io.BytesIO) and _decode_summary(f) == expected
+
+
+# --------------------------------------------------------------------------------------
+# Access-denied messages say which credential sources the failing process had
+
+
+@pytest.fixture
+def bare_aws_environment(monkeypatch):
+    """No AWS_* variable and no AWS config or credentials file: what a `ray job submit` job's
+    driver has on a cluster without credentials of its own. Instance metadata is not asked (no
+    EC2 here; botocore would only wait for its timeout)."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("VMAE_RAY_STORAGE_OPTIONS", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+
+
+def _refusal(argv: list[str], capsys) -> str:
+    from vmae_ray.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_no_credentials_says_what_this_process_has(s3_server, s3_bucket, bare_aws_environment, monkeypatch, capsys):
+    import json
+
+    import botocore.session
+
+    assert botocore.session.Session().get_credentials() is None  # the reference: botocore finds none
+    endpoint_only = json.dumps({"client_kwargs": {"endpoint_url": s3_server.endpoint_url}})
+    err = _refusal(["search", "--tables", f"s3://{s3_bucket}/tables", "--query", "x",
+                    "--storage-options", endpoint_only], capsys)
+    assert f"--tables: s3://{s3_bucket}/tables: access denied or no credentials (NoCredentialsError" in err
+    assert ("seen on this process (host " in err and "AWS_ACCESS_KEY_ID unset, AWS_SECRET_ACCESS_KEY unset, "
+            "AWS_SESSION_TOKEN unset, AWS_PROFILE unset, no key in --storage-options or $VMAE_RAY_STORAGE_OPTIONS, "
+            "botocore finds no credentials (no AWS_* keys, profile files, container or instance-profile credentials)"
+            in err), err
+    assert "ray job submit` job" not in err
+    assert "under `ray job submit` the submitting shell's variables do not reach the job" in err
+    # The same process inside a submitted job (Ray sets this variable in every job's driver).
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    err = _refusal(["index", "--tables", f"s3://{s3_bucket}/tables", "--storage-options", endpoint_only], capsys)
+    assert ", a `ray job submit` job)" in err
+    assert ("the AWS_* variables of the shell that submitted it do not reach it; give the cluster credentials with "
+            "an instance profile (IAM role) on its nodes, `ray job submit --runtime-env-json '{\"env_vars\": {...}}'`, "
+            "or --storage-options @FILE naming a file on the cluster outside --working-dir") in err
+
+
+def test_access_denied_with_a_key_names_where_the_key_came_from_never_its_value(
+        s3_server, s3_bucket, bare_aws_environment, monkeypatch, capsys):
+    """A real 403 from the server (an archived object) for a key given two ways: in
+    --storage-options, then only as AWS_* variables of this process."""
+    import json
+
+    s3_server.client.put_object(Bucket=s3_bucket, Key="cold/_SUCCESS", Body=b"{}", StorageClass="GLACIER")
+    tables = f"s3://{s3_bucket}/cold"
+    err = _refusal(["index", "--tables", tables, "--storage-options", json.dumps(s3_server.storage_options)], capsys)
+    assert f"--tables: {tables}: access denied or no credentials" in err
+    assert "AWS_ACCESS_KEY_ID unset" in err
+    assert "key/secret in the storage options (from --storage-options or $VMAE_RAY_STORAGE_OPTIONS)" in err
+    assert s3_server.secret_key not in err and s3_server.access_key not in err
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    endpoint_only = json.dumps({"client_kwargs": {"endpoint_url": s3_server.endpoint_url}})
+    err = _refusal(["index", "--tables", tables, "--storage-options", endpoint_only], capsys)
+    assert "AWS_ACCESS_KEY_ID set, AWS_SECRET_ACCESS_KEY set, AWS_SESSION_TOKEN unset" in err
+    assert "key/secret in the storage options (this driver's AWS_* variables)" in err
+    assert "botocore finds credentials in AWS_* environment variables" in err
+    assert s3_server.secret_key not in err and s3_server.access_key not in err
+
+
+def test_a_profile_botocore_cannot_find(s3_bucket, bare_aws_environment, monkeypatch):
+    from vmae_ray.storage import credential_sources
+
+    monkeypatch.setenv("AWS_PROFILE", "nightly")
+    text = credential_sources(StorageOptions({"profile": "other"}))
+    assert "AWS_PROFILE=nightly" in text and "profile 'other' in the storage options" in text
+    assert "botocore's credential chain fails (ProfileNotFound)" in text

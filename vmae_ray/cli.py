@@ -135,7 +135,7 @@ def add_mask_arguments(group) -> None:
     group.add_argument("--mask-ratio", type=float,
                        help=f"fraction of each frame's tokens masked (default {DEFAULT_MASK_RATIO}, the VideoMAE paper's)")
     group.add_argument("--mask-seed", type=int,
-                       help=f"seed of the masks, drawn per clip from (seed, video_id, clip_index) (default {DEFAULT_MASK_SEED})")
+                       help=f"seed of the masks, drawn per clip from (seed, the clip's pixels) (default {DEFAULT_MASK_SEED})")
 
 
 _CONVERTERS = {

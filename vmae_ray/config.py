@@ -385,6 +385,17 @@ def parse_storage_options(text: str | dict | None) -> dict[str, Any]:
 
 
 STORAGE_OPTIONS_ENV = "VMAE_RAY_STORAGE_OPTIONS"
+# Where S3 credentials can come from (README: "Storage and credentials"), said by an
+# access-denied message; a `ray job submit` job is told that its submitting shell's do not reach it.
+CREDENTIALS_HINT = ("give this process S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                    "an instance profile (IAM role) on the node, or key/secret in --storage-options @FILE; under "
+                    "`ray job submit` the submitting shell's variables do not reach the job (see the README, "
+                    "Storage and credentials)")
+CREDENTIALS_HINT_RAY_JOB = ("this is a `ray job submit` job: the AWS_* variables of the shell that submitted it do not "
+                            "reach it; give the cluster credentials with an instance profile (IAM role) on its nodes, "
+                            "`ray job submit --runtime-env-json '{\"env_vars\": {...}}'`, or --storage-options @FILE "
+                            "naming a file on the cluster outside --working-dir (see the README, Storage and "
+                            "credentials)")
 
 
 def check_output_option(output: str, storage, tables: tuple[str, ...]):
@@ -393,7 +404,7 @@ def check_output_option(output: str, storage, tables: tuple[str, ...]):
     did not write, not writable, credentials, endpoint)."""
     from vmae_ray.writing import check_committed_output
 
-    with storage_errors_of("--output", output):  # credentials, endpoint
+    with storage_errors_of("--output", output, storage):  # credentials, endpoint
         try:
             return check_committed_output(output, storage, tables)
         except ValueError as exc:
@@ -403,22 +414,28 @@ def check_output_option(output: str, storage, tables: tuple[str, ...]):
 
 
 @contextlib.contextmanager
-def storage_errors_of(option: str, uri: str):
+def storage_errors_of(option: str, uri: str, storage=None):
     """Storage errors raised inside become ConfigError naming ``option`` and ``uri``: no or bad
     credentials and access denied, not found, an endpoint that cannot be reached
-    (`storage.classify_storage_error`); anything else passes through."""
+    (`storage.classify_storage_error`); anything else passes through.
+
+    For S3, an access-denied message also says which credential sources this process had
+    (`storage.credential_sources`; ``storage``: the options it used, when the caller has them)
+    and where credentials can come from, under `ray job submit` too."""
     try:
         yield
     except ConfigError:
         raise
     except Exception as exc:
-        from vmae_ray.storage import classify_storage_error
+        from vmae_ray.storage import classify_storage_error, credential_sources, in_ray_job
 
         kind, why = classify_storage_error(exc), f"{type(exc).__name__}: {exc}"
         s3 = str(uri).startswith(("s3://", "s3a://"))
         if kind == "access_denied":
-            hint = ("; for S3 set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or key/secret in "
-                    "--storage-options") if s3 else ""
+            hint = ""
+            if s3:
+                hint = f"; {credential_sources(storage)}; " + (CREDENTIALS_HINT_RAY_JOB if in_ray_job()
+                                                              else CREDENTIALS_HINT)
             raise ConfigError(option, f"{uri}: access denied or no credentials ({why}){hint}") from exc
         if kind == "not_found":
             raise ConfigError(option, f"{uri}: not found ({why})") from exc

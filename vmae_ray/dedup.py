@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from vmae_ray import neighbours as nb
 from vmae_ray.config import CommandParser, ConfigError, check_output_option
-from vmae_ray.search import add_tables_arguments, open_tables, tie_rank
+from vmae_ray.reading import add_tables_arguments, open_tables
+from vmae_ray.search import tie_rank
 from vmae_ray.storage import StorageOptions
 
 DUPLICATES = "duplicates"

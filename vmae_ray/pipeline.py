@@ -83,7 +83,7 @@ def run(config: EmbedConfig) -> RunSummary:
         return summary
     quiet = contextlib.ExitStack()
     lease = OutputLease(plan.store, run_id, lease_seconds=config.lease_seconds, wait_seconds=config.wait_for_lock)
-    with storage_errors_of("--output", config.output):
+    with storage_errors_of("--output", config.output, plan.storage):
         lease.acquire()
     try:
         _run_with_lease(plan, run_id, summary, lease, started, quiet)
@@ -103,7 +103,7 @@ def _account(summary: RunSummary, counts: DiffCounts, limit: int | None) -> None
 def _run_with_lease(plan: Plan, run_id: str, summary: RunSummary, lease: OutputLease, started: float,
                     quiet: contextlib.ExitStack) -> None:
     config = plan.config
-    with storage_errors_of("--output", config.output):
+    with storage_errors_of("--output", config.output, plan.storage):
         try:
             state = plan.store.recover()
         except ValueError as exc:

@@ -98,7 +98,10 @@ def settings_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int, 
         settings["head"] = head_fingerprint
     if config.reconstruction:
         # Only when on, so outputs made before the option existed keep their fingerprint.
-        settings["reconstruction"] = {"mask_ratio": config.mask_ratio, "mask_seed": config.mask_seed}
+        # "masks": drawn from each clip's pixels (before: from its video_id), so scores of runs
+        # of the older kind are never mixed with these.
+        settings["reconstruction"] = {"mask_ratio": config.mask_ratio, "mask_seed": config.mask_seed,
+                                      "masks": "pixels"}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -184,7 +187,7 @@ def prepare(config: EmbedConfig) -> Plan:
     """
     storage = StorageOptions(config.storage_options).with_driver_environment(
         [config.input, config.output, config.model])
-    with storage_errors_of("--model", config.model):  # credentials, endpoint
+    with storage_errors_of("--model", config.model, storage):  # credentials, endpoint
         try:
             spec = load_model_spec(config.model, storage, config.model_cache_dir)
         except CheckpointError as exc:  # its own message first: storage_errors_of would relabel its cause
@@ -196,7 +199,7 @@ def prepare(config: EmbedConfig) -> Plan:
             f"the checkpoint was trained with num_frames={spec.num_frames} (its position embeddings are "
             f"fixed to that length); got {num_frames}",
         )
-    with storage_errors_of("--head", config.head):
+    with storage_errors_of("--head", config.head, storage):
         head = _load_head(config, spec, num_frames, storage) if config.head else None
     if config.labels == "on" and spec.id2label is None and head is None:
         raise ConfigError(
@@ -211,7 +214,7 @@ def prepare(config: EmbedConfig) -> Plan:
 
     # The input is planned (it exists, a manifest's columns) before --output is touched: a typo
     # in --input must not cost the committed tables of an --overwrite run.
-    with storage_errors_of("--input", config.input):  # credentials, endpoint
+    with storage_errors_of("--input", config.input, storage):  # credentials, endpoint
         try:
             listing = plan_listing(config.input, storage, extensions=config.extensions or VIDEO_EXTENSIONS)
         except FileNotFoundError as exc:
@@ -225,14 +228,14 @@ def prepare(config: EmbedConfig) -> Plan:
     # recovery touches anything. A dry run writes nothing, not even the write check.
     if config.dry_run:
         store = OutputStore(config.output, storage)
-        with storage_errors_of("--output", config.output):
+        with storage_errors_of("--output", config.output, storage):
             try:
                 store.check_owned()
             except ValueError as exc:
                 raise ConfigError("--output", str(exc)) from exc
     else:
         store = check_output_option(config.output, storage, schema.TABLES)
-    with storage_errors_of("--output", config.output):
+    with storage_errors_of("--output", config.output, storage):
         try:
             state = store.read_state()
         except ValueError as exc:

@@ -38,7 +38,7 @@ from vmae_ray.config import CommandParser, ConfigError, check_output_option, sto
 from vmae_ray.heads import LEVELS, HeadError, LinearHead, head_exists
 from vmae_ray.labels import top_k_labels
 from vmae_ray.listing import read_table_file, uri_spellings
-from vmae_ray.reading import CommittedOutput
+from vmae_ray.reading import CommittedOutput, open_tables
 from vmae_ray.storage import StorageOptions
 from vmae_ray.writing import write_committed
 
@@ -85,7 +85,7 @@ def read_labels(uri: str, storage: StorageOptions, label_column: str) -> tuple[s
     """(key column, {key: label}) from a CSV, Parquet or JSON Lines file with ``video_id`` or
     ``uri`` and ``label_column``. Raises ConfigError naming --labels or --label-column for a
     missing column, empty values, or one video given two labels."""
-    with storage_errors_of("--labels", uri):  # credentials, endpoint
+    with storage_errors_of("--labels", uri, storage):  # credentials, endpoint
         try:
             table = read_table_file(uri, storage, what="labels file")
         except ValueError as exc:
@@ -180,6 +180,19 @@ def check_classes(examples: Examples) -> None:
 # Fitting (scikit-learn)
 
 
+def group_numbers(video_ids: np.ndarray) -> np.ndarray:
+    """Each row's video as a number, 0, 1, ... in the order the videos first appear in the rows.
+
+    scikit-learn's grouped folds number the groups in sorted order of their labels; video_ids
+    hash the whole URI, so the same corpus in another folder would sort (and fold) otherwise.
+    Numbered in row order (`join_labels` orders rows by URI), the folds depend only on the
+    examples."""
+    _, first, inverse = np.unique(video_ids, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
 def cv_splits(y: np.ndarray, groups: np.ndarray, grouped: bool, max_folds: int = MAX_FOLDS) -> list | None:
     """Stratified (and, with ``grouped``, video-grouped) folds in which every class is on both
     sides, as many as the smallest class allows (<= max_folds); None when not even 2 exist."""
@@ -267,7 +280,7 @@ def _fit_head(examples: Examples, *, model_fingerprint: str, embedding_fingerpri
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     # float64: scikit-learn fits float32 input in float32; the head is float64 (see vmae_ray.heads).
-    x, y, groups = examples.embeddings.astype(np.float64), examples.labels, examples.video_ids
+    x, y, groups = examples.embeddings.astype(np.float64), examples.labels, group_numbers(examples.video_ids)
     grouped = examples.level == "clip"
     classes = examples.classes
     outer = cv_splits(y, groups, grouped)
@@ -449,18 +462,16 @@ def run_probe(argv: Sequence[str], prog: str = "vmae-ray probe") -> int:
 
 
 def _open_tables(args: argparse.Namespace, uris: list[str]) -> tuple[CommittedOutput, StorageOptions]:
-    """`search.open_tables`, and the fingerprints a head is tied to must be on record."""
-    from vmae_ray.search import open_tables
-
+    """`reading.open_tables`, and the fingerprints a head is tied to must be on record."""
     tables, storage = open_tables(args, uris)
     uri = args.tables
     missing = [name for name, value in (("model.fingerprint", tables.model.get("fingerprint")),
                                         ("embedding_fingerprint", tables.manifest.get("embedding_fingerprint")))
                if not value]
     if missing:
-        raise ConfigError("--tables", f"{uri}/_SUCCESS has no {' or '.join(missing)} (written by an older vmae-ray "
-                          "or another command); rerun the same `vmae-ray embed` command on it: nothing is embedded "
-                          "again and _SUCCESS records them")
+        raise ConfigError("--tables", f"{uri}/_SUCCESS has no {' or '.join(missing)} (written by an older "
+                          "vmae-ray); rerun the same `vmae-ray embed` command on it: nothing is embedded again and "
+                          "_SUCCESS records them")
     return tables, storage
 
 
@@ -497,7 +508,7 @@ def apply_command(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--top-k", f"expected a positive number; got {args.top_k}")
     tables, storage = _open_tables(args, [args.head, args.output])
     check_output_option(args.output, storage, LABEL_TABLES)  # before any work: the whole table is read below
-    with storage_errors_of("--head", args.head):  # credentials, endpoint
+    with storage_errors_of("--head", args.head, storage):  # credentials, endpoint
         try:
             head = LinearHead.load(args.head, storage)
         except HeadError as exc:

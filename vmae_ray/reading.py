@@ -4,11 +4,17 @@ A reader follows `_SUCCESS` and reads exactly the files it lists, never a folder
 it never sees half a run (see `vmae_ray.writing`). Local paths and any fsspec URI (s3://...)
 work alike. Embeddings come out as one C-contiguous float32 matrix (N, D) built from the
 Arrow buffers, not a Python object per row.
+
+Every command that reads an embed output (search, index, dedup, probe, report) takes it as
+``--tables`` and opens it with `open_tables` / `open_committed`, which refuse, naming what the
+folder is, anything else: another command's output (`output_kind` reads it from `_SUCCESS`),
+a probe head, an index, a checkpoint, a file.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +22,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vmae_ray.schema import SUCCESS_FILE
+from vmae_ray.config import ConfigError, storage_errors_of, storage_for
+from vmae_ray.schema import SUCCESS_FILE, TABLES
 from vmae_ray.storage import StorageOptions, join, url_to_fs
 from vmae_ray.writing import FORMAT
+
+# What `output_kind` calls the output of each command that commits tables, and how a message
+# names it. The embed job's manifest names no command (it holds clips/, videos/, errors/);
+# every other command's manifest records its `command`.
+EMBED = "embed"
+OUTPUT_KINDS = {
+    EMBED: "a `vmae-ray embed` output",
+    "dedup": "a `vmae-ray dedup` output (duplicate groups)",
+    "probe apply": "a `vmae-ray probe apply` output (labels)",
+}
+# Folders that are not committed outputs but that a user may take for one, told apart by the
+# file each is known by (`heads.HEAD_FILE`, `search.INDEX_MANIFEST`, a checkpoint's config).
+_UNCOMMITTED_KINDS = (
+    ("head.json", "a `vmae-ray probe fit` head (head.json)"),
+    ("INDEX.json", "a `vmae-ray index` index (INDEX.json), kept inside the embed output it indexes"),
+    ("config.json", "a model checkpoint (config.json)"),
+)
 
 
 class NotCommittedError(FileNotFoundError):
@@ -57,6 +81,11 @@ class CommittedOutput:
         return cls(uri, manifest, storage)
 
     # -- what _SUCCESS says -----------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """Which command committed this output (`output_kind`)."""
+        return output_kind(self.manifest)
+
     @property
     def run_id(self) -> str | None:
         return self.manifest.get("run_id")
@@ -161,3 +190,85 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return np.ascontiguousarray(matrix)
 
+
+
+# ------------------------------------------------------------------------------------------
+# The --tables of a command
+
+
+def output_kind(manifest: dict[str, Any]) -> str:
+    """Which command committed the output a `_SUCCESS` manifest describes: its ``command``
+    ('dedup', 'probe apply', ...), else 'embed' when every table it lists is one the job writes
+    (clips, videos, errors), else 'unknown'."""
+    command = manifest.get("command")
+    if isinstance(command, str) and command:
+        return command
+    tables = set(manifest.get("files") or {})
+    return EMBED if tables <= set(TABLES) else "unknown"
+
+
+def describe_output(manifest: dict[str, Any]) -> str:
+    """A committed output in words, for a message: what it is and, for one made from an embed
+    output, which."""
+    kind = output_kind(manifest)
+    if kind in OUTPUT_KINDS:
+        text = OUTPUT_KINDS[kind]
+    elif kind == "unknown":
+        text = f"an output of another command (tables {', '.join(sorted(manifest.get('files') or {})) or 'none'})"
+    else:
+        text = f"a `vmae-ray {kind}` output"
+    source = manifest.get("tables")
+    if kind != EMBED and isinstance(source, dict) and source.get("uri"):
+        text += f", made from the embed output {source['uri']}"
+    return text
+
+
+def _describe_uncommitted(uri: str, storage: StorageOptions) -> str | None:
+    """What a folder without `_SUCCESS` is, when it is something a user may take for tables."""
+    fs, path = url_to_fs(uri, storage)
+    if fs.isfile(path):
+        return "a file, not an output folder"
+    for name, text in _UNCOMMITTED_KINDS:
+        if fs.exists(join(path, name)):
+            return text
+    if uri.rstrip("/").rsplit("/", 1)[-1] == "_index":
+        return "the folder of `vmae-ray index` indexes, kept inside the embed output they index"
+    return None
+
+
+def open_committed(uri: str, storage: StorageOptions, *, option: str = "--tables") -> CommittedOutput:
+    """The committed embed output at ``uri``, given as ``option``: every command that reads an
+    embed output opens it here. Raises ConfigError naming ``option`` when there is none: no
+    `_SUCCESS` (saying what the folder is, when it is a head, an index, a checkpoint or a
+    file), not a vmae-ray manifest, another command's output (named from its `_SUCCESS`), or
+    the storage refused (credentials, access, endpoint)."""
+    with storage_errors_of(option, uri, storage):  # credentials, access, endpoint
+        try:
+            committed = CommittedOutput.open(uri, storage)
+        except NotCommittedError as exc:
+            what = _describe_uncommitted(uri.rstrip("/"), storage)
+            if what is None:
+                raise ConfigError(option, str(exc)) from None
+            raise ConfigError(option, f"{uri} is {what}, not a `vmae-ray embed` output; give the folder "
+                              "`vmae-ray embed` wrote as its --output") from None
+        except ValueError as exc:
+            raise ConfigError(option, str(exc)) from None
+    if committed.kind != EMBED:
+        raise ConfigError(option, f"{committed.uri} is {describe_output(committed.manifest)}, not a "
+                          "`vmae-ray embed` output; give the folder `vmae-ray embed` wrote as its --output")
+    return committed
+
+
+def add_tables_arguments(parser) -> None:
+    """``--tables`` and ``--storage-options``, as every command that reads an embed output has them."""
+    parser.add_argument("--tables", required=True, help="output folder of `vmae-ray embed` (local or any fsspec URI)")
+    parser.add_argument("--storage-options", help="fsspec options as a JSON object, or @FILE with one; "
+                        "default: $VMAE_RAY_STORAGE_OPTIONS")
+
+
+def open_tables(args, uris: Sequence[str] = ()) -> tuple[CommittedOutput, StorageOptions]:
+    """The committed embed output of ``args.tables`` (`open_committed`) and the storage options
+    (``args.storage_options`` and the driver's environment, for ``--tables`` and ``uris``).
+    Raises ConfigError."""
+    storage = storage_for(args.storage_options, [args.tables, *uris])
+    return open_committed(args.tables, storage), storage

@@ -101,13 +101,15 @@ CLIP_COLUMNS = ("video_id", "uri", "clip_index", "start_seconds", "end_seconds",
 def load_report_data(uri: str, storage=None, *, color_by: str | None = None) -> ReportData:
     """Read what the report needs from the committed output at ``uri`` (local or any fsspec URI).
 
-    Raises NotCommittedError (no `_SUCCESS`), ValueError (not a vmae-ray manifest), and
-    ConfigError naming --color-by when ``color_by`` is not a column of videos/, checked from
-    the Parquet footers before any table is read.
+    Raises ConfigError naming --tables when ``uri`` is not a committed embed output
+    (`reading.open_committed`: no `_SUCCESS`, another command's output, storage errors), and
+    naming --color-by when ``color_by`` is not a column of videos/, checked from the Parquet
+    footers before any table is read.
     """
-    from vmae_ray.reading import CommittedOutput, embedding_matrix
+    from vmae_ray.reading import embedding_matrix, open_committed
+    from vmae_ray.storage import StorageOptions
 
-    committed = CommittedOutput.open(uri, storage)
+    committed = open_committed(uri, storage if isinstance(storage, StorageOptions) else StorageOptions(storage))
     if color_by is not None:  # checked from the footers, before any table is read
         choices = [n for n in committed.schema(schema.VIDEOS).names if n != "embedding"]
         if color_by not in choices:
@@ -283,6 +285,9 @@ def _histogram(ax, values: np.ndarray, title: str, xlabel: str, color: str = ACC
     values = values[np.isfinite(values)]
     bins = min(40, max(5, len(np.histogram_bin_edges(values, bins="auto")) - 1)) if len(values) > 1 else 5
     ax.hist(values, bins=bins, color=color, edgecolor="white", linewidth=0.5)
+    # Ticks as plain values: cosine similarities all near 1 would otherwise read as offsets
+    # from a corner label ("1e-7+1").
+    ax.ticklabel_format(axis="x", style="plain", useOffset=False)
     ax.yaxis.set_major_locator(_integer_ticks())
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel, fontsize=8)
@@ -325,18 +330,29 @@ def figure_failures(counts: dict[str, dict[str, int]]) -> bytes:
 
 def figure_history(runs: list[dict[str, Any]]) -> bytes:
     """Videos ok and failed per run (stacked bars), oldest first."""
+    return _png(draw_history(runs))
+
+
+def draw_history(runs: list[dict[str, Any]]):
+    """`figure_history`'s matplotlib Figure."""
     fig, axes = _figure(6.4, 2.6)
     ax = axes[0, 0]
     x = np.arange(len(runs))
     ok = np.array([(r.get("counts") or {}).get("videos_ok", 0) for r in runs], dtype=float)
     failed = np.array([(r.get("counts") or {}).get("videos_failed", 0) for r in runs], dtype=float)
-    ax.bar(x, ok, color=OK, label="videos ok")
-    ax.bar(x, failed, bottom=ok, color=FAIL, label="videos failed")
+    ax.bar(x, ok, width=0.7, color=OK, label="videos ok")
+    ax.bar(x, failed, width=0.7, bottom=ok, color=FAIL, label="videos failed")
+    # Limits set, not autoscaled: a stacked bar of height 0 is a sticky edge at its bottom,
+    # which kept the y axis from rising above the tallest run (its bar cut at the top), and a
+    # lone run's bar spanned the whole width.
+    ax.set_ylim(0, max(1.0, float((ok + failed).max(initial=0.0)) * 1.12))
+    ax.set_xlim(-0.6, max(len(runs), 4) - 0.4)
+    ax.yaxis.set_major_locator(_integer_ticks())
     step = max(1, len(runs) // 10)
     ax.set_xticks(x[::step], [str(r.get("committed_at", ""))[:10] for r in runs][::step], rotation=30, ha="right")
     ax.set_title("videos per run", fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
-    return _png(fig)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
 
 
 def figure_throughput(report: dict[str, Any]) -> bytes:
@@ -395,6 +411,12 @@ def figure_corpus(videos: pa.Table) -> bytes:
 def figure_embeddings(coords: np.ndarray | None, explained: np.ndarray | None, colors: list[Any] | None,
                       color_label: str | None, similarity: np.ndarray | None) -> bytes:
     """The PCA map (coloured by category or value) and the nearest-neighbour similarity histogram."""
+    return _png(draw_embeddings(coords, explained, colors, color_label, similarity))
+
+
+def draw_embeddings(coords: np.ndarray | None, explained: np.ndarray | None, colors: list[Any] | None,
+                    color_label: str | None, similarity: np.ndarray | None):
+    """`figure_embeddings`'s matplotlib Figure."""
     panels = [p for p in (coords is not None, similarity is not None) if p]
     fig, axes = _figure(10.0 if len(panels) == 2 else 6.0, 4.2, ncols=len(panels))
     col = 0
@@ -427,7 +449,7 @@ def figure_embeddings(coords: np.ndarray | None, explained: np.ndarray | None, c
         ax.set_title("video embeddings, PCA", fontsize=10)
     if similarity is not None:
         _histogram(axes[0, col], similarity.astype(float), "nearest-neighbour cosine similarity", "cosine similarity")
-    return _png(fig)
+    return fig
 
 
 def figure_distribution(panels: list[tuple[np.ndarray, str, str]]) -> bytes:
@@ -858,19 +880,17 @@ def write_html(page_text: str, output: str, storage) -> None:
 def build_parser(prog: str = "vmae-ray report") -> argparse.ArgumentParser:
     p = CommandParser(prog=prog, description="Write one self-contained HTML page about a committed "
                                 "output: the run, failures, throughput, the corpus, the embeddings.")
-    p.add_argument("--tables", required=True, help="the committed output (the embed job's --output); any fsspec URI")
+    from vmae_ray.reading import add_tables_arguments
+
+    add_tables_arguments(p)
     p.add_argument("--output", required=True, help="the HTML file to write (local path or fsspec URI)")
     p.add_argument("--color-by", help="videos/ column that colours the PCA map (e.g. a manifest's passthrough "
                    "column; list columns by their first element); default top_labels when labels exist")
-    p.add_argument("--storage-options", help="fsspec options as a JSON object, or @FILE with one; default: "
-                   "$VMAE_RAY_STORAGE_OPTIONS")
     return p
 
 
 def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
     """The report command: exit status 0, or 2 for a bad argument (named) before anything is written."""
-    from vmae_ray.reading import NotCommittedError
-
     parser = build_parser(prog)
     args = parser.parse_args(list(argv))
     try:
@@ -878,7 +898,7 @@ def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
-        with storage_errors_of("--output", args.output):  # credentials, endpoint
+        with storage_errors_of("--output", args.output, storage):  # credentials, endpoint
             try:
                 check_html_output(args.output, storage)
             except (ValueError, OSError) as exc:
@@ -887,13 +907,8 @@ def run_report(argv: Sequence[str], prog: str = "vmae-ray report") -> int:
         parser.error(str(exc))
     started = time.perf_counter()
     try:
-        with storage_errors_of("--tables", args.tables):  # credentials, endpoint
-            try:
-                data = load_report_data(args.tables, storage, color_by=args.color_by)
-            except ConfigError:
-                raise
-            except (NotCommittedError, ValueError) as exc:  # no _SUCCESS, or not a vmae-ray manifest
-                raise ConfigError("--tables", str(exc)) from exc
+        with storage_errors_of("--tables", args.tables, storage):  # credentials, endpoint (reading the tables' files)
+            data = load_report_data(args.tables, storage, color_by=args.color_by)
     except ConfigError as exc:
         parser.error(str(exc))
     write_html(render_html(data, color_by=args.color_by), args.output, storage)

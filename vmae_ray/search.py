@@ -38,9 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vmae_ray import neighbours as nb
-from vmae_ray.config import CommandParser, ConfigError, storage_errors_of, storage_for
+from vmae_ray.config import CommandParser, ConfigError, storage_errors_of
 from vmae_ray.listing import uri_spellings
-from vmae_ray.reading import CommittedOutput, NotCommittedError
+from vmae_ray.reading import CommittedOutput, add_tables_arguments, open_tables
 from vmae_ray.storage import StorageOptions, is_local_fs, join, url_to_fs
 
 LEVELS = {"video": "videos", "clip": "clips"}
@@ -52,37 +52,10 @@ INDEX_FORMAT = "vmae-ray-index/1"
 REBUILD_GROWTH = 4.0
 
 
-# ------------------------------------------------------------------------------ shared CLI
-
-
-def add_tables_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tables", required=True, help="output folder of `vmae-ray embed` (local or any fsspec URI)")
-    parser.add_argument("--storage-options", help="fsspec options as a JSON object, or @FILE with one; "
-                        "default: $VMAE_RAY_STORAGE_OPTIONS")
-
-
-def open_tables(args: argparse.Namespace, uris: Sequence[str] = ()) -> tuple[CommittedOutput, StorageOptions]:
-    """The committed tables of ``--tables`` and the storage options (``--storage-options`` and
-    the driver's environment for ``--tables`` and ``uris``); ConfigError if there are none."""
-    storage = storage_for(args.storage_options, [args.tables, *uris])
-    return open_committed(args.tables, storage), storage
-
-
-def open_committed(uri: str, storage: StorageOptions) -> CommittedOutput:
-    """The committed output at ``uri`` for a command's ``--tables``: every command opens its
-    tables here. Raises ConfigError naming --tables (no `_SUCCESS`, not a vmae-ray manifest,
-    credentials, access, endpoint)."""
-    with storage_errors_of("--tables", uri):  # credentials, access, endpoint
-        try:
-            return CommittedOutput.open(uri, storage)
-        except (NotCommittedError, ValueError) as exc:
-            raise ConfigError("--tables", str(exc)) from None
-
-
 def _level_table(committed: CommittedOutput, level: str) -> str:
     table = LEVELS[level]
     if not committed.committed_files(table):
-        raise ConfigError("--tables", f"{committed.uri} has no committed {table}/ rows (is it a `vmae-ray embed` output?)")
+        raise ConfigError("--tables", f"{committed.uri} has no committed {table}/ rows (no input of its runs produced a clip)")
     return table
 
 
@@ -198,7 +171,7 @@ def embed_outside_video(uri: str, committed: CommittedOutput, storage: StorageOp
     manifest = committed.manifest
     config = EmbedConfig.from_dict(manifest.get("config") or {})
     model = manifest.get("model") or {}
-    with storage_errors_of("--query", config.model):  # credentials, endpoint of the tables' model
+    with storage_errors_of("--query", config.model, storage):  # credentials, endpoint of the tables' model
         try:
             spec = load_model_spec(config.model, storage, config.model_cache_dir)
         except CheckpointError as exc:
@@ -234,7 +207,7 @@ def query_outside(text: str, committed: CommittedOutput, storage: StorageOptions
     from vmae_ray.assembly import video_embedding
 
     fs, path = url_to_fs(text, storage)
-    with storage_errors_of("--query", text):  # credentials, endpoint
+    with storage_errors_of("--query", text, storage):  # credentials, endpoint
         try:
             exists = fs.isfile(path)
         except (OSError, ValueError):

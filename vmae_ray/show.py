@@ -2,10 +2,10 @@
 
     vmae-ray show --model CKPT --video PATH [--clip N] [--output FILE.png] [sampling and mask flags as embed]
 
-The video is decoded here, without Ray, as the job decodes it (`listing.list_inputs` gives it
-the job's video_id, `pipeline.decode_params` and `stages.decode_video` its clips), and clip N is
-masked with the tube mask the job draws for it (same video_id, clip_index, --mask-ratio and
---mask-seed), so the loss in the title is the clip's `reconstruction_loss` in the tables. One
+The video is decoded here, without Ray, as the job decodes it (`pipeline.decode_params` and
+`stages.decode_video`), and clip N is masked with the tube mask the job draws for it
+(`reconstruction.clip_mask`: from the clip's pixels, --mask-ratio and --mask-seed), so the loss
+in the title is the clip's `reconstruction_loss` in the tables, wherever the file lives. One
 row per tubelet (frame pair) of the clip, three panels per row: the input, the input with the
 masked patches blanked, and the reconstruction (visible patches from the input, masked ones
 predicted by the decoder and, with norm_pix_loss, un-normalised with the input patch's own
@@ -42,6 +42,10 @@ MASK_FILL = (128, 128, 128)  # masked patches in the middle panel: blank, mid gr
 BACKGROUND = 255
 MIN_FRAME_PIXELS = 128  # small model inputs (tests, tiny checkpoints) are enlarged to about this size
 COLUMNS = ("input", "masked input", "reconstruction")
+DPI = 100
+TITLE_FONTSIZE = HEADER_FONTSIZE = 9
+LABEL_FONTSIZE = 8
+TEXT_GAP = 6  # pixels between a text and the panel it labels
 
 
 @dataclass(frozen=True)
@@ -61,12 +65,14 @@ class GridLayout:
     top: int = 64  # room for the title and the column headers
     gap: int = 8
     margin: int = 8
+    min_width: int = 0  # room for a title wider than the panels
 
     @classmethod
-    def for_clip(cls, *, num_frames: int, height: int, width: int, tubelet_size: int) -> GridLayout:
+    def for_clip(cls, *, num_frames: int, height: int, width: int, tubelet_size: int, **room: int) -> GridLayout:
+        """The layout of a clip's panels; ``room`` (left, top, min_width) as `draw` measures its text."""
         zoom = max(1, math.ceil(MIN_FRAME_PIXELS / max(height, width)))
         return cls(rows=num_frames // tubelet_size, frames_per_panel=tubelet_size, frame_height=height,
-                   frame_width=width, zoom=zoom)
+                   frame_width=width, zoom=zoom, **room)
 
     @property
     def panel_height(self) -> int:
@@ -81,7 +87,7 @@ class GridLayout:
         """(width, height) of the picture in pixels."""
         width = self.left + len(COLUMNS) * self.panel_width + (len(COLUMNS) - 1) * self.gap + self.margin
         height = self.top + self.rows * self.panel_height + (self.rows - 1) * self.gap + self.margin
-        return width, height
+        return max(width, self.min_width), height
 
     def panel_box(self, row: int, column: int) -> tuple[int, int]:
         """(top, left) pixel of a panel; it spans panel_height x panel_width pixels."""
@@ -110,42 +116,70 @@ def compose(clip: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray, la
     return canvas
 
 
+def text_size(text: str, fontsize: float) -> tuple[int, int]:
+    """(width, height) in whole pixels of ``text`` (every line) as matplotlib's Agg renderer draws
+    it at `DPI`: what `draw` makes room for."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(dpi=DPI)
+    box = fig.text(0, 0, text, fontsize=fontsize).get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    return math.ceil(box.width), math.ceil(box.height)
+
+
+def row_labels(num_frames: int, tubelet_size: int, frame_indices: list[int] | None) -> list[str]:
+    """Each row's label: its frames' numbers in the video (``frame_indices``, the clip row's) or,
+    without them, in the clip."""
+    labels = []
+    for first in range(0, num_frames, tubelet_size):
+        if frame_indices is not None:
+            labels.append("frames " + ", ".join(str(i) for i in frame_indices[first:first + tubelet_size]))
+        else:
+            labels.append(f"clip frames {first}-{first + tubelet_size - 1}")
+    return labels
+
+
 def draw(clip: np.ndarray, mask: np.ndarray, reconstruction: np.ndarray, *, tubelet_size: int, patch_size: int,
          rescale_factor: float, title: str, frame_indices: list[int] | None = None):
     """The figure for one clip: uint8 clip (T, H, W, 3), bool token mask (N,), reconstruction (T, H, W, 3)
     in [0, 1] (`VideoMAEEmbedder.reconstruct`). Each row is labelled with its frames' numbers in
-    the video (``frame_indices``, the clip row's, T of them) or, without them, in the clip.
-    Returns (matplotlib Figure, GridLayout)."""
+    the video (``frame_indices``, the clip row's, T of them) or, without them, in the clip. The
+    margins are made from the rendered size of the labels and the title, so every text is
+    whole. Returns (matplotlib Figure, GridLayout)."""
     from matplotlib.figure import Figure
 
     num_frames, height, width = clip.shape[:3]
-    layout = GridLayout.for_clip(num_frames=num_frames, height=height, width=width, tubelet_size=tubelet_size)
+    labels = row_labels(num_frames, tubelet_size, frame_indices)
+    defaults = GridLayout.for_clip(num_frames=num_frames, height=height, width=width, tubelet_size=tubelet_size)
+    label_width = max(text_size(label, LABEL_FONTSIZE)[0] for label in labels)
+    title_width, title_height = text_size(title, TITLE_FONTSIZE)
+    header_height = max(text_size(name, HEADER_FONTSIZE)[1] for name in COLUMNS)
+    layout = GridLayout.for_clip(
+        num_frames=num_frames, height=height, width=width, tubelet_size=tubelet_size,
+        left=max(defaults.left, defaults.margin + label_width + TEXT_GAP),
+        top=max(defaults.top, defaults.margin + title_height + TEXT_GAP + header_height + 4),
+        min_width=2 * defaults.margin + title_width)
     masked = clip.copy()
     masked[pixel_mask(mask, num_frames=num_frames, height=height, width=width, tubelet_size=tubelet_size,
                       patch_size=patch_size)] = MASK_FILL
     recon = np.clip(np.rint(reconstruction / rescale_factor), 0, 255).astype(np.uint8)
     canvas = compose(clip, masked, recon, layout)
 
-    dpi = 100
     fig_width, fig_height = layout.size
-    fig = Figure(figsize=(fig_width / dpi, fig_height / dpi), dpi=dpi)
+    fig = Figure(figsize=(fig_width / DPI, fig_height / DPI), dpi=DPI)
     fig.figimage(canvas, xo=0, yo=0, origin="upper")
 
     def text(x: float, y: float, value: str, **kwargs) -> None:
         fig.text(x / fig_width, 1 - y / fig_height, value, **kwargs)
 
-    text(layout.margin, layout.margin, title, ha="left", va="top", fontsize=9)
+    text(layout.margin, layout.margin, title, ha="left", va="top", fontsize=TITLE_FONTSIZE)
     for column, name in enumerate(COLUMNS):
         top, left = layout.panel_box(0, column)
-        text(left + layout.panel_width / 2, top - 4, name, ha="center", va="bottom", fontsize=9)
-    for row in range(layout.rows):
+        text(left + layout.panel_width / 2, top - 4, name, ha="center", va="bottom", fontsize=HEADER_FONTSIZE)
+    for row, label in enumerate(labels):
         top, _ = layout.panel_box(row, 0)
-        first = row * tubelet_size
-        if frame_indices is not None:
-            label = "frames " + ", ".join(str(i) for i in frame_indices[first:first + tubelet_size])
-        else:
-            label = f"clip frames {first}-{first + tubelet_size - 1}"
-        text(layout.left - 6, top + layout.panel_height / 2, label, ha="right", va="center", fontsize=8)
+        text(layout.left - TEXT_GAP, top + layout.panel_height / 2, label, ha="right", va="center",
+             fontsize=LABEL_FONTSIZE)
     return fig, layout
 
 
@@ -165,8 +199,6 @@ def build_parser(prog: str = "vmae-ray show") -> argparse.ArgumentParser:
     p.add_argument("--video", required=True, help="one video: a path or any fsspec URI")
     p.add_argument("--clip", type=int, help="clip index, as in the clips table (default 0)")
     p.add_argument("--output", help="PNG file to write (default reconstruction.png)")
-    p.add_argument("--video-id", help="the video's video_id in the job's tables, when a manifest gave it one "
-                   "(default: the id the job gives this URI); the mask is drawn from it")
     add_mask_arguments(p)
     add_sampling_arguments(p)
     p.add_argument("--device", choices=DEVICES)
@@ -178,7 +210,7 @@ def build_parser(prog: str = "vmae-ray show") -> argparse.ArgumentParser:
 
 def show_config(args: dict) -> EmbedConfig:
     """The job's config for show's parsed flags (``vars(build_parser().parse_args(...))`` less
-    --clip and --video-id); raises ConfigError for a bad value."""
+    --clip); raises ConfigError for a bad value."""
     from vmae_ray.config import parse_clips_per_video, parse_storage_options
 
     values = {"input": args.pop("video"), "output": args.pop("output", "reconstruction.png"), "reconstruction": True}
@@ -201,23 +233,22 @@ def run_show(argv: Sequence[str], prog: str = "vmae-ray show") -> int:
     parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     clip_index = args.pop("clip", 0)
-    video_id = args.pop("video_id", None)
     try:
         config = show_config(args)
         if clip_index < 0:
             raise ConfigError("--clip", f"expected a clip index >= 0; got {clip_index}")
-        return _show(config, clip_index, video_id)
+        return _show(config, clip_index)
     except ConfigError as exc:
         parser.error(str(exc))
     raise AssertionError("unreachable")
 
 
-def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
+def _show(config: EmbedConfig, clip_index: int) -> int:
     from vmae_ray.checkpoint import CheckpointError, load_model_spec
     from vmae_ray.listing import list_inputs
     from vmae_ray.reconstruction import clip_mask, masked_per_frame
     storage = storage_for(config.storage_options or None, [config.input, config.model])
-    with storage_errors_of("--model", config.model):  # credentials, endpoint
+    with storage_errors_of("--model", config.model, storage):  # credentials, endpoint
         try:
             spec = load_model_spec(config.model, storage, config.model_cache_dir)
         except CheckpointError as exc:
@@ -231,7 +262,7 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
         masked_per_frame(spec.tokens_per_frame, config.mask_ratio)
     except ValueError as exc:
         raise ConfigError("--mask-ratio", str(exc)) from exc
-    with storage_errors_of("--video", config.input):  # credentials, endpoint
+    with storage_errors_of("--video", config.input, storage):  # credentials, endpoint
         try:
             inputs = list_inputs(config.input, storage).to_pylist()
         except (OSError, ValueError) as exc:
@@ -239,9 +270,8 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     if len(inputs) != 1:
         raise ConfigError("--video", f"names {len(inputs)} videos; give one")
     video = inputs[0]
-    video_id = video_id or video["video_id"]
 
-    found = _decode_clip(config, spec, storage, video, video_id, clip_index)
+    found = _decode_clip(config, spec, storage, video, clip_index)
     if isinstance(found, str):
         print(f"vmae-ray show: {found}", file=sys.stderr)
         return 1
@@ -252,7 +282,7 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     # The directory the spec was read from: the checkpoint is not located (or fetched) twice.
     embedder = VideoMAEEmbedder(spec.model_dir, storage=storage, cache_root=config.model_cache_dir,
                                 device=config.device, dtype=config.dtype, reconstruction=True)
-    mask = clip_mask(video_id, clip_index, mask_seed=config.mask_seed, mask_ratio=config.mask_ratio,
+    mask = clip_mask(clip, mask_seed=config.mask_seed, mask_ratio=config.mask_ratio,
                      num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
     losses, reconstruction = embedder.reconstruct(clip[None], mask[None])
     loss = float(losses[0])
@@ -260,7 +290,7 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     title = (f"{os.path.basename(video['uri'])}  clip {clip_index} ({row['start_seconds']:.2f}-{row['end_seconds']:.2f} s)"
              f"  reconstruction loss {loss:.4f}\n"
              f"{int(mask.sum())} of {mask.size} tokens masked (ratio {config.mask_ratio}, seed {config.mask_seed}, "
-             f"video_id {video_id}); loss: MSE on {target}")
+             f"drawn from the clip's pixels); loss: MSE on {target}")
     fig, _ = draw(clip, mask, reconstruction[0], tubelet_size=spec.tubelet_size, patch_size=spec.patch_size,
                   rescale_factor=spec.rescale_factor, title=title, frame_indices=row.get("frame_indices"))
     fig.savefig(config.output, dpi=fig.dpi, format="png")
@@ -268,7 +298,7 @@ def _show(config: EmbedConfig, clip_index: int, video_id: str | None) -> int:
     return 0
 
 
-def _decode_clip(config: EmbedConfig, spec, storage, video: dict, video_id: str, clip_index: int):
+def _decode_clip(config: EmbedConfig, spec, storage, video: dict, clip_index: int):
     """(facts of the clip, uint8 clip (T, H, W, 3)) of clip ``clip_index``, decoded as the job
     decodes it, or an error message. Raises ConfigError (--clip) when the video has fewer clips.
     """
@@ -276,7 +306,7 @@ def _decode_clip(config: EmbedConfig, spec, storage, video: dict, video_id: str,
     from vmae_ray.stages import decode_video, video_clips
 
     params = decode_params(config, spec, config.num_frames or spec.num_frames)
-    item = {"video_id": video_id, "uri": video["uri"], "size_bytes": video["size_bytes"],
+    item = {"video_id": video["video_id"], "uri": video["uri"], "size_bytes": video["size_bytes"],
             "input_fingerprint": video["input_fingerprint"]}
     found = video_clips(list(decode_video(item, params, storage)))
     if isinstance(found, dict):

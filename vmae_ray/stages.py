@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 
 from vmae_ray.decoding import DecodedClip, DecodeError, DecodeLimits, FrameGeometry, VideoDecoder
 from vmae_ray.isolation import IsolatedDecoder
+from vmae_ray.reconstruction import clip_mask, pack_mask
 from vmae_ray.schema import DECODED_SCHEMA, KIND_CLIP, KIND_ERROR, error_row
-from vmae_ray.storage import StorageOptions, classify_storage_error, open_input
+from vmae_ray.storage import StorageOptions, classify_storage_error, credential_sources, open_input
 
 # The most bytes of clips one decoded row holds: a longer video is sent as several rows
 # (chunks) so that no row, and no Ray object, grows with the video's length. 64 MiB is 26
@@ -222,8 +223,10 @@ def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *
             yield _RETRY
             return
         stage = "read" if kind else "decode"
-        yield error_table(item, stage, kind or "unknown", f"{type(exc).__name__}: {exc}",
-                          time.perf_counter() - started)
+        message = f"{type(exc).__name__}: {exc}"
+        if kind == "access_denied" and str(item["uri"]).startswith(("s3://", "s3a://")):
+            message += f"; {credential_sources(storage)}"  # this worker's sources, not the driver's
+        yield error_table(item, stage, kind or "unknown", message, time.perf_counter() - started)
 
 
 INPUT_COLUMNS = ("input_number", "video_id", "uri", "input_fingerprint", "size_bytes")
@@ -286,7 +289,7 @@ class EmbedActor:
     finished once the driver has seen all its parts (`staging.finish_split_videos`).
 
     ``reconstruction`` = (mask_ratio, mask_seed): each clip also gets its pretraining loss under
-    the tube mask `reconstruction.clip_mask` draws for it, and the mask.
+    the tube mask `reconstruction.clip_mask` draws from its pixels, and the mask.
     """
 
     def __init__(self, model_ref: str, *, storage: StorageOptions, cache_root: str | None,
@@ -351,11 +354,9 @@ class EmbedActor:
                 if self.reconstruction is None:
                     emb, lgt = self.embedder.embed(clips)
                 else:
-                    mask = self._masks(rows, owner, first, clip_ids)
+                    mask = self._masks(clips)
                     emb, lgt, loss = self.embedder.embed_with_reconstruction(clips, mask)
                     losses[start:stop] = loss
-                    from vmae_ray.reconstruction import pack_mask
-
                     for j, c in enumerate(clip_ids):
                         masks[c] = pack_mask(mask[j])
             except Exception as exc:  # noqa: BLE001 - a failed call makes error rows, not a failed job
@@ -373,17 +374,11 @@ class EmbedActor:
         # error rows whole, as it does for any video with a failed clip.
         return table, failed, calls
 
-    def _masks(self, rows: pa.Table, owner: np.ndarray, first: np.ndarray, clip_ids: np.ndarray) -> np.ndarray:
-        """(clips, N) bool tube masks of these clips, from their video_id and clip_index."""
-        from vmae_ray.reconstruction import clip_mask
-
+    def _masks(self, clips: np.ndarray) -> np.ndarray:
+        """(clips, N) bool tube masks of uint8 clips (B, T, H, W, 3), drawn from their pixels."""
         mask_ratio, mask_seed = self.reconstruction
         spec = self.embedder.spec
-        video_ids, clip_indices = rows.column("video_id"), rows.column("clip_index")
-        return np.stack([
-            clip_mask(video_ids[int(owner[c])].as_py(), clip_indices[int(owner[c])][int(c - first[owner[c]])].as_py(),
-                      mask_seed=mask_seed, mask_ratio=mask_ratio,
-                      num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
-            for c in clip_ids
-        ])
+        return np.stack([clip_mask(clip, mask_seed=mask_seed, mask_ratio=mask_ratio,
+                                   num_time_slots=spec.num_time_slots, tokens_per_frame=spec.tokens_per_frame)
+                         for clip in clips])
 

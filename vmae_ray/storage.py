@@ -11,7 +11,8 @@ and usable from the driver, Ray tasks and Ray actors alike.
 - `download_dir` copies a remote checkpoint to a per-node cache once, safely when several
   actors of one node ask at the same time.
 - `classify_storage_error` maps I/O exceptions to the stable `error_type` codes of the
-  errors table.
+  errors table; `credential_sources` says, for an access-denied message, which credential
+  sources the failing process had (names and botocore's verdict, never a value).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -26,6 +28,7 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -41,6 +44,7 @@ __all__ = [
     "open_input",
     "download_dir",
     "classify_storage_error",
+    "credential_sources",
     "default_cache_root",
 ]
 
@@ -576,3 +580,79 @@ def classify_storage_error(exc: BaseException) -> str | None:
         else:
             current = None
     return None
+
+
+# --------------------------------------------------------------------------------------
+# Where credentials could come from, for access-denied messages
+
+_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Ray sets this in the driver of every `ray job submit` job (ray._private.runtime_env.constants).
+RAY_JOB_ENV_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# botocore's Credentials.method -> where that is, in words.
+_BOTOCORE_METHODS = {
+    "env": "AWS_* environment variables",
+    "shared-credentials-file": "the shared credentials file (~/.aws/credentials)",
+    "config-file": "the AWS config file (~/.aws/config)",
+    "iam-role": "the instance profile (this node's IAM role, from instance metadata)",
+    "container-role": "the container's role (ECS/EKS credentials endpoint)",
+    "assume-role": "an assume-role profile",
+    "assume-role-with-web-identity": "a web identity token (EKS service account)",
+    "sso": "AWS IAM Identity Center (SSO)",
+    "custom-process": "a credential_process",
+    "boto-config": "a boto2 config file",
+}
+
+
+def in_ray_job() -> bool:
+    """Whether this process is the driver of a `ray job submit` job (its environment is the
+    cluster's, not the submitting shell's)."""
+    return RAY_JOB_ENV_VARIABLE in os.environ
+
+
+def credential_sources(storage: StorageOptions | Mapping | None = None) -> str:
+    """Which S3 credential sources this process has, in words for an error message: the AWS_*
+    variables (set or unset), AWS_PROFILE, what the storage options hold (``None``: not known
+    here), and what botocore's own credential chain finds (environment, profile files,
+    container and instance-profile credentials). Names only: never a key, secret or token.
+
+    botocore's answer is cached per process for the same AWS_* environment: a failing run asks
+    once, not once per input (the instance-metadata lookup can take a second).
+    """
+    env = os.environ
+    seen = [f"{name} {'set' if env.get(name) else 'unset'}" for name in _CREDENTIAL_VARIABLES]
+    seen.append(f"AWS_PROFILE={env['AWS_PROFILE']}" if env.get("AWS_PROFILE") else "AWS_PROFILE unset")
+    profile = None
+    if storage is not None:
+        options = _coerce(storage).to_fsspec()
+        profile = options.get("profile") or None
+        if options.get("anon"):
+            seen.append("anon in the storage options (unsigned requests)")
+        elif options.get("key") or options.get("secret"):
+            from_env = bool(env.get("AWS_ACCESS_KEY_ID")) and options.get("key") == env.get("AWS_ACCESS_KEY_ID")
+            seen.append("key/secret in the storage options (" + ("this driver's AWS_* variables)" if from_env else
+                        "from --storage-options or $VMAE_RAY_STORAGE_OPTIONS)"))
+        elif profile:
+            seen.append(f"profile {profile!r} in the storage options")
+        else:
+            seen.append("no key in --storage-options or $VMAE_RAY_STORAGE_OPTIONS")
+    aws = tuple(sorted((k, v) for k, v in env.items() if k.startswith("AWS_")))
+    seen.append(_botocore_finds(profile, aws))
+    where = f"host {socket.gethostname()}, pid {os.getpid()}" + (", a `ray job submit` job" if in_ray_job() else "")
+    return f"seen on this process ({where}): " + ", ".join(seen)
+
+
+@functools.lru_cache(maxsize=16)
+def _botocore_finds(profile: str | None, aws_environment: tuple) -> str:
+    """botocore's credential chain, as s3fs would run it here (``aws_environment`` keys the cache)."""
+    try:
+        import botocore.session
+    except ImportError:
+        return "botocore not installed"
+    try:
+        credentials = botocore.session.Session(profile=profile).get_credentials()
+    except Exception as exc:  # noqa: BLE001 - a missing profile, a broken config file: that is the answer
+        return f"botocore's credential chain fails ({type(exc).__name__})"
+    if credentials is None:
+        return "botocore finds no credentials (no AWS_* keys, profile files, container or instance-profile credentials)"
+    method = getattr(credentials, "method", None) or "an unnamed provider"
+    return f"botocore finds credentials in {_BOTOCORE_METHODS.get(method, method)}"
