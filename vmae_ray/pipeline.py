@@ -48,9 +48,22 @@ MAX_ROUNDS = 3
 FINISH_VIDEOS_PER_TASK = 64
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to whatever `sys.stderr` is when a record is emitted (a test harness
+    may swap it), not the stream it was created with."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging() -> None:
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s vmae-ray %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
@@ -318,7 +331,9 @@ class Committer:
                 if new is not None:
                     self.ungrouped.add(new)
         manifest = {
-            "run_id": self.run_id, "complete": complete, "committed_at": now, "counts": counts,
+            # complete: every listed input is accounted for; finished: this run ended (a --limit
+            # run finishes with a backlog: finished, not complete).
+            "run_id": self.run_id, "complete": complete, "finished": final, "committed_at": now, "counts": counts,
             "settings_fingerprint": plan.settings_fingerprint, "embedding_fingerprint": plan.embedding_fingerprint,
             # What the fingerprint hashes, so that a head's refusal can say which setting differs.
             "embedding_settings": embedding_settings(config, plan.spec, plan.num_frames),

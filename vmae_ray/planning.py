@@ -40,16 +40,23 @@ OUTPUT_VERSION = 2  # 2: time span from the video packets, displayed geometry, n
 
 
 def software_versions() -> dict[str, str]:
+    """The versions `_SUCCESS` records: from the installed packages' metadata, so the driver does
+    not import torch and transformers (seconds of CPU) just to name them."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import av
-    import ray
-    import torch
-    import transformers
 
     from vmae_ray import __version__
 
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "?"
+
     return {
-        "vmae_ray": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "av": av.__version__, "ray": ray.__version__,
+        "vmae_ray": __version__, "python": platform.python_version(), "torch": of("torch"),
+        "transformers": of("transformers"), "av": av.__version__, "ray": of("ray"),
         "pyarrow": pa.__version__, "ffmpeg": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
     }
 

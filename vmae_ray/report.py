@@ -518,14 +518,20 @@ def _section(section_id: str, title: str, body: str) -> str:
 COUNT_LABELS = [
     ("inputs_listed", "inputs listed"), ("inputs_skipped", "already done (skipped)"),
     ("inputs_processed", "inputs processed"), ("videos_ok", "videos ok"), ("videos_failed", "videos failed"),
-    ("clips", "clips"),
+    ("clips", "clips"), ("no_longer_listed", "no longer listed"), ("backlog", "left for later (--limit)"),
 ]
 
 
 def section_run(data: ReportData) -> str:
     m = data.manifest
     counts = m.get("counts") or {}
-    status = "complete" if m.get("complete") else "incomplete (a checkpoint of a run that did not finish)"
+    backlog = counts.get("backlog") or 0
+    if m.get("complete"):
+        status = "complete"
+    elif m.get("finished") and backlog:
+        status = f"finished its share (--limit): {backlog:,} inputs that need work are left for a later run"
+    else:
+        status = "incomplete (a checkpoint of a run that did not finish)"
     cls = "ok" if m.get("complete") else "fail"
     tiles = "".join(
         f'<div class="tile"><div class="value" id="count-{key}" data-count="{key}">{_num(counts.get(key))}</div>'

@@ -290,14 +290,15 @@ class OutputStore:
         (a folder the check had to create is removed again: a run refused later, say for its
         --device, leaves no empty output)."""
         created = not self.fs.exists(self.root)
-        probe = self.path(STAGING, f".write-check-{uuid.uuid4().hex[:8]}")
+        # At the top, not in _staging: another run may be writing there (it holds the lease).
+        probe = self.path(f".write-check-{uuid.uuid4().hex[:8]}")
         self._write_bytes(probe, b"ok")
         self.fs.rm(probe)
-        staging = self.path(STAGING)
-        if self.fs.exists(staging) and not self.fs.ls(staging, detail=False):
-            self.fs.rm(staging, recursive=True)
-        if created and self.fs.exists(self.root) and not self.fs.ls(self.root, detail=False):
-            self.fs.rmdir(self.root)
+        if created and is_local_fs(self.fs):
+            try:
+                os.rmdir(self.root)  # only if still empty: never a recursive delete
+            except OSError:
+                pass
 
     # -- commit --------------------------------------------------------------------------
     def commit(self, run_id: str, staged: dict[str, list[str]], manifest: dict[str, Any],
