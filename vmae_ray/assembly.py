@@ -197,7 +197,8 @@ class ResultAssembler:
         video_row = {
             "video_id": vid, "uri": first["uri"], "num_clips": len(clips),
             "embedding": video_embedding(embeddings),
-            **{name: first[name] for name in VIDEO_FACTS},
+            # The last clip's facts: the decoder learns of damage as it goes (stages._video_facts).
+            **{name: clips[-1][name] for name in VIDEO_FACTS},
             "size_bytes": first.get("size_bytes"), "input_fingerprint": first.get("input_fingerprint"),
             **self._common, **passthrough,
         }

@@ -83,7 +83,7 @@ def _versions() -> dict[str, str]:
 
 # The options whose change changes results (what settings_fingerprint covers, as flags).
 RESULT_OPTIONS = ("model", "sampling", "num_frames", "frame_stride", "clips_per_video", "interpolation", "geometry",
-                  "labels", "top_k", "head", "reconstruction", "mask_ratio", "mask_seed")
+                  "labels", "top_k", "head", "reconstruction", "mask_ratio", "mask_seed", "on_damage")
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -126,6 +126,8 @@ def settings_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int, 
     if config.reconstruction:
         # Only when on, so outputs made before the option existed keep their fingerprint.
         settings["reconstruction"] = {"mask_ratio": config.mask_ratio, "mask_seed": config.mask_seed}
+    if config.on_damage != "embed":  # likewise: where damaged videos go
+        settings["on_damage"] = config.on_damage
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -147,6 +149,7 @@ def decode_params(config: EmbedConfig, spec: ModelSpec, num_frames: int) -> Deco
         threads=config.decode_threads,
         isolate=config.decode_isolation,
         timeout_seconds=config.decode_timeout_seconds,
+        on_damage=config.on_damage,
     )
 
 

@@ -42,6 +42,9 @@ class DecodeParams:
     timeout_seconds: float = 300.0
     # Transient storage errors (throttling, 5xx, resets) are retried with backoff.
     transient_retries: int = 3
+    # A damaged video (`decoding.DamageLog`): embedded from what decodes and marked ("embed"),
+    # or an error row of type `damaged` ("error"); see config.ON_DAMAGE.
+    on_damage: str = "embed"
 
 
 def decoded_table(rows: list[dict]) -> pa.Table:
@@ -91,14 +94,20 @@ def _base(item: dict) -> dict:
 
 
 def _video_facts(decoder: VideoDecoder, geometry: FrameGeometry) -> dict[str, Any]:
-    """The video's facts for its rows; asked once a clip is decoded, so the first frame is known."""
+    """The video's facts for its rows; asked once a clip is decoded, so the first frame is known.
+
+    Asked again for every clip: the damage met so far grows as decoding goes on (the video's
+    row takes the facts of its last clip).
+    """
     probe = decoder.probe
     width, height, display, sample_aspect_ratio = decoder.shown(geometry.apply_display)
+    damage = decoder.damage_summary
     return {
         "duration_seconds": probe.duration_seconds, "width": width, "height": height,
         "fps": probe.fps, "codec": probe.codec, "stream_index": probe.stream_index,
         "num_streams": probe.num_video_streams, "display_rotation_degrees": display.rotation_degrees,
         "display_hflip": display.hflip, "sample_aspect_ratio": float(sample_aspect_ratio),
+        "damaged": damage is not None, "damage": damage, "hdr": decoder.hdr,
     }
 
 
@@ -137,11 +146,13 @@ def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *
                 made = 0
                 for clip in decoder.clips(plans, params.geometry):
                     if common is None:
-                        common = {**_base(item), "kind": KIND_CLIP, "num_clips": len(plans),
-                                  **_video_facts(decoder, params.geometry)}
+                        common = {**_base(item), "kind": KIND_CLIP, "num_clips": len(plans)}
+                    facts = _video_facts(decoder, params.geometry)
+                    if facts["damaged"] and params.on_damage == "error":
+                        raise DecodeError("damaged", "decode", f"damaged (--on-damage error): {facts['damage']}")
                     now = time.perf_counter()
                     yield clip_table({
-                        **common, "clip_index": clip.clip_index,
+                        **common, **facts, "clip_index": clip.clip_index,
                         "start_seconds": clip.start_seconds, "end_seconds": clip.end_seconds,
                         "frame_indices": clip.frame_indices, "pixels_shape": list(clip.pixels.shape),
                         "decode_seconds": now - last, "decoded_at": time.time(),
