@@ -64,7 +64,7 @@ MODEL_CARD = "---\nlicense: cc-by-nc-4.0\ntags:\n- video-classification\n---\n\n
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    """A tiny pretraining checkpoint at the published input size (224x224, 16 px... 32 px patches)."""
+    """A tiny pretraining checkpoint at the published input size (224x224; 32 px patches keep it small)."""
     return Path(make_tiny_checkpoint(tmp_path_factory.mktemp("src") / "ckpt", pretraining_layout=True, num_frames=4,
                                      image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=64, seed=5))
