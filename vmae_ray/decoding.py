@@ -399,20 +399,38 @@ def hdr_signal_peak(frame) -> float:
     return HDR_DEFAULT_PEAK_CDM2 / HDR_NOMINAL_PEAK_CDM2
 
 
+# Step 4 as a table: 8-bit code of x ** (1 / 2.4) indexed by sqrt(x) in 16 bits (a square root
+# is several times cheaper than a power; near black, where the curve is steep, the table's step
+# is still under 0.03 of a level).
+_BT1886_CODE_BY_SQRT = np.round(255.0 * np.power(np.arange(65536) / 65535.0, 2 / 2.4)).astype(np.uint8)
+
+
 def tone_map_to_sdr(signal: np.ndarray, transfer: str, *, peak: float, bt2020: bool = True) -> np.ndarray:
-    """HDR R'G'B' (uint16 codes, (..., 3) in R, G, B order) -> SDR BT.709 R'G'B' uint8 (..., 3).
+    """HDR R'G'B' (uint16 codes, planar (3, ...) in R, G, B order) -> SDR BT.709 R'G'B' uint8
+    (..., 3), interleaved as the model takes it.
 
     Steps 1-4 of the recipe above; ``peak`` from `hdr_signal_peak`; ``bt2020`` converts the
-    primaries (False only for HDR tagged with BT.709 primaries).
+    primaries (False only for HDR tagged with BT.709 primaries). Plane by plane, in float32.
     """
-    linear = hdr_linear_lut(transfer)[signal]
+    lut = hdr_linear_lut(transfer)
+    red, green, blue = lut[signal[0]], lut[signal[1]], lut[signal[2]]
     if bt2020:
-        linear = linear @ BT2020_TO_BT709.T.astype(np.float32)
+        m = BT2020_TO_BT709.astype(np.float32)
+        red, green, blue = (m[i, 0] * red + m[i, 1] * green + m[i, 2] * blue for i in range(3))
     # desat=0: no desaturation towards luma before the curve (TONEMAP_DESAT).
-    brightest = np.maximum(linear.max(axis=-1, keepdims=True), np.float32(1e-6))
-    linear *= hable(brightest) / np.float32(hable(peak)) / brightest
-    np.clip(linear, 0.0, 1.0, out=linear)
-    return (np.power(linear, np.float32(1 / 2.4)) * 255.0 + 0.5).astype(np.uint8)
+    brightest = np.maximum(np.maximum(red, green), blue)
+    np.maximum(brightest, np.float32(1e-6), out=brightest)
+    scale = hable(brightest)
+    scale /= brightest * np.float32(hable(peak))
+    out = np.empty((*signal.shape[1:], 3), dtype=np.uint8)
+    for channel, plane in enumerate((red, green, blue)):
+        plane *= scale
+        np.clip(plane, 0.0, 1.0, out=plane)
+        np.sqrt(plane, out=plane)
+        plane *= 65535.0
+        plane += 0.5
+        out[..., channel] = _BT1886_CODE_BY_SQRT[plane.astype(np.uint16)]
+    return out
 
 
 def hdr_transfer(frame) -> str | None:
@@ -452,14 +470,22 @@ def model_crop(frame, geometry: FrameGeometry, resized: tuple[int, int], *, tran
     if top < 0 or left < 0:
         # Resized smaller than the crop (an odd preprocessor config): transformers zero-pads.
         out = np.ascontiguousarray(center_crop(transform.apply(planar.to_ndarray()), g.crop_height, g.crop_width))
+        if transfer:
+            out = np.moveaxis(out, -1, 0)
     else:
-        out = np.empty((g.crop_height, g.crop_width, 3), dtype=dtype)
+        # HDR: R, G, B planes for the tone mapping; else the interleaved crop the model takes.
+        shape = (3, g.crop_height, g.crop_width) if transfer else (g.crop_height, g.crop_width, 3)
+        out = np.empty(shape, dtype=dtype)
         # gbrp plane order is G, B, R.
         for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
             data = np.frombuffer(plane, dtype=dtype).reshape(plane.height, plane.line_size // dtype().itemsize)
             if transform is not IDENTITY:
                 data = transform.apply(data[:, :stored_w])  # without the row padding, which would move
-            out[:, :, channel] = data[top:top + g.crop_height, left:left + g.crop_width]
+            crop = data[top:top + g.crop_height, left:left + g.crop_width]
+            if transfer:
+                out[channel] = crop
+            else:
+                out[:, :, channel] = crop
     if transfer:
         return tone_map_to_sdr(out, transfer, peak=hdr_signal_peak(frame),
                                bt2020=frame.color_primaries != _AVCOL_PRI_BT709)
