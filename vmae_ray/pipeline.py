@@ -43,7 +43,10 @@ from vmae_ray.writing import CommittedState, OutputStore, ShardWriter, new_run_i
 log = logging.getLogger("vmae_ray")
 
 # Bump when the meaning of the output changes, so old and new rows are never mixed.
-OUTPUT_VERSION = 2  # 2: time span from the video packets, displayed geometry, no cover art
+# 2: time span from the video packets, displayed geometry, no cover art. 3: colour as players
+# read it (untagged HD as BT.709), HDR tone-mapped to SDR, raw streams and timestamp restarts
+# played through, damaged files embedded from what decodes; videos/ gains damaged, damage, hdr.
+OUTPUT_VERSION = 3
 
 
 @dataclass
