@@ -93,12 +93,17 @@ def test_spec_errors(classifier_dir, tmp_path, edit, message):
         load_model_spec(str(copy))
 
 
-def test_spec_refuses_pickled_weights(classifier_dir, tmp_path):
+def test_spec_refuses_missing_or_unreadable_weights(classifier_dir, tmp_path):
+    # Pickled weights are read (tests/test_checkpoint_formats.py); a .bin that is not a
+    # torch.save file, or only .bin files that are not weights by name, are refused.
     copy = copy_checkpoint(classifier_dir, tmp_path)
     for f in copy.glob("*.safetensors"):
         f.unlink()
+    (copy / "training_args.bin").write_bytes(b"not weights")
+    with pytest.raises(ValueError, match=r"no weights in .*\*\.safetensors, pytorch_model\.bin.*training_args\.bin"):
+        load_model_spec(str(copy))
     (copy / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ValueError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin is not a PyTorch weights file"):
         load_model_spec(str(copy))
 
 

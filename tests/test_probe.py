@@ -459,8 +459,8 @@ def test_embedding_fingerprint_ignores_labels_and_head(tiny_pretraining):
     assert settings_fingerprint(base, spec, 8, True, head_fingerprint="h1") != settings_fingerprint(
         base, spec, 8, True, head_fingerprint="h2")
     # A run without a head hashes the same settings dict as before heads existed (output version
-    # 2: displayed geometry and spans from the video packets), so its outputs keep resuming.
-    old = {"output_version": 2, "model": spec.fingerprint, "sampling": "stride", "num_frames": 8, "frame_stride": 2,
+    # 3: the video kinds of issue 17), so its outputs keep resuming.
+    old = {"output_version": 3, "model": spec.fingerprint, "sampling": "stride", "num_frames": 8, "frame_stride": 2,
            "clips_per_video": 2, "interpolation": "BILINEAR", "geometry": "displayed", "labels": True, "top_k": 5}
     assert plain == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -131,10 +131,12 @@ def assemble(clips: pa.Table, *, schemas: OutputSchemas, common: dict[str, Any],
     clip_columns: dict[str, pa.Array | pa.ChunkedArray] = {name: clips.column(name) for name in clips.column_names}
     clip_columns.update(constant)
     video_columns: dict[str, Any] = {}
-    first = pa.array(starts)
+    # A video's facts from its last clip: damage is learned while decoding, so the last clip's
+    # row knows all of it.
+    last = pa.array(starts + counts - 1)
     for name in schemas.videos.names:
         if name in clips.column_names and name not in ("embedding", "num_clips", "reconstruction_loss"):
-            video_columns[name] = clips.column(name).take(first)
+            video_columns[name] = clips.column(name).take(last)
     video_columns.update({name: pa.array([value] * len(starts), pa.string()) for name, value in common.items()})
     video_columns["num_clips"] = pa.array(counts, pa.int32())
     means = np.stack([video_embedding(embeddings[s:s + c]) for s, c in zip(starts, counts)]) if len(starts) else \

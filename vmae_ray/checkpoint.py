@@ -14,9 +14,12 @@ them); a test compares them with `VideoMAEConfig` and `VideoMAEImageProcessorPil
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickletools
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,16 @@ from urllib.parse import unquote, urlparse
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
+# transformers 5 saves a video processor (VideoMAEVideoProcessor) here. When a directory has
+# both, this one wins: transformers 5 reads it first (AutoVideoProcessor: video processor file,
+# then the image processor's), and it is the one written for video input, the newer of the two.
+VIDEO_PREPROCESSOR_FILE = "video_preprocessor_config.json"
+PREPROCESSOR_FILES = (VIDEO_PREPROCESSOR_FILE, PREPROCESSOR_FILE)  # the first found wins
 MODEL_CARD_FILE = "README.md"
+# Weights as published: safetensors (one file or shards), else PyTorch's pickled state dict
+# (the 2022 hub repos may ship only this), one file or shards listed in an index.
+PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
+PICKLE_WEIGHTS_INDEX_FILE = "pytorch_model.bin.index.json"
 CLASSIFIER_ARCHITECTURE = "VideoMAEForVideoClassification"
 PRETRAINING_ARCHITECTURE = "VideoMAEForPreTraining"
 
@@ -140,8 +152,9 @@ def resolve_model_dir(model_ref: str, storage=None, cache_root: str | None = Non
     - any other URI with '://' (s3://, gs://, ...): downloaded once per node by
       `vmae_ray.storage.download_dir` (cached under `cache_root`);
     - otherwise a Hugging Face hub id, fetched with `huggingface_hub.snapshot_download`
-      restricted to *.json, *.safetensors and the model card (pickled .bin weights are never
-      downloaded).
+      restricted to *.json, the weights and the model card: *.safetensors, or *.bin only when
+      the repo has no safetensors (`hub_allow_patterns`; .bin weights are then loaded with
+      weights_only=True, see `check_pickle_weights`).
 
     Raises CheckpointError with the reason (no such directory, a file, hub unreachable).
     """
@@ -174,18 +187,27 @@ def resolve_model_dir(model_ref: str, storage=None, cache_root: str | None = Non
             f"{model_ref!r}: no such local directory, and not a hub id (org/name); "
             "expected a local dir, a file:// or s3://... URI, or a hub id"
         )
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
     cache_dir = os.path.join(cache_root, "huggingface") if cache_root else None
     try:
-        return snapshot_download(
-            repo_id=model_ref, allow_patterns=["*.json", "*.safetensors", MODEL_CARD_FILE], cache_dir=cache_dir
-        )
+        files = HfApi().list_repo_files(model_ref)
+        return snapshot_download(repo_id=model_ref, allow_patterns=hub_allow_patterns(files), cache_dir=cache_dir)
     except Exception as exc:  # network, auth, not found: one clear message before Ray starts
         raise CheckpointError(
             f"{model_ref!r}: could not fetch it from the Hugging Face hub "
             f"({type(exc).__name__}: {exc}); without hub access pass a local or s3:// checkpoint dir"
         ) from exc
+
+
+def hub_allow_patterns(repo_files: list[str]) -> list[str]:
+    """What to download of a hub repo whose files are ``repo_files``: configs (*.json), the model
+    card, and the weights: *.safetensors, or only when the repo has none, the pickled *.bin ones
+    (never both: a repo with safetensors never has its pickles fetched)."""
+    patterns = ["*.json", MODEL_CARD_FILE]
+    if any(name.endswith(".safetensors") for name in repo_files):
+        return patterns + ["*.safetensors"]
+    return patterns + ["*.bin"]
 
 
 # --------------------------------------------------------------------------------------
@@ -206,19 +228,133 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
-    """The checkpoint's *.safetensors files, sorted; raises CheckpointError when there are none."""
+    """The checkpoint's weight files, sorted: its *.safetensors, else its pickled PyTorch weights
+    (pytorch_model.bin, or the shards pytorch_model.bin.index.json lists; other .bin files such as
+    training_args.bin are not weights). Raises CheckpointError when there are none."""
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in model_dir.glob("*.bin"))
-        hint = (
-            f" (found pickled weights {pickles}; they are refused because unpickling runs code: "
-            "convert them to safetensors)"
-            if pickles
-            else ""
-        )
-        raise CheckpointError(f"no *.safetensors weights in {model_dir}{hint}")
-    return files
+    if files:
+        return files
+    index = model_dir / PICKLE_WEIGHTS_INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index, "the index of the weight shards").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        shards = sorted({model_dir / str(name) for name in weight_map.values()})
+        missing = [p.name for p in shards if not p.is_file() or p.parent != model_dir]
+        if missing:
+            raise CheckpointError(f"{index} lists weight shards that are not in {model_dir}: {missing}")
+        return shards
+    if (model_dir / PICKLE_WEIGHTS_FILE).is_file():
+        return [model_dir / PICKLE_WEIGHTS_FILE]
+    others = sorted(p.name for p in model_dir.glob("*.bin"))
+    hint = f" (found {others}, which are not model weights by name)" if others else ""
+    raise CheckpointError(f"no weights in {model_dir}: expected *.safetensors, {PICKLE_WEIGHTS_FILE} or "
+                          f"{PICKLE_WEIGHTS_INDEX_FILE}{hint}")
+
+
+def is_pickle_weights(path: str | Path) -> bool:
+    return not str(path).endswith(".safetensors")
+
+
+# What `torch.load(..., weights_only=True)` needs to unpickle a state dict: tensors, their
+# storages, dtypes and plain containers (a subset of torch's own allow-list,
+# torch/_weights_only_unpickler.py). A file that names anything else would, unpickled fully,
+# call it: such files are refused before any loading.
+_PICKLE_ALLOWED = {
+    ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"), ("torch", "Tensor"),
+    ("torch.nn.parameter", "Parameter"), ("torch.serialization", "_get_layout"),
+    ("torch._tensor", "_rebuild_from_type_v2"), ("_codecs", "encode"), ("builtins", "set"),
+    ("builtins", "bytearray"), ("builtins", "complex"),
+    ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage"),
+    *(("torch._utils", f"_rebuild_{kind}") for kind in (
+        "tensor", "tensor_v2", "tensor_v3", "parameter", "parameter_with_state", "qtensor", "sparse_tensor",
+        "meta_tensor_no_storage", "nested_tensor")),
+}
+_TORCH_DTYPES = {
+    "float64", "float32", "float16", "bfloat16", "complex64", "complex128", "int64", "int32", "int16", "int8",
+    "uint8", "bool", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32",
+    "uint64", "double", "float", "half", "long", "int", "short", "cfloat", "cdouble",
+}
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+
+
+def _pickle_allows(module: str, name: str) -> bool:
+    if (module, name) in _PICKLE_ALLOWED:
+        return True
+    # Legacy storage classes (torch.FloatStorage, ...) and dtypes (torch.float32, ...).
+    return module == "torch" and (name.endswith("Storage") or name in _TORCH_DTYPES)
+
+
+def _pickle_globals(data: bytes) -> list[tuple[str, str] | None]:
+    """Every (module, name) the pickle in ``data`` imports, in order (None: one whose name is
+    computed, which a state dict never does). Read with pickletools: parsed, never executed."""
+    found: list[tuple[str, str] | None] = []
+    pushed: list[object] = []  # what string opcodes (or memo reads) pushed, else None
+    memo: dict[int, object] = {}
+    for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            module, _, attr = str(arg).partition(" ")
+            found.append((module, attr))
+        elif name == "STACK_GLOBAL":
+            module, attr = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
+            found.append((module, attr) if isinstance(module, str) and isinstance(attr, str) else None)
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            found.append(None)  # the copyreg extension registry: a computed import
+        if name in _STRING_OPS:
+            pushed.append(arg.decode("latin-1") if isinstance(arg, bytes) else arg)
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(int(arg)))
+        elif name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = pushed[-1] if pushed else None
+        else:
+            pushed.append(None)
+    return found
+
+
+def _pickles_of(path: Path) -> list[bytes]:
+    """The pickles of a torch.save file: data.pkl of the zip format (torch >= 1.6), or the
+    leading pickles of the legacy format (magic number, protocol, system info, the object,
+    the storage keys)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return [archive.read(n) for n in archive.namelist() if n.endswith(".pkl")]
+    data = path.read_bytes()
+    pickles, offset = [], 0
+    for _ in range(5):
+        if offset >= len(data):
+            break  # a bare pickle (or fewer than torch's five): all of it is scanned
+        stream = io.BytesIO(data[offset:])
+        end = 0
+        for op, _, pos in pickletools.genops(stream):
+            if op.name == "STOP":
+                end = pos + 1
+                break
+        pickles.append(data[offset:offset + end])
+        offset += end
+    return pickles
+
+
+def check_pickle_weights(path: str | Path) -> None:
+    """Refuse a pickled weights file that needs more than ``torch.load(weights_only=True)``
+    allows (tensors, storages, dtypes, plain containers): CheckpointError naming what it would
+    import. The file is parsed, never unpickled, so no code from it runs; the load itself then
+    uses weights_only=True as well (`vmae_ray.embedder`)."""
+    path = Path(path)
+    try:
+        imports = [g for data in _pickles_of(path) for g in _pickle_globals(data)]
+    except Exception as exc:  # noqa: BLE001 - not a pickle torch.save writes
+        raise CheckpointError(f"{path.name} is not a PyTorch weights file ({type(exc).__name__}: {exc})") from exc
+    refused = sorted({"a computed import" if g is None else f"{g[0]}.{g[1]}" for g in imports
+                      if g is None or not _pickle_allows(*g)})
+    if refused:
+        raise CheckpointError(
+            f"{path.name} needs more than tensors and plain containers to unpickle (it imports "
+            f"{', '.join(refused[:5])}); it is refused because loading it would run code from the file. "
+            "Use a checkpoint with safetensors weights, or a state dict saved with torch.save")
 
 
 def _size_dict(value: Any, default_to_square: bool) -> dict[str, int]:
@@ -249,10 +385,21 @@ def _square(value: Any, name: str) -> int:
     return int(value)
 
 
-def _fingerprint(model_dir: Path, files: list[Path]) -> str:
+def preprocessor_file(model_dir: str | Path) -> Path:
+    """The preprocessing file a checkpoint directory is read with: video_preprocessor_config.json
+    when there is one (transformers 5's video processor), else preprocessor_config.json (see
+    VIDEO_PREPROCESSOR_FILE). Raises CheckpointError when it has neither."""
+    for name in PREPROCESSOR_FILES:
+        if (Path(model_dir) / name).is_file():
+            return Path(model_dir) / name
+    raise CheckpointError(f"missing {PREPROCESSOR_FILE} (image preprocessing) or {VIDEO_PREPROCESSOR_FILE} "
+                          f"(video preprocessing) in {model_dir}")
+
+
+def _fingerprint(model_dir: Path, preprocessor: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
-    for name in (CONFIG_FILE, PREPROCESSOR_FILE):
-        digest.update(name.encode() + b"\0" + (model_dir / name).read_bytes() + b"\0")
+    for path in (model_dir / CONFIG_FILE, preprocessor):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     # Names and sizes, not contents: hashing gigabytes of weights on every start is not worth
     # it, and a re-trained checkpoint also changes its config or its file sizes in practice.
     for path in files:
@@ -301,8 +448,12 @@ def spec_from_dir(model_dir: str, model_ref: str | None = None) -> ModelSpec:
     model_type = raw_config.get("model_type")
     if model_type != "videomae":
         raise CheckpointError(f"config.json has model_type={model_type!r}; only 'videomae' is supported")
-    pre = _read_json(root / PREPROCESSOR_FILE, "image preprocessing")
+    preprocessor = preprocessor_file(root)
+    pre = _read_json(preprocessor, "preprocessing")
     files = weight_files(root)
+    for path in files:
+        if is_pickle_weights(path):
+            check_pickle_weights(path)
 
     def conf(key: str) -> Any:
         return raw_config.get(key, CONFIG_DEFAULTS[key])
@@ -390,7 +541,7 @@ def spec_from_dir(model_dir: str, model_ref: str | None = None) -> ModelSpec:
         has_decoder=PRETRAINING_ARCHITECTURE in architectures and not is_classifier,
         norm_pix_loss=bool(conf("norm_pix_loss")),
         license=model_card_license(root),
-        fingerprint=_fingerprint(root, files),
+        fingerprint=_fingerprint(root, preprocessor, files),
     )
 
 
@@ -398,8 +549,10 @@ def load_model_spec(model_ref: str, storage=None, cache_root: str | None = None)
     """Locate a checkpoint and read its ModelSpec (configs only, no weights, no torch).
 
     Raises CheckpointError naming the problem for: a reference that names nothing, a missing
-    config.json or preprocessor_config.json, a model_type other than 'videomae', no
-    *.safetensors weights (pickled .bin files are refused), or preprocessing this job cannot
+    config.json or preprocessing file (preprocessor_config.json or
+    video_preprocessor_config.json), a model_type other than 'videomae', no weights
+    (*.safetensors, pytorch_model.bin or its shards), pickled weights that need more than
+    tensors and plain containers (`check_pickle_weights`), or preprocessing this job cannot
     reproduce.
     """
     return spec_from_dir(resolve_model_dir(model_ref, storage, cache_root), model_ref)

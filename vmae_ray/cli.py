@@ -24,6 +24,7 @@ from vmae_ray.config import (
     GEOMETRY_MODES,
     INTERPOLATIONS,
     LABEL_MODES,
+    ON_DAMAGE,
     STORAGE_OPTIONS_ENV,
     CommandParser,
     ConfigError,
@@ -112,6 +113,9 @@ def build_parser(prog: str = "vmae-ray embed") -> argparse.ArgumentParser:
                      help="a video whose decoder makes no progress this long becomes a 'timeout' error (default 300)")
     run.add_argument("--no-decode-isolation", dest="decode_isolation", action="store_false",
                      help="decode in the Ray worker itself instead of a child process (a decoder crash then kills the task)")
+    run.add_argument("--on-damage", choices=ON_DAMAGE,
+                     help="a damaged video (cut short, undecodable packets, decoder errors): embed (default) from what "
+                     "decodes, marked damaged on videos/; error: an errors/ row of type 'damaged'")
     return p
 
 

@@ -26,6 +26,9 @@ INTERPOLATIONS = ("auto", "BILINEAR", "AREA", "BICUBIC", "FAST_BILINEAR", "LANCZ
 # displayed: frames as a player shows them (display matrix and sample aspect ratio applied);
 # stored: the decoded picture as stored in the file (the behaviour before display geometry).
 GEOMETRY_MODES = ("displayed", "stored")
+# A damaged video (cut short, undecodable packets, decoder errors): embed: from what decodes,
+# marked `damaged` on videos/ with what was wrong in `damage`; error: an errors/ row `damaged`.
+ON_DAMAGE = ("embed", "error")
 
 # Defaults that depend on the cluster, stated once (the help text and `plan_resources` read
 # them): clips per model call, and clips per video for stride sampling.
@@ -93,6 +96,7 @@ class EmbedConfig:
     extensions: tuple[str, ...] | None = None
     interpolation: str = "auto"  # auto: the swscale filter closest to the checkpoint's resample
     geometry: str = "displayed"  # one of GEOMETRY_MODES
+    on_damage: str = "embed"  # one of ON_DAMAGE
     max_frame_pixels: int = 8192 * 8192
     max_duration_seconds: float = 6 * 3600.0
     max_bytes: int = 64 * 2**30
@@ -125,6 +129,7 @@ class EmbedConfig:
         _choice("--labels", self.labels, LABEL_MODES)
         _choice("--interpolation", self.interpolation, INTERPOLATIONS)
         _choice("--geometry", self.geometry, GEOMETRY_MODES)
+        _choice("--on-damage", self.on_damage, ON_DAMAGE)
         _positive("--num-frames", self.num_frames, allow_none=True)
         _positive("--frame-stride", self.frame_stride)
         _positive("--batch-size", self.batch_size, allow_none=True)

@@ -15,14 +15,18 @@ import bisect
 import errno
 import itertools
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import av
+import av.logging
 import numpy as np
 from av.sidedata.sidedata import Type as SideDataType
+from av.video.reformatter import ColorRange as SwsColorRange
+from av.video.reformatter import Colorspace as SwsColorspace
 
 from vmae_ray.sampling import ClipPlan, FrameMatcher, plan_clips
 from vmae_ray.schema import check_error_code
@@ -64,6 +68,20 @@ HEAD_PACKETS = REORDER_MAX_FRAMES + 1
 # A sample aspect ratio outside [1/MAX, MAX] is a damaged header, not a real anamorphic format
 # (those range from 8:9 to 2:1); it is ignored rather than turned into a huge resize.
 MAX_SAMPLE_ASPECT_RATIO = 4
+
+# libavformat's AVInputFormat flags (libavformat/avformat.h). NOTIMESTAMPS: the format has no
+# clock (raw elementary streams: .h264, .hevc); its demuxer cannot seek, and the rate it
+# reports (average_rate) is its own default, 25. TS_DISCONT: timestamps may restart mid-file
+# (MPEG-TS and MPEG-PS: recordings joined with `cat`, a restarted recorder, a splice).
+AVFMT_NOTIMESTAMPS = 0x0080
+AVFMT_TS_DISCONT = 0x0200
+# In a format that allows discontinuities, a step back of the timestamps, or a jump forward
+# larger than this, is a restart: re-based so the recording plays on, as ffmpeg does (its
+# -dts_delta_threshold, 10 s by default).
+TIMESTAMP_JUMP_SECONDS = 10.0
+# A stream whose packets end this much (or two frames, if more) before the end its header
+# states was cut short. Sound files end within a frame of their header.
+CUT_TOLERANCE_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -253,6 +271,173 @@ def center_crop(rgb: np.ndarray, crop_height: int, crop_width: int) -> np.ndarra
     return rgb[top : top + crop_height, left : left + crop_width]
 
 
+# -- colour ---------------------------------------------------------------------------------
+# What players do with a frame's colour tags (mpv, Chromium, VLC; DESIGN.md): tags win. An
+# untagged matrix is BT.709 for HD (height >= 720 or width >= 1280) and BT.601 otherwise; an
+# untagged range is limited, except for the JPEG-range pixel formats (yuvj*). libswscale on
+# its own reads every untagged frame as BT.601, which shifts HD colours by 7-12 levels.
+_AVCOL_SPC_UNTAGGED = (2, 3)  # AVCOL_SPC_UNSPECIFIED, AVCOL_SPC_RESERVED
+_AVCOL_RANGE_UNSPECIFIED = 0
+_AVCOL_PRI_BT709 = 1
+# HDR transfer functions (AVColorTransferCharacteristic) by the name ffprobe gives them.
+HDR_TRANSFERS = {16: "smpte2084", 18: "arib-std-b67"}  # PQ (HDR10), HLG
+
+
+def is_hd(width: int, height: int) -> bool:
+    """HD as players decide an untagged matrix: 720 lines or more, or 1280 columns or more."""
+    return height >= 720 or width >= 1280
+
+
+def colour_reading(frame) -> dict[str, Any]:
+    """The libswscale reading of a frame's colour for `VideoFrame.reformat`: its own tags, and
+    for what is untagged the players' defaults (see above). Empty when the frame is tagged."""
+    options: dict[str, Any] = {}
+    if frame.format.is_rgb:
+        return options  # no matrix, no range
+    if frame.colorspace in _AVCOL_SPC_UNTAGGED:
+        hd = is_hd(frame.width, frame.height)
+        options["src_colorspace"] = SwsColorspace.ITU709 if hd else SwsColorspace.ITU601
+    if frame.color_range == _AVCOL_RANGE_UNSPECIFIED and not frame.format.name.startswith("yuvj"):
+        options["src_color_range"] = SwsColorRange.MPEG
+    return options
+
+
+# HDR to SDR: ffmpeg's documented tone-mapping recipe (the `tonemap` filter's documentation),
+#   zscale=t=linear:npl=100,format=gbrpf32le,zscale=p=bt709,tonemap=tonemap=hable:desat=0,
+#   zscale=t=bt709:m=bt709:r=tv,format=yuv420p
+# up to its last step (R'G'B' for the model instead of YUV 4:2:0 for an encoder):
+# 1. linear light with 1.0 = 100 cd/m^2 (npl=100): PQ by the SMPTE ST 2084 EOTF (10000 cd/m^2
+#    = 100.0); HLG by zimg's display-referred BT.2100 EOTF (inverse OETF, then the OOTF with
+#    gamma 1.2 per channel, nominal peak 1000 cd/m^2 = 10.0);
+# 2. BT.2020 primaries to BT.709 (3x3 matrix in linear light, D65 white);
+# 3. the `tonemap` filter's Hable operator with desat=0: the largest of R, G, B goes through
+#    hable(x) / hable(peak) and all three are scaled by the same factor (hue kept); peak is the
+#    frame's MaxCLL, else its mastering display's peak luminance, else 1000 cd/m^2 (what the
+#    filter assumes once zscale has made the signal linear), over 100;
+# 4. BT.709 for a BT.1886 display, as zimg (3.x) writes transfer=bt709: x ** (1 / 2.4), clipped
+#    to [0, 1], 8 bits.
+# Checked against ffmpeg's command line (tests/test_video_kinds.py). The frame is resized (and
+# cropped) by libswscale in the HDR signal first, so only the model's crop is tone-mapped.
+TONEMAP_OPERATOR = "hable"
+TONEMAP_DESAT = 0.0
+HDR_NOMINAL_PEAK_CDM2 = 100.0  # zscale npl: linear 1.0
+HDR_DEFAULT_PEAK_CDM2 = 1000.0
+_PQ_M1, _PQ_M2 = 2610 / 16384, 2523 / 4096 * 128
+_PQ_C1, _PQ_C2, _PQ_C3 = 3424 / 4096, 2413 / 4096 * 32, 2392 / 4096 * 32
+_HLG_A, _HLG_B, _HLG_C = 0.17883277, 0.28466892, 0.55991073
+
+
+def pq_eotf(signal: np.ndarray) -> np.ndarray:
+    """SMPTE ST 2084: non-linear signal in [0, 1] -> display light in cd/m^2 / 10000."""
+    power = np.power(np.clip(signal, 0.0, 1.0), 1.0 / _PQ_M2)
+    return np.power(np.maximum(power - _PQ_C1, 0.0) / (_PQ_C2 - _PQ_C3 * power), 1.0 / _PQ_M1)
+
+
+def hlg_inverse_oetf(signal: np.ndarray) -> np.ndarray:
+    """ARIB STD-B67 / BT.2100 HLG: non-linear signal in [0, 1] -> scene light in [0, 1]."""
+    signal = np.clip(signal, 0.0, 1.0)
+    with np.errstate(over="ignore"):
+        log_part = (np.exp((signal - _HLG_C) / _HLG_A) + _HLG_B) / 12.0
+    return np.where(signal <= 0.5, signal * signal / 3.0, log_part)
+
+
+def hable(x):
+    """The Hable (Uncharted 2) filmic curve as ffmpeg's tonemap filter writes it."""
+    a, b, c, d, e, f = 0.15, 0.50, 0.10, 0.20, 0.02, 0.30
+    return (x * (x * a + b * c) + d * e) / (x * (x * a + b) + d * f) - e / f
+
+
+def _rgb_to_xyz(primaries, white=(0.3127, 0.3290)) -> np.ndarray:
+    xyz = np.array([[x / y, 1.0, (1.0 - x - y) / y] for x, y in primaries]).T
+    wx, wy = white
+    return xyz * np.linalg.solve(xyz, np.array([wx / wy, 1.0, (1.0 - wx - wy) / wy]))
+
+
+# BT.2020 linear RGB -> BT.709 linear RGB through CIE XYZ (ITU-R BT.2087 gives the same matrix).
+BT2020_TO_BT709 = np.linalg.inv(_rgb_to_xyz([(0.64, 0.33), (0.30, 0.60), (0.15, 0.06)])) @ _rgb_to_xyz(
+    [(0.708, 0.292), (0.170, 0.797), (0.131, 0.046)])
+
+_LINEAR_LUTS: dict[str, np.ndarray] = {}
+
+
+def hdr_linear_lut(transfer: str) -> np.ndarray:
+    """float32[65536]: 16-bit signal code -> linear light (1.0 = 100 cd/m^2), step 1 of the recipe."""
+    lut = _LINEAR_LUTS.get(transfer)
+    if lut is None:
+        signal = np.arange(65536, dtype=np.float64) / 65535.0
+        if transfer == "smpte2084":
+            linear = pq_eotf(signal) * (10000.0 / HDR_NOMINAL_PEAK_CDM2)
+        elif transfer == "arib-std-b67":
+            linear = np.power(hlg_inverse_oetf(signal), 1.2) * (1000.0 / HDR_NOMINAL_PEAK_CDM2)
+        else:
+            raise ValueError(f"not an HDR transfer function: {transfer!r}")
+        lut = _LINEAR_LUTS[transfer] = linear.astype(np.float32)
+    return lut
+
+
+def hdr_signal_peak(frame) -> float:
+    """The tonemap filter's signal peak (in units of 100 cd/m^2) for a frame: its MaxCLL, else its
+    mastering display's peak luminance, else 1000 cd/m^2 (libavfilter's ff_determine_signal_peak
+    on the linear frame zscale hands it)."""
+    cll = mastering = None
+    for side_data in frame.side_data:
+        if side_data.type == SideDataType.CONTENT_LIGHT_LEVEL:
+            cll = bytes(side_data)
+        elif side_data.type == SideDataType.MASTERING_DISPLAY_METADATA:
+            mastering = bytes(side_data)
+    if cll is not None and len(cll) >= 4:
+        max_cll = int(np.frombuffer(cll[:4], dtype=np.uint32)[0])  # AVContentLightMetadata.MaxCLL
+        if max_cll:
+            return max_cll / HDR_NOMINAL_PEAK_CDM2
+    if mastering is not None and len(mastering) >= 88:
+        # AVMasteringDisplayMetadata: 3x2 AVRationals of primaries, 2 of the white point, min and max
+        # luminance, then has_primaries and has_luminance (int).
+        num, den = np.frombuffer(mastering[72:80], dtype=np.int32)
+        has_luminance = int(np.frombuffer(mastering[84:88], dtype=np.int32)[0])
+        if has_luminance and den > 0 and num > 0:
+            return num / den / HDR_NOMINAL_PEAK_CDM2
+    return HDR_DEFAULT_PEAK_CDM2 / HDR_NOMINAL_PEAK_CDM2
+
+
+# Step 4 as a table: 8-bit code of x ** (1 / 2.4) indexed by sqrt(x) in 16 bits (a square root
+# is several times cheaper than a power; near black, where the curve is steep, the table's step
+# is still under 0.03 of a level).
+_BT1886_CODE_BY_SQRT = np.round(255.0 * np.power(np.arange(65536) / 65535.0, 2 / 2.4)).astype(np.uint8)
+
+
+def tone_map_to_sdr(signal: np.ndarray, transfer: str, *, peak: float, bt2020: bool = True) -> np.ndarray:
+    """HDR R'G'B' (uint16 codes, planar (3, ...) in R, G, B order) -> SDR BT.709 R'G'B' uint8
+    (..., 3), interleaved as the model takes it.
+
+    Steps 1-4 of the recipe above; ``peak`` from `hdr_signal_peak`; ``bt2020`` converts the
+    primaries (False only for HDR tagged with BT.709 primaries). Plane by plane, in float32.
+    """
+    lut = hdr_linear_lut(transfer)
+    red, green, blue = lut[signal[0]], lut[signal[1]], lut[signal[2]]
+    if bt2020:
+        m = BT2020_TO_BT709.astype(np.float32)
+        red, green, blue = (m[i, 0] * red + m[i, 1] * green + m[i, 2] * blue for i in range(3))
+    # desat=0: no desaturation towards luma before the curve (TONEMAP_DESAT).
+    brightest = np.maximum(np.maximum(red, green), blue)
+    np.maximum(brightest, np.float32(1e-6), out=brightest)
+    scale = hable(brightest)
+    scale /= brightest * np.float32(hable(peak))
+    out = np.empty((*signal.shape[1:], 3), dtype=np.uint8)
+    for channel, plane in enumerate((red, green, blue)):
+        plane *= scale
+        np.clip(plane, 0.0, 1.0, out=plane)
+        np.sqrt(plane, out=plane)
+        plane *= 65535.0
+        plane += 0.5
+        out[..., channel] = _BT1886_CODE_BY_SQRT[plane.astype(np.uint16)]
+    return out
+
+
+def hdr_transfer(frame) -> str | None:
+    """'smpte2084' (PQ) or 'arib-std-b67' (HLG) for an HDR frame, else None."""
+    return HDR_TRANSFERS.get(frame.color_trc)
+
+
 def model_crop(frame, geometry: FrameGeometry, resized: tuple[int, int], *, transform: DisplayTransform = IDENTITY,
                threads: int = 1) -> np.ndarray:
     """The model's crop of one decoded frame: (crop_height, crop_width, 3) uint8 RGB, contiguous.
@@ -277,19 +462,33 @@ def model_crop(frame, geometry: FrameGeometry, resized: tuple[int, int], *, tran
     out_w, out_h = resized
     top, left = (out_h - g.crop_height) // 2, (out_w - g.crop_width) // 2
     stored_w, stored_h = (out_h, out_w) if transform.swaps_axes else (out_w, out_h)
-    planar = frame.reformat(format="gbrp", width=stored_w, height=stored_h, interpolation=g.interpolation,
-                            threads=threads)
+    # Colour as players read it (`colour_reading`); HDR keeps 16 bits for the tone mapping.
+    transfer = hdr_transfer(frame)
+    dtype = np.uint16 if transfer else np.uint8
+    planar = frame.reformat(format="gbrp16le" if transfer else "gbrp", width=stored_w, height=stored_h,
+                            interpolation=g.interpolation, threads=threads, **colour_reading(frame))
     if top < 0 or left < 0:
         # Resized smaller than the crop (an odd preprocessor config): transformers zero-pads.
-        shown = transform.apply(planar.to_ndarray())
-        return np.ascontiguousarray(center_crop(shown, g.crop_height, g.crop_width))
-    out = np.empty((g.crop_height, g.crop_width, 3), dtype=np.uint8)
-    # gbrp plane order is G, B, R.
-    for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
-        data = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
-        if transform is not IDENTITY:
-            data = transform.apply(data[:, :stored_w])  # without the row padding, which would move
-        out[:, :, channel] = data[top:top + g.crop_height, left:left + g.crop_width]
+        out = np.ascontiguousarray(center_crop(transform.apply(planar.to_ndarray()), g.crop_height, g.crop_width))
+        if transfer:
+            out = np.moveaxis(out, -1, 0)
+    else:
+        # HDR: R, G, B planes for the tone mapping; else the interleaved crop the model takes.
+        shape = (3, g.crop_height, g.crop_width) if transfer else (g.crop_height, g.crop_width, 3)
+        out = np.empty(shape, dtype=dtype)
+        # gbrp plane order is G, B, R.
+        for channel, plane in ((0, planar.planes[2]), (1, planar.planes[0]), (2, planar.planes[1])):
+            data = np.frombuffer(plane, dtype=dtype).reshape(plane.height, plane.line_size // dtype().itemsize)
+            if transform is not IDENTITY:
+                data = transform.apply(data[:, :stored_w])  # without the row padding, which would move
+            crop = data[top:top + g.crop_height, left:left + g.crop_width]
+            if transfer:
+                out[channel] = crop
+            else:
+                out[:, :, channel] = crop
+    if transfer:
+        return tone_map_to_sdr(out, transfer, peak=hdr_signal_peak(frame),
+                               bt2020=frame.color_primaries != _AVCOL_PRI_BT709)
     return out
 
 
@@ -367,6 +566,156 @@ def display_transform_of(frame) -> DisplayTransform:
     return DisplayTransform.from_display_matrix(matrix) if matrix else IDENTITY
 
 
+# -- damage -----------------------------------------------------------------------------------
+
+class DamageLog:
+    """What was wrong with a video, as the decoder met it: from the packets and the decoding.
+
+    Evidence, the same in every container: a stream whose packets end well before the end its
+    header states (a file cut short); packets the decoder refuses (they give no frame); frames
+    the decoder marks as decoded with errors; frames missing where the format's timestamps
+    count every frame (MPEG-TS/PS); and the errors libavformat/libavcodec report, which is what
+    `ffmpeg -v error -i FILE -f null -` prints (nothing, for a sound file). The demuxer's
+    "corrupt" packet flag is not evidence: MPEG-TS sets it at every join of two recordings
+    (their continuity counters restart) on packets that decode whole. Only what was read is
+    known: the packets the probe and the plan read, the frames the plan decoded. Times are
+    absolute (the stream's clock, re-based after a timestamp restart); `summary` states them
+    from the video's first frame.
+    """
+
+    def __init__(self):
+        self.cut: tuple[float, float] | None = None  # (end of the packets, end the header states)
+        self._events: dict[str, dict[float, int]] = {}  # kind -> {seconds: count}
+        self._first_message: str | None = None
+        self._messages: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return self.cut is not None or bool(self._events)
+
+    def add(self, kind: str, seconds: float | None, count: int = 1) -> None:
+        """One piece of evidence of ``kind`` (see `KINDS`) at ``seconds`` (absolute).
+
+        The same evidence met twice (a packet read by the probe and decoded later) counts once.
+        """
+        events = self._events.setdefault(kind, {})
+        key = -1.0 if seconds is None else round(float(seconds), 6)
+        events[key] = max(events.get(key, 0), count)
+
+    def libav_error(self, seconds: float | None, message: str) -> None:
+        """An error libav logged while the packet at ``seconds`` was read or decoded. The same
+        message twice (the probe and the decoding both reaching a cut end) counts once."""
+        message = " ".join(message.split())
+        self._first_message = self._first_message or message
+        events = self._events.setdefault("libav", {})
+        if message in self._messages:
+            if seconds is not None:
+                events.setdefault(round(float(seconds), 6), 0)  # its time, not another error
+            return
+        self._messages.add(message)
+        key = -1.0 if seconds is None else round(float(seconds), 6)
+        events[key] = events.get(key, 0) + 1
+
+    KINDS = {  # kind: (one, several)
+        "undecodable": ("undecodable packet", "undecodable packets"),
+        "corrupt_frame": ("frame decoded with errors", "frames decoded with errors"),
+        "missing": ("frame missing from the timestamps", "frames missing from the timestamps"),
+        "libav": ("error reported by libavformat/libavcodec", "errors reported by libavformat/libavcodec"),
+    }
+
+    def summary(self, start_seconds: float = 0.0) -> str | None:
+        """One line, e.g. "ends at 1.28 s of a 3.00 s header duration; 2 undecodable packets at
+        1.10 s"; None when nothing was wrong."""
+        parts = []
+        if self.cut is not None:
+            end, header_end = self.cut
+            parts.append(f"ends at {end - start_seconds:.2f} s of a {header_end - start_seconds:.2f} s header duration")
+        for kind, (one, several) in self.KINDS.items():
+            events = self._events.get(kind)
+            if not events:
+                continue
+            count = sum(events.values())
+            times = sorted(t - start_seconds for t in events if t >= 0)
+            noun = one if count == 1 else several
+            where = ""
+            if times:
+                where = f" at {times[0]:.2f} s" if times[-1] - times[0] < 0.005 else f" at {times[0]:.2f}-{times[-1]:.2f} s"
+            text = f"{count} {noun}{where}"
+            if kind == "libav" and self._first_message:
+                text += f" (first: {self._first_message[:160]})"
+            parts.append(text)
+        return "; ".join(parts) if parts else None
+
+
+_LIBAV_LOG_LOCK = threading.Lock()
+_LIBAV_LOG_USERS = 0
+_LIBAV_LEVEL_OURS = False
+_LIBAV_SKIP_REPEATED = True
+
+
+class _LibavErrors:
+    """The errors libav logs while one decoder works go to its `DamageLog`.
+
+    PyAV drops libav's log by default: while any decoder is open (`open` .. `close`) the log
+    level is ERROR (unless the process chose one) and PyAV's folding of repeated messages is
+    off (it holds a message back until a different one comes, which would carry one video's
+    message into the next one's). Each step that reads or decodes is a ``with`` block: what is
+    logged on this thread meanwhile is this decoder's (cheap: one capture list pushed and
+    popped, about a microsecond).
+    """
+
+    __slots__ = ("_sink", "_capture", "_logs", "_thread", "_open")
+
+    def __init__(self, sink):
+        self._sink = sink  # (message) -> None
+        self._capture = self._logs = self._thread = None
+        self._open = False
+
+    def open(self) -> None:
+        global _LIBAV_LOG_USERS, _LIBAV_LEVEL_OURS, _LIBAV_SKIP_REPEATED
+        with _LIBAV_LOG_LOCK:
+            if not self._open:
+                if _LIBAV_LOG_USERS == 0:
+                    if av.logging.get_level() is None:
+                        av.logging.set_level(av.logging.ERROR)
+                        _LIBAV_LEVEL_OURS = True
+                    _LIBAV_SKIP_REPEATED = av.logging.get_skip_repeated()
+                    av.logging.set_skip_repeated(False)
+                _LIBAV_LOG_USERS += 1
+                self._open = True
+
+    def close(self) -> None:
+        global _LIBAV_LOG_USERS, _LIBAV_LEVEL_OURS
+        with _LIBAV_LOG_LOCK:
+            if self._open:
+                self._open = False
+                _LIBAV_LOG_USERS -= 1
+                if _LIBAV_LOG_USERS == 0:
+                    av.logging.set_skip_repeated(_LIBAV_SKIP_REPEATED)
+                    if _LIBAV_LEVEL_OURS:
+                        av.logging.set_level(None)
+                        _LIBAV_LEVEL_OURS = False
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        thread = threading.get_ident()
+        if self._thread != thread:  # a capture is bound to the thread it was made on
+            self._capture, self._thread = av.logging.Capture(local=True), thread
+        self._logs = self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._capture.__exit__(*exc_info)
+        logs = self._logs
+        if logs:
+            for level, name, message in logs:
+                if level <= av.logging.ERROR:
+                    self._sink(f"{name}: {message}" if name else message)
+            logs.clear()
+        return False
+
+
 class VideoDecoder:
     """Probe and decode one video. Use as a context manager; errors raise `DecodeError`.
 
@@ -379,37 +728,54 @@ class VideoDecoder:
         self._limits = limits
         self._skipping = False
         self._primed = None  # (first frame, the decode iterator after it) until something else reads
-        self._first_frame: tuple[int, int, DisplayTransform] | None = None  # size, display of the first decoded
+        self._first_frame: tuple[int, int, DisplayTransform, str | None] | None = None  # of the first decoded
         self.stats = DecodeStats(decoded_indices=[] if record_frames else None)
+        self.damage = DamageLog()
+        self._position: float | None = None  # seconds of the packet read last (for damage)
+        self._errors = _LibavErrors(lambda message: self.damage.libav_error(self._position, message))
+        self._errors.open()
+        self._file = file
         try:
             self._seekable = isinstance(file, str) or bool(file.seekable())
         except Exception:  # noqa: BLE001 - a file object without seekable(): do not seek
             self._seekable = False
         if size_bytes is not None and size_bytes > limits.max_bytes:
+            self._errors.close()
             raise DecodeError("too_large", "probe", f"{size_bytes} bytes exceeds max_bytes={limits.max_bytes}")
         if size_bytes == 0:
+            self._errors.close()
             raise DecodeError("corrupt", "probe", "empty file (0 bytes)")
         try:
-            self._container = av.open(file, mode="r", metadata_errors="ignore")
+            with self._errors:
+                self._container = av.open(file, mode="r", metadata_errors="ignore")
         except Exception as exc:  # noqa: BLE001 - every open failure is a per-video error
+            self._errors.close()
             _raise_as_decode_error(exc, "probe")
+        flags = self._container.format.flags
+        # Raw elementary streams have no clock and their demuxer cannot seek: they are read
+        # from the start (reopened to rewind). Formats with discontinuous timestamps are
+        # scanned whole by the probe, so a restart is found wherever it is.
+        self._no_clock = bool(flags & AVFMT_NOTIMESTAMPS)
+        self._discontinuous = bool(flags & AVFMT_TS_DISCONT)
+        self._demuxer_seeks = self._seekable and not self._no_clock
+        self._restarts = 0  # timestamp restarts the probe found (re-based while decoding)
+        self._other_end: float | None = None  # latest end among the other streams' packets read
+        self._threads = threads
         try:
             self._stream = self._choose_stream()
             if self._stream.codec_context is None:
                 raise DecodeError("corrupt", "probe", "the video stream has no decoder (unknown codec id: a damaged "
                                                       "header, or a codec this FFmpeg build lacks)")
-            self._stream.thread_type = "AUTO" if threads != 1 else "SLICE"
-            self._stream.codec_context.thread_count = threads
-            self._threads = threads
+            self._set_threads()
             self.probe = self._probe()
         except DecodeError:
-            self._container.close()
+            self.close()
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a failed seek in the timing scan
-            self._container.close()
+            self.close()
             _raise_as_decode_error(exc, "probe")
         except BaseException:
-            self._container.close()
+            self.close()
             raise
 
     def __enter__(self) -> VideoDecoder:
@@ -420,6 +786,21 @@ class VideoDecoder:
 
     def close(self) -> None:
         self._container.close()
+        self._errors.close()
+
+    def _set_threads(self) -> None:
+        self._stream.thread_type = "AUTO" if self._threads != 1 else "SLICE"
+        self._stream.codec_context.thread_count = self._threads
+
+    @property
+    def damaged(self) -> bool:
+        """True when the decoder met damage (see `DamageLog`); `damage` says what it was."""
+        return bool(self.damage)
+
+    @property
+    def damage_summary(self) -> str | None:
+        """What was wrong, from the video's first frame on (`DamageLog.summary`), or None."""
+        return self.damage.summary(self.probe.start_seconds if hasattr(self, "probe") else 0.0)
 
     def _choose_stream(self):
         streams = list(self._container.streams.video)
@@ -455,11 +836,26 @@ class VideoDecoder:
             )
         time_base = stream.time_base
         header_start = float(stream.start_time * time_base) if stream.start_time is not None and time_base else 0.0
-        rate = stream.average_rate or stream.guessed_rate
+        if self._no_clock:
+            # The raw demuxer's average_rate is its own default (25); the stream's own rate
+            # (from the codec: the SPS timing of H.264/HEVC) is what players use.
+            rate = stream.guessed_rate or stream.average_rate
+        else:
+            rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
-        # A file that cannot seek is read once, from the start: no look ahead at its packets.
-        start = self._head_start() if self._seekable else None
-        end, tail_fps = self._find_end(fps)
+        if self._no_clock:
+            # No timestamps: the first frame is at 0 and the span is counted from the packets.
+            start = 0.0
+            end, tail_fps = self._count_span(fps)
+        else:
+            # A file that cannot seek is read once, from the start: no look ahead at its packets.
+            start = self._head_start() if self._seekable else None
+            if self._discontinuous and self._seekable:
+                end, tail_fps = self._scan_restarts(fps)
+            else:
+                end, tail_fps = self._find_end(fps)
+                if end is not None:
+                    self._check_cut(end, fps or tail_fps)
         if end is None:
             end = self._header_end()
         if fps <= 0:
@@ -480,12 +876,15 @@ class VideoDecoder:
             start = float(first.time) if first.time is not None else header_start
         elif self._seekable:
             self._rewind()
+        if self._no_clock or self._discontinuous:
+            self._position = None  # damage met from here on is timed by the decoded frames
         duration = max(end - start, 0.0) if end is not None else 0.0
         if duration > limits.max_duration_seconds:
             raise DecodeError(
                 "too_large", "probe",
                 f"duration {duration:.1f}s exceeds max_duration_seconds={limits.max_duration_seconds}",
             )
+        stream = self._stream  # a rewind may have reopened the input: the old stream is gone
         return VideoProbe(
             stream_index=stream.index,
             num_video_streams=self._num_video_streams,
@@ -509,7 +908,7 @@ class VideoDecoder:
         """
         if self._first_frame is None:
             self._prime()
-        width, height, display = self._first_frame
+        width, height, display, _ = self._first_frame
         if not apply_display:
             return width, height, IDENTITY, Fraction(1)
         sar = self.probe.sample_aspect_ratio
@@ -517,7 +916,16 @@ class VideoDecoder:
 
     def _note_first(self, frame) -> None:
         if self._first_frame is None:
-            self._first_frame = (int(frame.width), int(frame.height), display_transform_of(frame))
+            self._first_frame = (int(frame.width), int(frame.height), display_transform_of(frame), hdr_transfer(frame))
+
+    @property
+    def hdr(self) -> str | None:
+        """The HDR transfer function of the first decoded frame ('smpte2084' for PQ,
+        'arib-std-b67' for HLG; see `HDR_TRANSFERS`), None for SDR. Such frames are tone-mapped
+        to SDR BT.709 (`tone_map_to_sdr`)."""
+        if self._first_frame is None:
+            self._prime()
+        return self._first_frame[3]
 
     # -- time span ----------------------------------------------------------------------------
 
@@ -586,21 +994,147 @@ class VideoDecoder:
         Packets the demuxer marks discard (outside an MP4 edit list) produce no frame and are
         left out; a packet without pts counts by its dts. Damaged data ends the list (a
         truncated tail still gives the packets before it); an I/O error of the file itself
-        (storage) is raised, so it is not mistaken for the end of the video.
+        (storage) is raised, so it is not mistaken for the end of the video. The other streams'
+        packets are read too (the end of the latest is kept for `_check_cut`), and damage met
+        is recorded.
         """
         out = []
-        try:
-            for packet in self._container.demux(self._stream):
-                if packet.size == 0 or packet.is_discard:
-                    continue
-                ts = packet.pts if packet.pts is not None else packet.dts
-                if ts is not None:
-                    out.append((int(ts), int(packet.duration or 0), bool(packet.is_keyframe)))
-                    if limit is not None and len(out) >= limit:
-                        break
-        except (av.error.FFmpegError, EOFError):
-            pass
+        index = self._stream.index
+        time_base = float(self._stream.time_base or 0)
+        with self._errors:
+            try:
+                for packet in self._container.demux():
+                    if packet.stream_index != index:
+                        self._note_other_end(packet)
+                        continue
+                    if packet.size == 0 or packet.is_discard:
+                        continue
+                    ts = packet.pts if packet.pts is not None else packet.dts
+                    if ts is not None:
+                        self._position = ts * time_base
+                        out.append((int(ts), int(packet.duration or 0), bool(packet.is_keyframe)))
+                        if limit is not None and len(out) >= limit:
+                            break
+            except (av.error.FFmpegError, EOFError):
+                pass
         return out
+
+    def _note_other_end(self, packet) -> None:
+        ts = packet.pts if packet.pts is not None else packet.dts
+        if ts is None or packet.size == 0 or packet.time_base is None:
+            return
+        end = float((ts + (packet.duration or 0)) * packet.time_base)
+        if self._other_end is None or end > self._other_end:
+            self._other_end = end
+
+    def _check_cut(self, end: float, fps: float) -> None:
+        """Mark the video cut short when its packets end well before its headers say.
+
+        The video stream's own header duration (MP4/MOV tracks, AVI) is compared with the end of
+        its packets; the container's (every stream: audio may run longer than the video) with
+        the end of the latest stream read in the tail. Matroska's Duration may be an end time
+        rather than a length, so the earlier of the two readings is taken. Formats without a
+        stored duration (raw streams, MPEG-TS/PS: libavformat estimates theirs) are not checked.
+        """
+        stream, container = self._stream, self._container
+        tolerance = max(CUT_TOLERANCE_SECONDS, 2.0 / fps if fps > 0 else 0.0)
+        claims = []
+        if stream.duration and stream.time_base:
+            header_end = float(((stream.start_time or 0) + stream.duration) * stream.time_base)
+            if header_end - end > tolerance:
+                claims.append(header_end)
+        if container.duration and container.duration > 0:
+            duration = container.duration / av.time_base
+            start = (container.start_time or 0) / av.time_base
+            header_end = min(duration, start + duration)
+            if header_end - max(end, self._other_end or end) > tolerance:
+                claims.append(header_end)
+        if claims:
+            self.damage.cut = (end, max(claims))
+
+    def _count_span(self, fps: float) -> tuple[float | None, float]:
+        """(end, frame rate) of a stream without timestamps, from its packets (demux only).
+
+        Each packet is one frame lasting its duration (the codec parser's, from the stream's own
+        rate, repeated fields included), else 1 / ``fps``. A file object that cannot rewind is
+        read once: nothing is counted ahead (None).
+        """
+        if not self._seekable:
+            return None, 0.0
+        time_base = float(self._stream.time_base or 0)
+        total, count = 0.0, 0
+        with self._errors:
+            try:
+                for packet in self._container.demux(self._stream):
+                    if packet.size == 0:
+                        continue
+                    self._position = total
+                    count += 1
+                    total += packet.duration * time_base if packet.duration and time_base else (
+                        1.0 / fps if fps > 0 else 0.0)
+            except (av.error.FFmpegError, EOFError):
+                pass
+        if not count:
+            return None, 0.0
+        return total, (count / total if total > 0 else 0.0)
+
+    def _scan_restarts(self, fps: float) -> tuple[float | None, float]:
+        """(end, frame rate) of a stream whose timestamps may restart (MPEG-TS/PS), from all its
+        packets (demux only, from the first).
+
+        Decode timestamps only go forward within a recording: a step back, or a jump forward
+        beyond TIMESTAMP_JUMP_SECONDS, starts the next one. Recordings play one after the other,
+        so the end is the first one's plus the lengths of the others, on the first one's clock.
+        Frames the timestamps skip (a packet's dts past the previous packet's end by a frame or
+        more, where packets state their durations) are recorded as damage.
+        """
+        self._rewind()
+        stream = self._stream
+        time_base = float(stream.time_base or 0)
+        if not time_base:
+            return None, 0.0
+        segments: list[list[int]] = []  # per recording: [first pts, end pts]
+        elapsed = 0.0  # length of the recordings before the current one
+        prev_dts = prev_duration = None
+        count = 0
+        with self._errors:
+            try:
+                for packet in self._container.demux(stream):
+                    if packet.size == 0 or packet.is_discard:
+                        continue
+                    pts = packet.pts if packet.pts is not None else packet.dts
+                    if pts is None:
+                        continue
+                    dts = packet.dts if packet.dts is not None else pts
+                    duration = int(packet.duration or 0)
+                    count += 1
+                    if prev_dts is None or dts < prev_dts or (dts - prev_dts) * time_base > TIMESTAMP_JUMP_SECONDS:
+                        if segments:
+                            elapsed += (segments[-1][1] - segments[-1][0]) * time_base
+                        segments.append([pts, pts + duration])
+                    else:
+                        segment = segments[-1]
+                        segment[0], segment[1] = min(segment[0], pts), max(segment[1], pts + duration)
+                        if prev_duration and dts - prev_dts >= 1.9 * prev_duration:
+                            missing = round((dts - prev_dts) / prev_duration) - 1
+                            self.damage.add("missing", self._rebased(segments, elapsed, prev_dts), missing)
+                    self._position = self._rebased(segments, elapsed, pts)
+                    prev_dts, prev_duration = dts, duration
+            except (av.error.FFmpegError, EOFError):
+                pass
+        if not segments:
+            return None, 0.0
+        self._restarts = len(segments) - 1
+        first = segments[0]
+        end = first[1] * time_base + sum((b - a) * time_base for a, b in segments[1:])
+        length = end - first[0] * time_base
+        return end, (count / length if length > 0 else 0.0)
+
+    def _rebased(self, segments: list[list[int]], elapsed: float, ts: int) -> float:
+        """Seconds on the first recording's clock of timestamp ``ts`` of the latest recording."""
+        time_base = float(self._stream.time_base)
+        first = segments[0][0] * time_base
+        return first + elapsed + (ts - segments[-1][0]) * time_base if len(segments) > 1 else ts * time_base
 
     def _header_end(self) -> float | None:
         """The end time the headers claim: only for inputs that cannot seek to their end."""
@@ -618,13 +1152,13 @@ class VideoDecoder:
         """
         if self._seekable:
             self._rewind()
-        frames = self._container.decode(self._stream)
+        frames = self._frames()
         try:
             first = next(frames, None)
         except Exception as exc:  # noqa: BLE001 - a broken first frame is a per-video error
             _raise_as_decode_error(exc, "decode")
         if first is None:
-            raise DecodeError("corrupt", "decode", "no frame could be decoded")
+            raise self._nothing_decoded()
         self.stats.frames_decoded += 1
         self._note_first(first)
         self._primed = (first, frames)
@@ -676,7 +1210,13 @@ class VideoDecoder:
         last_time = None
         period = asm.period
         primed, self._primed = self._primed, None
-        frames = itertools.chain((primed[0],), primed[1]) if primed else self._container.decode(self._stream)
+        frames = itertools.chain((primed[0],), primed[1]) if primed else self._frames()
+        # Where the probe found the timestamps restarting, a step back (or a jump beyond
+        # TIMESTAMP_JUMP_SECONDS) continues the clock from the frame before, as players play on;
+        # as many times as the probe found (a damaged stream may put a frame out of order).
+        restarts_left = self._restarts
+        offset = 0.0
+        last_raw = None
         try:
             for frame in frames:
                 index += 1
@@ -684,10 +1224,18 @@ class VideoDecoder:
                     self.stats.frames_decoded += 1
                     self._note_first(frame)
                 self._record(index)
-                t = frame.time
-                if t is None:  # no timestamp: continue the previous one at the nominal rate
+                raw = frame.time
+                if raw is None:  # no timestamp: continue the previous one at the nominal rate
                     t = (last_time + period) if last_time is not None else self.probe.start_seconds
+                else:
+                    if restarts_left and last_raw is not None and last_time is not None and (
+                            raw < last_raw or raw - last_raw > TIMESTAMP_JUMP_SECONDS):
+                        offset = last_time + period - raw
+                        restarts_left -= 1
+                    last_raw = raw
+                    t = raw + offset
                 last_time = t
+                self._position = t
                 for clip in asm.push(index, frame, t):
                     if clip.clip_index >= skip_clips:
                         yield clip
@@ -698,7 +1246,7 @@ class VideoDecoder:
         except Exception as exc:  # noqa: BLE001 - a broken stream is a per-video error
             _raise_as_decode_error(exc, "decode")
         if index < 0:
-            raise DecodeError("corrupt", "decode", "no frame could be decoded")
+            raise self._nothing_decoded()
         for clip in asm.finish():
             if clip.clip_index >= skip_clips:
                 yield clip
@@ -708,7 +1256,7 @@ class VideoDecoder:
     def _should_scan(self, plans: list[ClipPlan]) -> bool:
         """Cheap test on the plan alone: could any gap between targets hold a GOP to skip?"""
         fps = self.probe.fps
-        if fps <= 0 or not self._seekable:
+        if fps <= 0 or not self._demuxer_seeks or self._restarts:
             return False
         times = sorted({t for p in plans for t in p.target_seconds})
         if not times:
@@ -727,14 +1275,15 @@ class VideoDecoder:
         stream = self._stream
         entries: list[tuple[int, int | None, bool]] = []
         try:
-            for packet in self._container.demux(stream):
-                if packet.size == 0:
-                    continue  # the flush packet at the end
-                if packet.is_discard:
-                    continue
-                if packet.pts is None:
-                    return None
-                entries.append((int(packet.pts), packet.dts, bool(packet.is_keyframe)))
+            with self._errors:
+                for packet in self._container.demux(stream):
+                    if packet.size == 0:
+                        continue  # the flush packet at the end
+                    if packet.is_discard:
+                        continue
+                    if packet.pts is None:
+                        return None
+                    entries.append((int(packet.pts), packet.dts, bool(packet.is_keyframe)))
         except Exception:  # noqa: BLE001 - an unreadable index: decode straight through
             return None
         if not entries:
@@ -769,11 +1318,74 @@ class VideoDecoder:
             self.stats.decoded_indices.append(index)
 
     def _rewind(self) -> None:
+        """Back to the first packet: a seek, or where the demuxer cannot seek, the input reopened."""
         self._primed = None
+        if self._demuxer_seeks:
+            try:
+                self._container.seek(0)
+                return
+            except av.error.FFmpegError:
+                self._demuxer_seeks = False  # e.g. a raw stream in a container-less format: reopen
+            except Exception as exc:  # noqa: BLE001
+                _raise_as_decode_error(exc, "decode")
+        self._reopen()
+
+    def _reopen(self) -> None:
+        """Open the input again from its first byte (how an input whose demuxer cannot seek rewinds)."""
+        if not self._seekable:
+            raise DecodeError("corrupt", "decode", "the input cannot be read again from its start (its demuxer "
+                                                   "cannot seek and the file object cannot rewind)")
+        index = self._stream.index
+        self._container.close()
         try:
-            self._container.seek(0)
+            if not isinstance(self._file, str):
+                self._file.seek(0)
+            with self._errors:
+                self._container = av.open(self._file, mode="r", metadata_errors="ignore")
+            self._stream = self._container.streams[index]
         except Exception as exc:  # noqa: BLE001
             _raise_as_decode_error(exc, "decode")
+        self._skipping = False
+        self._set_threads()
+
+    def _nothing_decoded(self) -> DecodeError:
+        damage = self.damage_summary
+        return DecodeError("corrupt", "decode", "no frame could be decoded" + (f" ({damage})" if damage else ""))
+
+    def _frames(self) -> Iterator:
+        """The stream's decoded frames from the demuxer's position on, as `container.decode` gives
+        them, except that damage is recorded (`DamageLog`) instead of ending the video: a packet
+        the decoder refuses gives no frame and the next ones decode on; data the demuxer cannot
+        read ends the stream there (the frames before it stand)."""
+        stream = self._stream
+        time_base = float(stream.time_base) if stream.time_base else 0.0
+        packets = self._container.demux(stream)
+        damage, errors = self.damage, self._errors
+        while True:
+            with errors:
+                try:
+                    packet = next(packets)
+                except StopIteration:
+                    return
+                except (av.error.FFmpegError, EOFError):
+                    # libav has logged why (recorded by `errors`); a storage error is not an FFmpegError.
+                    damage.libav_error(self._position, "the rest of the file cannot be read")
+                    return
+                if packet.size:
+                    if time_base and not self._no_clock and not self._restarts:
+                        ts = packet.pts if packet.pts is not None else packet.dts
+                        if ts is not None:
+                            self._position = ts * time_base
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    damage.add("undecodable", self._position)
+                    continue
+            for frame in frames:
+                if frame.is_corrupt:
+                    seconds = frame.time if frame.time is not None and not self._restarts else self._position
+                    damage.add("corrupt_frame", seconds)
+                yield frame
 
     def _seek_to_keyframe(self, index: PacketIndex, key_pos: int) -> None:
         self.stats.seeks.append(index.keyframes[key_pos])
@@ -789,7 +1401,7 @@ class VideoDecoder:
         floor = index.keyframes[key_pos]
         for attempt_pos in range(key_pos, max(-1, key_pos - 4), -1):
             self._seek_to_keyframe(index, attempt_pos)
-            frames = self._container.decode(self._stream)
+            frames = self._frames()
             first = next(frames, None)
             if first is None:
                 raise _IndexMismatch(f"no frame after seeking to frame {index.keyframes[attempt_pos]}")

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vmae_ray.checkpoint import ModelSpec, resolve_model_dir, spec_from_dir, weight_files
+from vmae_ray.checkpoint import ModelSpec, is_pickle_weights, resolve_model_dir, spec_from_dir, weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -125,37 +125,69 @@ def _check_loading_info(info: dict[str, Any], model_dir: str, allow_pretraining_
     return len(ignored)
 
 
+def load_pickle_weights(path: str | Path, model_dir: str) -> dict:
+    """The state dict of a pickled weights file (pytorch_model.bin or a shard), read with
+    ``torch.load(weights_only=True)``: tensors and plain containers only, never code. A file
+    that needs more is refused (ModelLoadError naming --model); `checkpoint.check_pickle_weights`
+    already refused such files without unpickling them, this is the second line."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        # mmap: the tensors stay in the file until used (zip format only; legacy files are read).
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(f"--model {model_dir}: {Path(path).name} is refused: it needs more than tensors and "
+                             f"plain containers to unpickle (torch.load weights_only=True: {exc})") from exc
+
+
+def _file_tensors(path: Path, model_dir: str):
+    """(key, tensor getter) of every tensor of a weights file, safetensors or pickled."""
+    if is_pickle_weights(path):
+        state = load_pickle_weights(path, model_dir)
+        for key, tensor in state.items():
+            yield key, (lambda t=tensor: t)
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            yield key, (lambda k=key: f.get_tensor(k))
+
+
 def _verify_qv_biases(encoder_owner, files: list[Path], model_dir: str, decoder=None) -> int:
     """Compare every attention q/v bias in the model with the file; returns how many matched.
 
-    ``decoder``: a `VideoMAEDecoder` whose layers' biases are checked too (reconstruction).
+    Works on every weights format (safetensors, pytorch_model.bin and its shards) and both key
+    names (original q_bias/v_bias, newer query.bias/value.bias). ``decoder``: a
+    `VideoMAEDecoder` whose layers' biases are checked too (reconstruction).
     """
     import torch
-    from safetensors import safe_open
 
     groups = {"encoder": (_QV_BIAS_KEY, encoder_owner.encoder.layer)}
     if decoder is not None:
         groups["decoder"] = (_DECODER_QV_BIAS_KEY, decoder.decoder_layers)
     checked = dict.fromkeys(groups, 0)
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                found = next(((part, layers, m) for part, (pattern, layers) in groups.items()
-                              if (m := pattern.match(key)) is not None), None)
-                if found is None:
-                    continue
-                part, layers, match = found
-                index, name = int(match.group(1)), match.group(2)
-                attention = layers[index].attention.attention
-                linear = attention.query if name in ("q_bias", "query.bias") else attention.value
-                loaded = linear.bias
-                expected = f.get_tensor(key)
-                if loaded is None or not torch.equal(loaded.detach().cpu(), expected.to(loaded.dtype)):
-                    raise ModelLoadError(
-                        f"checkpoint {model_dir}: {key} did not load (the model's value differs from the "
-                        "file; some transformers releases load VideoMAE q/v biases as zeros)"
-                    )
-                checked[part] += 1
+        for key, tensor in _file_tensors(path, model_dir):
+            found = next(((part, layers, m) for part, (pattern, layers) in groups.items()
+                          if (m := pattern.match(key)) is not None), None)
+            if found is None:
+                continue
+            part, layers, match = found
+            index, name = int(match.group(1)), match.group(2)
+            attention = layers[index].attention.attention
+            linear = attention.query if name in ("q_bias", "query.bias") else attention.value
+            loaded = linear.bias
+            expected = tensor()
+            if loaded is None or not torch.equal(loaded.detach().cpu(), expected.to(loaded.dtype)):
+                raise ModelLoadError(
+                    f"checkpoint {model_dir}: {key} did not load (the model's value differs from the "
+                    "file; some transformers releases load VideoMAE q/v biases as zeros)"
+                )
+            checked[part] += 1
     if encoder_owner.config.qv_bias:
         for part, count in checked.items():
             if count == 0:
@@ -169,8 +201,9 @@ class VideoMAEEmbedder:
 
     An actor constructs one; construction fails loudly (ModelLoadError) rather than embed
     with weights that did not load:
-    - weights come from *.safetensors only (use_safetensors=True) and the model class is
-      chosen here, never from remote code;
+    - weights come from *.safetensors, else from pytorch_model.bin (or its shards) read with
+      torch.load(weights_only=True), tensors and plain containers only, so no code from the
+      file runs (`load_pickle_weights`); the model class is chosen here, never from remote code;
     - a fine-tuned classifier (architectures has VideoMAEForVideoClassification) loads as
       VideoMAEForVideoClassification and yields labels; anything else loads as
       VideoMAEModel. A VideoMAEForPreTraining checkpoint (e.g.
@@ -221,12 +254,18 @@ class VideoMAEEmbedder:
             model_cls = VideoMAEForVideoClassification
         else:
             model_cls = VideoMAEForPreTraining if reconstruction else VideoMAEModel
+        files = weight_files(self.model_dir)
+        pickled = any(is_pickle_weights(path) for path in files)
+        if pickled:
+            for path in files:  # refused here, with --model named, before transformers reads them
+                load_pickle_weights(path, self.model_dir)
         try:
             with _quiet_load_report():
                 model, info = model_cls.from_pretrained(
                     self.model_dir,
                     output_loading_info=True,
-                    use_safetensors=True,
+                    use_safetensors=not pickled,
+                    weights_only=True,  # pytorch_model.bin: tensors and plain containers only
                     trust_remote_code=False,
                     attn_implementation="sdpa",
                     dtype=self.dtype,
@@ -240,7 +279,7 @@ class VideoMAEEmbedder:
         ignored = _check_loading_info(info, self.model_dir,
                                       allow_pretraining_keys=not is_classifier and not reconstruction)
         encoder_owner = model if model_cls is VideoMAEModel else model.videomae
-        checked = _verify_qv_biases(encoder_owner, weight_files(self.model_dir), self.model_dir,
+        checked = _verify_qv_biases(encoder_owner, files, self.model_dir,
                                     decoder=model.decoder if reconstruction else None)
         logger.info(
             "loaded %s from %s (%s, %s); %d q/v biases verified, %d pretraining-decoder keys ignored",

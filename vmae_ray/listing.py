@@ -51,6 +51,8 @@ MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json", ".ndjson")
 VIDEO_EXTENSIONS = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
     ".flv", ".wmv", ".3gp", ".ogv", ".mxf", ".gif",
+    # Raw elementary streams (camera, drone and broadcast dumps): no container, no clock.
+    ".h264", ".264", ".hevc", ".265",
 )
 _GLOB_CHARS = set("*?[")
 

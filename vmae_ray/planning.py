@@ -36,7 +36,10 @@ from vmae_ray.writing import CommittedState, OutputStore
 log = logging.getLogger("vmae_ray")
 
 # Bump when the meaning of the output changes, so old and new rows are never mixed.
-OUTPUT_VERSION = 2  # 2: time span from the video packets, displayed geometry, no cover art
+# 2: time span from the video packets, displayed geometry, no cover art. 3: colour as players
+# read it (untagged HD as BT.709), HDR tone-mapped to SDR, raw streams and timestamp restarts
+# played through, damaged files embedded from what decodes; videos/ gains damaged, damage, hdr.
+OUTPUT_VERSION = 3
 
 
 def software_versions() -> dict[str, str]:
@@ -63,7 +66,7 @@ def software_versions() -> dict[str, str]:
 
 # The options whose change changes results (what settings_fingerprint covers, as flags).
 RESULT_OPTIONS = ("model", "sampling", "num_frames", "frame_stride", "clips_per_video", "interpolation", "geometry",
-                  "labels", "top_k", "head", "reconstruction", "mask_ratio", "mask_seed")
+                  "labels", "top_k", "head", "reconstruction", "mask_ratio", "mask_seed", "on_damage")
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -109,6 +112,8 @@ def settings_fingerprint(config: EmbedConfig, spec: ModelSpec, num_frames: int, 
         # of the older kind are never mixed with these.
         settings["reconstruction"] = {"mask_ratio": config.mask_ratio, "mask_seed": config.mask_seed,
                                       "masks": "pixels"}
+    if config.on_damage != "embed":  # likewise: where damaged videos go
+        settings["on_damage"] = config.on_damage
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -130,6 +135,7 @@ def decode_params(config: EmbedConfig, spec: ModelSpec, num_frames: int) -> Deco
         threads=config.decode_threads,
         isolate=config.decode_isolation,
         timeout_seconds=config.decode_timeout_seconds,
+        on_damage=config.on_damage,
     )
 
 

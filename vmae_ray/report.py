@@ -662,7 +662,13 @@ def section_corpus(data: ReportData) -> str:
         facts.append(("total size", f"{total_bytes / 2**30:,.2f} GiB"))
     if "num_clips" in v.column_names:
         facts.append(("clips per video", f"{pc.mean(v.column('num_clips')).as_py() or 0:.2f} on average"))
-    body = f'<p>{v.num_rows:,} videos.</p><dl>' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(val)}</dd>" for k, val in facts)
+    damaged = ""
+    if "damaged" in v.column_names:  # damaged files embedded from what decodes (decoding.DamageLog)
+        count = sum(1 for d in v.column("damaged").to_pylist() if d)
+        damaged = (f' <b data-damaged-count="{count}">{count:,}</b> of them damaged (embedded from what decodes; '
+                   "the <code>damage</code> column of videos/ says what was wrong).")
+    body = f'<p>{v.num_rows:,} videos.{damaged}</p><dl>' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(val)}</dd>"
+                                                                    for k, val in facts)
     body += "</dl>" + _img(figure_corpus(v), "duration, resolution, frame rate and codec of the videos", "corpus")
     body += '<div class="cols">'
     if "codec" in v.column_names:

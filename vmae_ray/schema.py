@@ -48,6 +48,7 @@ ERROR_TYPES = (
     "corrupt",
     "timeout",
     "too_large",
+    "damaged",  # decodes, but damaged (--on-damage error); see `damage` on videos/
     "crashed",
     "transient",
     "embed_failed",
@@ -65,6 +66,7 @@ RESERVED_COLUMNS = frozenset(
         "message", "run_id", "input_fingerprint", "settings_fingerprint", "size_bytes",
         "reconstruction_loss", "reconstruction_mask",
         "display_rotation_degrees", "display_hflip", "sample_aspect_ratio",
+        "damaged", "damage", "hdr",
     }
 )
 
@@ -79,6 +81,18 @@ DISPLAY_FACT_FIELDS = (
     pa.field("sample_aspect_ratio", pa.float64()),
 )
 
+# What the decoder met that the file did not promise, and how its colour was taken:
+# ``damaged`` (the file is damaged; it was embedded from what decodes) and ``damage`` (what was
+# wrong and where, e.g. "ends at 1.28 s of a 3.00 s header duration", null when whole; see
+# `decoding.DamageLog`); ``hdr``: the HDR transfer function ("smpte2084" for PQ,
+# "arib-std-b67" for HLG, as ffprobe names them; null for SDR), whose frames were tone-mapped
+# to SDR BT.709 before the model saw them.
+QUALITY_FACT_FIELDS = (
+    pa.field("damaged", pa.bool_()),
+    pa.field("damage", pa.string()),
+    pa.field("hdr", pa.string()),
+)
+
 # Facts about a video's chosen stream, carried on each of its clip rows and written to videos/.
 VIDEO_FACT_FIELDS = (
     pa.field("duration_seconds", pa.float64()),
@@ -89,6 +103,7 @@ VIDEO_FACT_FIELDS = (
     pa.field("stream_index", pa.int32()),
     pa.field("num_streams", pa.int32()),
     *DISPLAY_FACT_FIELDS,
+    *QUALITY_FACT_FIELDS,
 )
 VIDEO_FACTS = tuple(f.name for f in VIDEO_FACT_FIELDS)
 

@@ -52,6 +52,9 @@ class DecodeParams:
     # Transient storage errors (throttling, 5xx, resets) are retried with backoff.
     transient_retries: int = 3
     max_row_bytes: int = MAX_ROW_BYTES
+    # A damaged video (`decoding.DamageLog`): embedded from what decodes and marked ("embed"),
+    # or an error row of type `damaged` ("error"); see config.ON_DAMAGE.
+    on_damage: str = "embed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,14 +141,20 @@ def _base(item: dict) -> dict:
 
 
 def _video_facts(decoder: VideoDecoder, geometry: FrameGeometry) -> dict[str, Any]:
-    """The video's facts for its rows; asked once a clip is decoded, so the first frame is known."""
+    """The video's facts for its rows; asked once a clip is decoded, so the first frame is known.
+
+    Asked again for every clip: the damage met so far grows as decoding goes on (the video's
+    row takes the facts of its last clip).
+    """
     probe = decoder.probe
     width, height, display, sample_aspect_ratio = decoder.shown(geometry.apply_display)
+    damage = decoder.damage_summary
     return {
         "duration_seconds": probe.duration_seconds, "width": width, "height": height,
         "fps": probe.fps, "codec": probe.codec, "stream_index": probe.stream_index,
         "num_streams": probe.num_video_streams, "display_rotation_degrees": display.rotation_degrees,
         "display_hflip": display.hflip, "sample_aspect_ratio": float(sample_aspect_ratio),
+        "damaged": damage is not None, "damage": damage, "hdr": decoder.hdr,
     }
 
 
@@ -189,19 +198,25 @@ def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *
                 plans = decoder.plan(sampling=params.sampling, num_frames=params.num_frames,
                                      frame_stride=params.frame_stride, clips_per_video=params.clips_per_video)
                 planned = len(plans)
-                common = None
                 pending: list[DecodedClip] = []
                 pending_bytes = 0
                 last = started
+
+                def row(clips: list[DecodedClip], seconds: float) -> pa.Table:
+                    # The video's facts as known now: damage is learned while decoding, so a
+                    # later row (and the video row, from its last clip) knows more.
+                    facts = _video_facts(decoder, params.geometry)
+                    if facts["damaged"] and params.on_damage == "error":
+                        raise DecodeError("damaged", "decode", f"damaged (--on-damage error): {facts['damage']}")
+                    return clips_row({**_base(item), "num_clips": planned, **facts}, clips, decode_seconds=seconds)
+
                 for clip in decoder.clips(plans, params.geometry):
                     made += 1
                     if clip.clip_index in sent:
                         continue  # an earlier attempt sent it
-                    if common is None:
-                        common = {**_base(item), "num_clips": planned, **_video_facts(decoder, params.geometry)}
                     if pending and pending_bytes + clip.pixels.nbytes > params.max_row_bytes:
                         now = time.perf_counter()
-                        yield clips_row(common, pending, decode_seconds=now - last)
+                        yield row(pending, now - last)
                         sent.update(c.clip_index for c in pending)
                         pending, pending_bytes, last = [], 0, now
                     pending.append(clip)
@@ -211,7 +226,7 @@ def _decode_attempt(item: dict, params: DecodeParams, storage: StorageOptions, *
                     # never be complete must end as an error, not hang unfinished.
                     raise DecodeError("corrupt", "decode", f"the decoder built {made} of {planned} planned clips")
                 if pending:
-                    yield clips_row(common, pending, decode_seconds=time.perf_counter() - last)
+                    yield row(pending, time.perf_counter() - last)
                     sent.update(c.clip_index for c in pending)
     except DecodeError as exc:
         yield error_table(item, exc.stage, exc.error_type, exc.message, time.perf_counter() - started)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ __all__ = [
     "SCENE_TINTS",
     "HUGE_WIDTH",
     "HUGE_HEIGHT",
+    "coded_frames",
     "frame_number_from_rgb",
     "make_audio_only",
     "make_displayed_video",
@@ -272,6 +274,19 @@ class _Background:
         return rgb
 
 
+def coded_frames(width: int, height: int, num_frames: int, *, seed: int = 0, first_code: int = 0,
+                 tint: tuple[int, int, int] | None = None) -> Iterator[np.ndarray]:
+    """The pictures `make_video` encodes: frame k is a moving background (seeded by ``seed``)
+    with the block code of ``first_code + k`` in its centre, (height, width, 3) uint8 RGB.
+
+    For encoders other than PyAV's (e.g. ffmpeg's command line, fed raw rgb24 frames)."""
+    background = _Background(width, height, seed, tint=tint)
+    for k in range(num_frames):
+        rgb = background.frame(k)
+        _draw_code(rgb, first_code + k)
+        yield rgb
+
+
 def _bounce(travel: int, span: int) -> int:
     if span <= 0:
         return 0
@@ -425,7 +440,7 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
         end_seconds = float(num_frames / rate)
     audio_end_seconds = end_seconds if audio_seconds is None else float(audio_seconds)
 
-    background = _Background(width, height, seed, tint=SCENE_TINTS[scene] if scene else None)
+    pictures = coded_frames(width, height, num_frames, seed=seed, tint=SCENE_TINTS[scene] if scene else None)
     with av.open(path, mode="w", options=_muxer_options(container_options, bit_exact)) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.width, stream.height = width, height
@@ -450,9 +465,7 @@ def make_video(path, *, codec="h264", width=320, height=240, fps=30, num_frames=
         if cover_art:
             _add_cover_art(container, seed)
 
-        for k in range(num_frames):
-            rgb = background.frame(k)
-            _draw_code(rgb, k)
+        for k, rgb in enumerate(pictures):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
             frame.pts = pts[k]
             frame.time_base = time_base
