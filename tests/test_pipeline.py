@@ -235,7 +235,7 @@ def test_changed_settings_refused_then_replaced_with_overwrite(manifest_run, tin
 def test_decode_and_embed_are_separate_operators(manifest_run):
     """Decode (CPU tasks) and embed (GPU actors) scale apart: Ray Data must not fuse them. The
     input blocks come from a streaming repartition, one decode task per block of inputs."""
-    operators = manifest_run["summary"].stage_report["operators"]
+    operators = [op["name"] for op in manifest_run["summary"].stage_report["operators"]]
     assert "MapBatches(decode_batch)" in operators and "MapBatches(EmbedActor)" in operators, operators
     assert not any("decode_batch" in op and "EmbedActor" in op for op in operators), operators
     assert any(op.startswith("StreamingRepartition") for op in operators), operators

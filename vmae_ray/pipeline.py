@@ -370,11 +370,20 @@ class Committer:
         self.commits += 1
 
 
-def ray_data_operators(stats: str) -> list[str]:
-    """The operators of an executed Ray Data dataset, from its stats text ("Operator 3 Name: ...")."""
+def ray_data_operators(stats: str) -> list[dict[str, Any]]:
+    """The operators of an executed Ray Data dataset, from its stats text ("Operator 3 Name: 12
+    tasks executed, 40 blocks produced ..."): [{name, tasks, blocks}] (counts absent when the
+    stats give none)."""
     import re
 
-    return [m.group(1) for m in re.finditer(r"^Operator \d+ (.+?):", stats, flags=re.MULTILINE)]
+    out = []
+    for m in re.finditer(r"^Operator \d+ (.+?):(?: (\d+) tasks executed, (\d+) blocks produced)?", stats,
+                         flags=re.MULTILINE):
+        entry: dict[str, Any] = {"name": m.group(1)}
+        if m.group(2):
+            entry.update(tasks=int(m.group(2)), blocks=int(m.group(3)))
+        out.append(entry)
+    return out
 
 
 def _short(exc: BaseException) -> str:
