@@ -122,25 +122,41 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+# Runs the driver and reports its rusage. Linux carries a process's peak RSS across fork and
+# exec (ru_maxrss starts at the parent's): the launcher is a small fresh interpreter, so the
+# driver's floor is the launcher's few MiB, not this process's hundreds.
+LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_kib": usage.ru_maxrss,
+               "exit": os.waitstatus_to_exitcode(status)}, f)
+sys.exit(0)
+"""
+
+
 def run_driver(cmd: list[str], env: dict, cwd: str, log_path: str, timeout: float = 1800) -> dict[str, Any]:
     """Run one driver process; its exit status, wall seconds, CPU seconds and peak RSS (wait4)."""
     started = time.perf_counter()
+    usage_path = log_path + ".rusage.json"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"exit": proc.returncode, "wall_seconds": round(time.perf_counter() - started, 3),
-            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-            "log": log_path}
+        proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, usage_path, *cmd], env=env, cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    wall = time.perf_counter() - started
+    try:
+        with open(usage_path) as f:
+            usage = json.load(f)
+    except (OSError, ValueError):
+        usage = {"cpu_seconds": None, "peak_rss_kib": 0, "exit": -1}
+    return {"exit": usage["exit"], "wall_seconds": round(wall, 3),
+            "cpu_seconds": None if usage["cpu_seconds"] is None else round(usage["cpu_seconds"], 3),
+            "peak_rss_mib": round(usage["peak_rss_kib"] / 1024, 1), "log": log_path}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +302,7 @@ def job_runs(side: str, code: str, head: RayHead, workdir: str, corpus: str, pre
         y = np.array([cpu for _, _, cpu in points])
         (a, b, c), *_ = np.linalg.lstsq(x, y, rcond=None)
         out["fit"] = {"fixed_cpu_seconds": round(float(a), 3), "cpu_seconds_per_wall_second": round(float(b), 4),
-                      "driver_cpu_us_per_clip": round(1e6 * float(c), 1), "runs": len(points)}
+                      "driver_cpu_us_per_clip": round(1e6 * float(c), 1), "points": len(points)}
     return out
 
 

@@ -555,6 +555,7 @@ def render(results: dict) -> str:
 
     w(_ablations(results.get("ablations") or {}))
     w(_vectors(results.get("vectors") or {}))
+    w(_driver(results.get("driver") or {}))
     w(_misses(results, meas, res, eff_rows))
     return "\n".join(out) + "\n"
 
@@ -637,6 +638,89 @@ def _ablations(ab: dict) -> str:
             "per CPU second, **0.84x** (random weights, transformers' default decoder of 4 layers 384 wide as in the "
             "MCG-NJU checkpoints, 2 clips, 1 thread: `python -m bench.ablation --workdir bench_out --clips 2 "
             "--batch-size 2 --threads 1`, measured once on 2026-11-29).\n")
+    return "\n".join(lines) + "\n"
+
+
+def _driver(d: dict) -> str:
+    """Issue 16: what one driver process costs, before and after the workers write."""
+    if not d:
+        return ""
+    if "error" in d:
+        return f"## One driver for a fleet (issue 16)\n\nfailed: {d['error'][:500]}\n"
+    sides = d.get("sides") or {}
+    before, after = sides.get("before") or {}, sides.get("after") or {}
+
+    def job(side: dict, geometry: str, key: str):
+        return ((side.get("jobs") or {}).get(geometry) or {}).get(key)
+
+    def fit(side: dict, key: str):
+        return ((side.get("jobs") or {}).get("fit") or {}).get(key)
+
+    def listing(side: dict, key: str):
+        return (side.get("listing") or {}).get(key)
+
+    def cell(x, nd=1, unit=""):
+        return "-" if x is None else (f"{x:,.{nd}f}{unit}" if isinstance(x, (int, float)) else str(x))
+
+    def ratio(a, b):
+        return f"{a / b:.0f}x less" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 and a > b \
+            else "-"
+
+    blocks_ms = (after.get("ray_data_blocks") or {}).get("driver_cpu_ms_per_block")
+    rows = [
+        ("driver CPU per clip, fit over both geometries' runs (µs)", fit(before, "driver_cpu_us_per_clip"),
+         fit(after, "driver_cpu_us_per_clip")),
+        ("driver CPU per clip, VideoMAE-B geometry, slope small -> large run (µs)",
+         job(before, "videomae_b", "driver_cpu_us_per_clip_slope"), job(after, "videomae_b", "driver_cpu_us_per_clip_slope")),
+        ("driver CPU per clip, 8x32x32 geometry, slope (µs)", job(before, "small", "driver_cpu_us_per_clip_slope"),
+         job(after, "small", "driver_cpu_us_per_clip_slope")),
+        ("driver CPU per clip, VideoMAE-B, the large run's total over its clips (µs)",
+         job(before, "videomae_b", "driver_cpu_us_per_clip_ratio"), job(after, "videomae_b", "driver_cpu_us_per_clip_ratio")),
+        ("driver CPU per second of run while waiting (Ray Data's executor polls), fit (CPU s / s)",
+         fit(before, "cpu_seconds_per_wall_second"), fit(after, "cpu_seconds_per_wall_second")),
+        ("clips per Ray Data block, VideoMAE-B (all operators)", 1.0, job(after, "videomae_b", "clips_per_ray_data_block")),
+        ("driver CPU per clip from its blocks: Ray Data's cost per block / clips per block (µs)", None,
+         fit(after, "modelled_us_per_clip_from_blocks")),
+        ("mean clips per model call, VideoMAE-B large run (batch 8)", job(before, "videomae_b", "clips_per_model_call"),
+         job(after, "videomae_b", "clips_per_model_call")),
+        ("end-to-end clips/s, VideoMAE-B large run", job(before, "videomae_b", "clips_per_second"),
+         job(after, "videomae_b", "clips_per_second")),
+        ("end-to-end clips/s, 8x32x32 large run", job(before, "small", "clips_per_second"),
+         job(after, "small", "clips_per_second")),
+        ("driver peak memory per input, listing and diff (bytes)", listing(before, "bytes_per_input")
+         or listing(before, "bytes_per_input_upper_bound"), listing(after, "bytes_per_input")),
+        ("one driver core: clips/s it sustains (after the waiting cost)", fit(before, "one_core_clips_per_second"),
+         fit(after, "one_core_clips_per_second")),
+        (f"one driver: H100s at 40% MFU ({d.get('h100_clips_per_second_at_40pct_mfu')} VideoMAE-B clips/s each)",
+         fit(before, "h100s_at_40pct_mfu"), fit(after, "h100s_at_40pct_mfu")),
+    ]
+    lines = ["## One driver for a fleet (issue 16)\n",
+             f"Every driver below is its own process connected with `RAY_ADDRESS` to a Ray started first with "
+             f"`ray start` (2 CPUs, private temp dir and ports, token authentication off); its CPU seconds and peak "
+             f"RSS come from the kernel (`wait4`), so they are the driver's alone. *Before* is commit "
+             f"`{d.get('before_commit')}` (the driver assembled and wrote every row; one clip per Ray Data block), "
+             f"run from a `git worktree` with its own Ray; *after* is this commit. Ray Data's own cost per block: "
+             f"**{cell(blocks_ms, 2)} ms** of driver CPU (a no-op map over two block counts, the slope). Preset "
+             f"`{d.get('preset')}`; command: `{d.get('command', 'python -m bench.driver_bench')}`.\n",
+             "| measure | before | after | |", "|---|---:|---:|---|"]
+    for name, b, a in rows:
+        lines.append(f"| {name} | {cell(b, 1 if not isinstance(b, int) else 0)} | {cell(a, 1 if not isinstance(a, int) else 0)} "
+                     f"| {ratio(b, a) if 'per clip' in name or 'memory' in name else ''} |")
+    lines.append("")
+    for side_name, side in (("before", before), ("after", after)):
+        runs = [(g, size, r) for g, e in (side.get("jobs") or {}).items() if isinstance(e, dict) and "runs" in e
+                for size, r in e["runs"].items()]
+        if runs:
+            lines.append(f"Runs, {side_name}: " + "; ".join(
+                f"{g} {size} videos: {r.get('clips')} clips, driver {r.get('cpu_seconds')} CPU s in "
+                f"{r.get('wall_seconds')} s, peak {r.get('peak_rss_mib')} MiB" for g, size, r in runs) + ".")
+        lst = (side.get("listing") or {}).get("runs") or {}
+        if lst:
+            lines.append(f"Listing and diff, {side_name}: " + "; ".join(
+                f"{int(n):,} inputs: " + (r["skipped"] if "skipped" in r else
+                                          f"peak {r.get('peak_rss_mib')} MiB, {r.get('cpu_seconds')} CPU s, "
+                                          f"{r.get('wall_seconds')} s") for n, r in lst.items()) + ".")
+    lines.append("")
     return "\n".join(lines) + "\n"
 
 

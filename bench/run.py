@@ -46,7 +46,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BENCH_MODEL = dict(classifier=False, num_frames=16, image_size=224, patch_size=16, tubelet_size=2,
                    hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, seed=0)
 
-STEPS = ("model_card", "read_videos", "vmae_ray", "stages", "decode_target", "ablations", "memory", "gpu", "vectors")
+STEPS = ("model_card", "read_videos", "vmae_ray", "stages", "decode_target", "ablations", "memory", "gpu", "vectors",
+         "driver")
 # Sizes of the vector step per preset: (rows, extra arguments of bench.vector_bench).
 VECTOR_RUNS = {
     "tiny": [(3000, ("--dedup-exact",))],
@@ -294,6 +295,21 @@ def bench_gpu() -> dict[str, Any]:
     return result
 
 
+def bench_driver(workdir: str, preset: str) -> dict[str, Any]:
+    """bench.driver_bench in its own process (it starts Ray clusters of its own, before and after
+    the change); its JSON results."""
+    out = os.path.join(workdir, "driver.json")
+    cmd = [sys.executable, "-m", "bench.driver_bench", "--workdir", os.path.join(workdir, "driver"),
+           "--preset", "small" if preset == "small" else "tiny", "--json", out]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+    with open(out) as f:
+        result = json.load(f)
+    result["command"] = "python " + " ".join(cmd[1:]).replace(ROOT + "/", "")
+    return result
+
+
 def bench_vectors(preset: str, rows: str | None) -> dict[str, Any]:
     from bench.vector_bench import run_in_subprocess
 
@@ -459,6 +475,11 @@ def main(argv=None) -> int:
     # 7. vector search, index, dedup
     if "vectors" in steps:
         _guard(results, "vectors", bench_vectors, args.preset, args.vector_rows)
+
+    # 8. the driver's own cost, before and after workers write (Ray clusters of its own)
+    if "driver" in steps:
+        log("driver: CPU per clip, per block, memory per input, before and after (bench.driver_bench)")
+        _guard(results, "driver", bench_driver, workdir, args.preset)
 
     results["machine"]["loadavg_end"] = _loadavg()
     results["total_seconds"] = round(time.perf_counter() - bench_started, 1)
