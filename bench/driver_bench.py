@@ -85,7 +85,9 @@ class RayHead:
         ports = {n: _free_port() for n in ("node-manager-port", "object-manager-port", "ray-client-server-port",
                                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                            "runtime-env-agent-port", "metrics-export-port")}
-        low = random.randrange(40000, 50000)
+        # Workers below the ephemeral range the other ports come from (and outside Ray's default
+        # 10002-19999), so they never collide.
+        low = random.randrange(20000, 29000)
         self.env = {**os.environ, "PYTHONPATH": code_root, "RAY_AUTH_MODE": "disabled",
                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_worker_niceness": "0"}
         for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
@@ -307,33 +309,112 @@ def job_runs(side: str, code: str, head: RayHead, workdir: str, corpus: str, pre
 
 
 BLOCKS_SCRIPT = """
-import os, resource, sys, time
+import os, sys, time
+import pyarrow as pa
 import ray, ray.data
 ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
 ctx = ray.data.DataContext.get_current()
 ctx.enable_progress_bars = False
-blocks = int(sys.argv[1])
-ds = ray.data.range(blocks * 10, override_num_blocks=blocks).map_batches(lambda b: b, batch_size=None)
-t0 = time.process_time()
+tasks, per_task = int(sys.argv[1]), int(sys.argv[2])
+
+def blocks(batch):
+    for i in range(per_task):
+        yield pa.table({"x": [i] * 100})
+
+ds = ray.data.range(tasks, override_num_blocks=tasks).map_batches(blocks, batch_size=None, batch_format="pyarrow")
+ds.context.target_max_block_size = 1000  # every yielded table leaves as a block of its own
 n = sum(1 for _ in ds.iter_batches(batch_size=None))
-print("BLOCKS", n, time.process_time() - t0)
+print("BLOCKS", n)
 """
 
 
 def ray_data_blocks(code: str, head: RayHead, workdir: str, counts: tuple[int, int]) -> dict[str, Any]:
-    """Ray Data's own driver CPU per block: a no-op map over ``counts`` blocks, the slope."""
+    """Ray Data's own driver CPU per block and per task: no-op pipelines of ``counts`` tasks (one
+    block each: the cost of a task and its block), and of 10 tasks yielding many blocks each
+    (the cost of a block alone); the slopes."""
     script = os.path.join(workdir, "blocks.py")
     with open(script, "w") as f:
         f.write(BLOCKS_SCRIPT)
-    runs = {}
-    for n in counts:
-        r = run_driver([sys.executable, script, str(n)], {**head.env, "RAY_ADDRESS": head.address}, code,
-                       os.path.join(workdir, f"blocks-{n}.log"))
-        runs[str(n)] = r
-    a, b = (runs[str(n)] for n in counts)
-    return {"runs": runs, "driver_cpu_ms_per_block": round(1e3 * (b["cpu_seconds"] - a["cpu_seconds"]) /
-                                                           (counts[1] - counts[0]), 3),
-            "command": f"python {script} N (N = {counts[0]}, {counts[1]}), RAY_ADDRESS set"}
+
+    def run(tasks: int, per_task: int) -> dict[str, Any]:
+        r = run_driver([sys.executable, script, str(tasks), str(per_task)], {**head.env, "RAY_ADDRESS": head.address},
+                       code, os.path.join(workdir, f"blocks-{tasks}x{per_task}.log"))
+        m = re.search(r"BLOCKS (\d+)", open(r["log"], errors="replace").read())
+        r["blocks"] = int(m.group(1)) if m else None
+        return r
+
+    few, many = counts
+    by_task = [run(few, 1), run(many, 1)]
+    by_block = [run(10, few // 10), run(10, many // 10)]
+
+    def slope(pair: list[dict], key: str) -> float | None:
+        a, b = pair
+        if not (a.get("blocks") and b.get("blocks")) or b[key] == a[key]:
+            return None
+        return round(1e3 * (b["cpu_seconds"] - a["cpu_seconds"]) / (b[key] - a[key]), 3)
+
+    for r in by_task:
+        r["tasks"] = r["blocks"]
+    return {"runs": {"tasks": by_task, "blocks": by_block},
+            "driver_cpu_ms_per_block": slope(by_block, "blocks"),
+            "driver_cpu_ms_per_task_and_block": slope(by_task, "tasks"),
+            "command": f"python {script} TASKS BLOCKS_PER_TASK, RAY_ADDRESS set"}
+
+
+def receipt_cost(rows_per_receipt: int = 416, receipts: int = 2000) -> dict[str, Any]:
+    """The driver's own work per receipt (`commit.ReceiptLedger.offer` of a receipt row as it
+    arrives, finishing ``rows_per_receipt`` inputs), in this process."""
+    import pyarrow as pa
+
+    from vmae_ray.commit import ReceiptLedger
+    from vmae_ray.schema import RECEIPT_SCHEMA
+    from vmae_ray.staging import CallStats
+
+    stats = CallStats(clips=rows_per_receipt, videos=rows_per_receipt, model_calls={32: 13},
+                      decoded_at={1_800_000_000 + i: 32 for i in range(4)}).to_json()
+    rows = [{"attempt": f"w{i:08d}-00001", "files": [f"clips/part-r-w{i}.parquet", f"videos/part-r-w{i}.parquet"],
+             "done": list(range(i * rows_per_receipt, (i + 1) * rows_per_receipt)), "parts": [], "stats": stats}
+            for i in range(receipts)]
+    tables = [pa.Table.from_pylist(rows[i:i + 4], schema=RECEIPT_SCHEMA) for i in range(0, receipts, 4)]
+    ledger = ReceiptLedger(receipts * rows_per_receipt)
+    started = time.process_time()
+    for table in tables:
+        for receipt in table.to_pylist():
+            ledger.offer(receipt)
+    per_receipt = (time.process_time() - started) / receipts
+    return {"ms_per_receipt": round(1e3 * per_receipt, 4), "inputs_per_receipt": rows_per_receipt}
+
+
+def projection(blocks: dict[str, Any], receipt: dict[str, Any], wait_cost: float | None) -> dict[str, Any]:
+    """Driver CPU per clip of a fleet-sized run at VideoMAE-B geometry, from the measured costs
+    per block, per task and per receipt and the job's own sizing (`graph`): 1M and 100M inputs,
+    uniform sampling (one clip a video: the most tasks per clip), GPU defaults."""
+    from vmae_ray.config import DEFAULT_BATCH_SIZE_GPU
+    from vmae_ray.graph import rows_per_call, videos_per_task
+
+    block_ms, task_ms = blocks.get("driver_cpu_ms_per_block"), blocks.get("driver_cpu_ms_per_task_and_block")
+    if not block_ms or not task_ms:
+        return {}
+    clip_bytes = 16 * 224 * 224 * 3
+    clips_per_block = (512 * 2**20) // clip_bytes
+    out = {}
+    for inputs, gpus in ((1_000_000, 64), (100_000_000, 500)):
+        per_task = videos_per_task(inputs, decode_slots=40 * gpus)
+        call = rows_per_call(DEFAULT_BATCH_SIZE_GPU, clip_bytes, 1.0, inputs, gpus)
+        per_clip_ms = (
+            task_ms / per_task  # a decode task (and its input block)
+            + block_ms / per_task  # its block out of the streaming repartition
+            + block_ms / clips_per_block  # decoded blocks
+            + task_ms / call  # an actor task per call's bundle (at least one block: a call's rows)
+            + receipt["ms_per_receipt"] / call  # the driver's own work per receipt
+        )
+        entry = {"videos_per_task": per_task, "clips_per_actor_call": call, "clips_per_decoded_block": clips_per_block,
+                 "driver_cpu_us_per_clip": round(1e3 * per_clip_ms, 1)}
+        spare = 1.0 - (wait_cost or 0.0)
+        entry["one_core_clips_per_second"] = round(spare / (per_clip_ms * 1e-3))
+        entry["h100s_at_40pct_mfu"] = round(spare / (per_clip_ms * 1e-3) / H100_CLIPS_PER_SECOND, 1)
+        out[f"{inputs}"] = entry
+    return out
 
 
 PREPARE_SCRIPT = """
@@ -412,29 +493,27 @@ def main(argv=None) -> int:
                 entry["jobs"] = job_runs(side, code, head, workdir, corpus, preset)
             if "blocks" not in skip and side == "after":
                 entry["ray_data_blocks"] = ray_data_blocks(code, head, workdir, preset["blocks"])
+                entry["receipts"] = receipt_cost()
             if "listing" not in skip:
                 entry["listing"] = listing_memory(side, code, head, workdir, ensure_checkpoint(workdir, "small"),
                                                   preset["manifests"])
             results["sides"][side] = entry
         finally:
             head.stop()
-    blocks = (results["sides"].get("after") or {}).get("ray_data_blocks", {}).get("driver_cpu_ms_per_block")
     for entry in results["sides"].values():
         fit = (entry.get("jobs") or {}).get("fit")
         if not fit:
             continue
         per_clip = max(fit["driver_cpu_us_per_clip"], 0.0) * 1e-6
-        b_geometry = (entry["jobs"].get("videomae_b") or {})
-        # Where the fit cannot see the per-clip cost through the noise (it is that small), the
-        # Ray Data blocks each clip costs, at the measured cost per block, bound it instead.
-        if blocks and b_geometry.get("clips_per_ray_data_block"):
-            modelled = blocks * 1e-3 / b_geometry["clips_per_ray_data_block"]
-            fit["modelled_us_per_clip_from_blocks"] = round(1e6 * modelled, 1)
-            per_clip = max(per_clip, modelled)
         spare = max(0.0, 1.0 - fit["cpu_seconds_per_wall_second"])
         if per_clip > 0:
             fit["one_core_clips_per_second"] = round(spare / per_clip)
             fit["h100s_at_40pct_mfu"] = round(spare / per_clip / H100_CLIPS_PER_SECOND, 1)
+    after = results["sides"].get("after") or {}
+    if after.get("ray_data_blocks") and after.get("receipts"):
+        fit = (after.get("jobs") or {}).get("fit") or {}
+        after["projection"] = projection(after["ray_data_blocks"], after["receipts"],
+                                         fit.get("cpu_seconds_per_wall_second"))
     text = json.dumps(results, indent=1)
     if a.json:
         with open(a.json, "w") as f:

@@ -262,3 +262,17 @@ def test_embed_refuses_another_commands_output(tmp_path, classifier_dir):
     with pytest.raises(ConfigError, match="^--output: .*holds another committed output \\(tables labels\\)"):
         prepare(config_from_args(["--input", str(tmp_path / "in"), "--output", str(out), "--model", classifier_dir]))
     assert (out / "_SUCCESS").read_bytes() == before and len(os.listdir(out / "labels")) == 1
+
+
+def test_output_equal_to_input_is_refused_and_relative_paths_are_made_absolute(tmp_path, monkeypatch, capsys):
+    """--output naming the --input folder (however spelled) is refused, naming --output once;
+    relative paths are the working directory's, before anything else sees them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "videos").mkdir()
+    for output in ("videos", "./videos/", str(tmp_path / "videos"), "file://" + str(tmp_path / "videos")):
+        with pytest.raises(SystemExit):
+            config_from_args(["--input", "videos", "--output", output])
+        err = capsys.readouterr().err
+        assert "--output: is the same place as --input" in err and err.count("--output") == 1, err
+    c = config_from_args(["--input", "videos", "--output", "videos/tables", "--model", "org/name"])
+    assert (c.input, c.output, c.model) == (str(tmp_path / "videos"), str(tmp_path / "videos" / "tables"), "org/name")

@@ -148,6 +148,12 @@ def test_exit_status_when_every_input_fails_and_on_listing_errors(ray_session, s
     assert embed("--input", broken, "--output", out, "--model", tiny_classifier) == EXIT_ALL_FAILED
     assert len(ids_in(out, "errors")) == 2  # committed before exiting
     assert embed("--input", broken, "--output", out, "--model", tiny_classifier) == EXIT_OK  # nothing to do
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a video")
+    with pytest.raises(SystemExit) as info:  # a mistake, not a night off: exit 2 naming --input
+        embed("--input", empty, "--output", tmp_path / "out3", "--model", tiny_classifier)
+    assert info.value.code == 2 and "--input: no video files under" in capsys.readouterr().err
     manifest = tmp_path / "list.csv"
     good = os.path.join(small_corpus["dir"], "v1.mp4")
     manifest.write_text(f"uri\n{good}\n\n\"\"\n")  # one row without a uri

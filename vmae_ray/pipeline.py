@@ -89,6 +89,7 @@ def run(config: EmbedConfig) -> RunSummary:
         summary.ray_start_seconds = init_ray(config)
         listed = time.perf_counter()
         _, _, _, counts = _diff(plan, plan.state, run_id=None, replace_all=False)
+        _check_listed(plan, counts)
         summary.list_seconds = time.perf_counter() - listed
         _account(summary, counts, config.limit)
         summary.wall_seconds = time.perf_counter() - started
@@ -135,6 +136,7 @@ def _run_with_lease(plan: Plan, run_id: str, summary: RunSummary, lease: OutputL
     res = plan_resources(config, cluster, gpus_to_add=addable)
     listed = time.perf_counter()
     todo_files, removal_files, removals, counts = _diff(plan, state, run_id=run_id, replace_all=replace_all)
+    _check_listed(plan, counts)
     _account(summary, counts, config.limit)
     summary.list_seconds = time.perf_counter() - listed
     log.info("run %s: %d inputs listed, %d already done, %d to process (%d new, %d changed, %d retried)%s%s; "
@@ -170,6 +172,16 @@ def _run_with_lease(plan: Plan, run_id: str, summary: RunSummary, lease: OutputL
     committer.commit(ledger, complete=summary.backlog == 0, final=True)
 
 
+def _check_listed(plan: Plan, counts: DiffCounts) -> None:
+    """An --input that lists nothing (and could list everything) is a mistake, not a night off."""
+    if counts.listed or counts.listing_errors or counts.conflicts or counts.duplicates:
+        return
+    if plan.listing.kind == "directory":
+        raise ConfigError("--input", f"no video files under {plan.config.input!r} (looked for "
+                          f"{', '.join(plan.listing.extensions)}; use a glob or a manifest for other names)")
+    raise ConfigError("--input", f"{plan.config.input!r} lists no input")
+
+
 def _ungrouped(state: CommittedState) -> set[str]:
     """Committed files whose clips are not stored beside their videos row (written before
     layout 2): a removal there scans the older clips files."""
@@ -180,8 +192,12 @@ def _ungrouped(state: CommittedState) -> set[str]:
 
 def _diff(plan: Plan, state: CommittedState, *, run_id: str | None, replace_all: bool):
     """List and diff on Ray; (to-do files with rows, removal files, removals, counts)."""
+    started = time.perf_counter()
+    log.info("listing %s in %d part(s) on Ray%s", plan.config.input, len(plan.listing.parts),
+             ", with one metadata request per input (the manifest gives no ETag)" if plan.listing.needs_stat else "")
     listing = listing_dataset(plan.listing, plan.storage).materialize()
     rows = listing.count()
+    log.info("listed %d rows in %.1fs; diffing against %s", rows, time.perf_counter() - started, plan.config.output)
     committed = [] if replace_all else state.files_of(schema.VIDEOS) + state.files_of(schema.ERRORS)
     config = plan.config
     ds = diff_dataset(listing, committed_files=committed, output=config.output, storage=plan.storage,
