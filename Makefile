@@ -26,33 +26,30 @@ demo: $(STAMP)
 test: lint browser ffmpeg
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The report's browser test renders the page in Debian's chromium: install it when it is missing
-# and apt-get is there (as root, or with password-less sudo). Never fails: where it cannot be
-# installed, the test is skipped and says why.
+# Install a Debian package with apt-get when its commands are missing (as root, or with
+# password-less sudo): $(call apt_install,PACKAGE,WHAT NEEDS IT). Never fails: where it cannot be
+# installed, the tests that need it are skipped and say why.
+define apt_install
+{ if command -v apt-get >/dev/null 2>&1; then \
+    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+    echo "installing $(1) (Debian package) for $(2)"; \
+    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(1) >/dev/null 2>&1 \
+    || { $$SUDO apt-get update -q >/dev/null 2>&1 \
+         && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(1) >/dev/null 2>&1; } \
+    || echo "note: could not install $(1); $(2) will be skipped"; \
+  else echo "note: $(1) not found and no apt-get; $(2) will be skipped"; fi; }
+endef
+
+# The report's browser test renders the page in Debian's chromium.
 browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
-	    echo "installing chromium (Debian package) for the browser test"; \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
-	    || { $$SUDO apt-get update -q >/dev/null 2>&1 \
-	         && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } \
-	    || echo "note: could not install chromium; the browser test will be skipped"; \
-	  else echo "note: chromium not found and no apt-get; the browser test will be skipped"; fi; }
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  $(call apt_install,chromium,the browser test)
 
 # The video-kind tests make their media with ffmpeg's command line (and read right values with
-# ffprobe): install Debian's ffmpeg the same way. Never fails: without it those tests are skipped
-# and say why.
+# ffprobe).
 ffmpeg:
-	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || { \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
-	    echo "installing ffmpeg (Debian package) for the video-kind tests"; \
-	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ffmpeg >/dev/null 2>&1 \
-	    || { $$SUDO apt-get update -q >/dev/null 2>&1 \
-	         && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ffmpeg >/dev/null 2>&1; } \
-	    || echo "note: could not install ffmpeg; the video-kind tests will be skipped"; \
-	  else echo "note: ffmpeg not found and no apt-get; the video-kind tests will be skipped"; fi; }
+	@command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1 || \
+	  $(call apt_install,ffmpeg,the video-kind tests)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check vmae_ray tests bench jobs

@@ -213,6 +213,26 @@ def case_file(name: str) -> CaseFile:
     return CASE_FILES[name]
 
 
+def decoded_clip(job_args: list[str], uri: str, clip_index: int):
+    """Clip ``clip_index`` of ``uri``, uint8 (T, H, W, 3), decoded again in this process the way
+    a job with ``job_args`` (its command line) decodes it."""
+    from vmae_ray.checkpoint import load_model_spec
+    from vmae_ray.cli import config_from_args
+    from vmae_ray.planning import decode_params
+    from vmae_ray.stages import decode_video, video_clips
+    from vmae_ray.storage import StorageOptions
+
+    config = config_from_args(job_args)
+    spec = load_model_spec(config.model)
+    item = {"video_id": "any", "uri": uri, "size_bytes": None, "input_fingerprint": None}
+    facts, pixels = video_clips(list(decode_video(item, decode_params(config, spec, spec.num_frames),
+                                                  StorageOptions({}))))
+    for fact, clip in zip(facts, pixels):
+        if fact["clip_index"] == clip_index:
+            return clip
+    raise AssertionError(f"no clip {clip_index} in {uri}")
+
+
 def uniform_indices(num_frames: int, segments: int) -> list[int]:
     """Brute force for constant-rate video: the frame on screen at the middle of each of
     ``segments`` equal segments of ``num_frames`` frames (frame k covers [k, k + 1))."""

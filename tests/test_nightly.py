@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import time
 
@@ -282,9 +283,15 @@ def test_relative_paths_are_resolved_where_the_command_was_typed(ray_address, sm
 
     env = {**os.environ, "RAY_ADDRESS": ray_address}
     result = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "embed_videos.py"), "--input", "list.csv",
-                             "--output", "out", "--model", "ckpt"], cwd=here, env=env, capture_output=True, text=True,
-                            timeout=240)
+                             "--output", "out", "--model", "ckpt", "--progress-seconds", "0.2"], cwd=here, env=env,
+                            capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Output a person can read: our progress line with an ETA; no Ray Data progress bars and no
+    # error-looking line from a normal run (the actor pool's constructor arguments notice).
+    assert re.search(r"progress: \d+/2 inputs .* clips/s, ETA (\d+:\d\d:\d\d|unknown)", result.stderr), result.stderr
+    for noise in ("core_worker.cc", "constructor arguments in the object store", "Progress bars disabled",
+                  "Running Dataset", "Operator "):
+        assert noise not in result.stderr + result.stdout, noise
     out = str(here / "out")
     videos = committed_tables(out)["videos"]
     assert sorted(videos.column("uri").to_pylist()) == [str(here / "media" / "v1.mp4"), str(here / "media" / "v2.mp4")]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from tests.conftest import copy_checkpoint, edit_json
+from tests.conftest import copy_checkpoint, decoded_clip, edit_json
 from tests.test_pipeline import read_table, run_job, success
 from vmae_ray.assembly import OutputSchemas, assemble
 from vmae_ray.cli import config_from_args, main
@@ -328,22 +328,6 @@ def reconstruction_run(ray_session, tiny_pretraining, synthetic_corpus, tmp_path
     return {"out": out, "model": str(model), "args": args, "summary": run_job(*args)}
 
 
-def decoded_clip(run: dict, spec, uri: str, clip_index: int) -> np.ndarray:
-    """Clip ``clip_index`` of ``uri`` decoded again the way the run's job decoded it."""
-    from vmae_ray.planning import decode_params
-    from vmae_ray.stages import decode_video, video_clips
-    from vmae_ray.storage import StorageOptions
-
-    config = config_from_args(run["args"])
-    item = {"video_id": "any", "uri": uri, "size_bytes": None, "input_fingerprint": None}
-    facts, pixels = video_clips(list(decode_video(item, decode_params(config, spec, spec.num_frames),
-                                                  StorageOptions({}))))
-    for fact, clip in zip(facts, pixels):
-        if fact["clip_index"] == clip_index:
-            return clip
-    raise AssertionError(f"no clip {clip_index} in {uri}")
-
-
 def test_job_rows_recompute_with_plain_transformers(reconstruction_run):
     from vmae_ray.checkpoint import load_model_spec
 
@@ -357,13 +341,13 @@ def test_job_rows_recompute_with_plain_transformers(reconstruction_run):
     rows = clips.to_pylist()
     for r in rows:  # each stored mask is the one drawn from the clip's pixels with --mask-seed 7
         mask = unpack_mask(r["reconstruction_mask"], spec.num_tokens)
-        clip = decoded_clip(reconstruction_run, spec, r["uri"], r["clip_index"])
+        clip = decoded_clip(reconstruction_run["args"], r["uri"], r["clip_index"])
         assert (mask == masks_for(spec, clip[None], mask_seed=7)[0]).all()
         assert mask.reshape(spec.num_time_slots, -1).sum(1).tolist() == [int(0.9 * spec.tokens_per_frame)] * 4
     # Recompute one stored row from its stored mask with plain transformers, on the clip decoded
     # again the way the job decodes it.
     row = rows[-1]
-    clip = decoded_clip(reconstruction_run, spec, row["uri"], row["clip_index"])
+    clip = decoded_clip(reconstruction_run["args"], row["uri"], row["clip_index"])
     mask = unpack_mask(row["reconstruction_mask"], spec.num_tokens)
     assert row["reconstruction_loss"] == pytest.approx(hf_losses(model, clip[None], mask[None])[0], rel=1e-4)
     for video in videos.to_pylist():

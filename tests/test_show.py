@@ -16,27 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import decoded_clip
 from vmae_ray.checkpoint import load_model_spec
-from vmae_ray.cli import config_from_args, main
-from vmae_ray.planning import decode_params
+from vmae_ray.cli import main
 from vmae_ray.reconstruction import clip_mask
 from vmae_ray.show import MASK_FILL, GridLayout, pixel_mask
-from vmae_ray.stages import decode_video, video_clips
-from vmae_ray.storage import StorageOptions
 
 SAMPLING = ["--sampling", "stride", "--clips-per-video", "2", "--frame-stride", "2"]
-
-
-def decoded_clip(model: str, video: str, clip_index: int) -> np.ndarray:
-    config = config_from_args(["--input", video, "--output", "unused", "--model", model, *SAMPLING])
-    spec = load_model_spec(model)
-    item = {"video_id": "x", "uri": video, "size_bytes": None, "input_fingerprint": None}
-    facts, pixels = video_clips(list(decode_video(item, decode_params(config, spec, spec.num_frames),
-                                                  StorageOptions({}))))
-    for fact, clip in zip(facts, pixels):
-        if fact["clip_index"] == clip_index:
-            return clip
-    raise AssertionError(f"no clip {clip_index}")
 
 
 def hf_prediction(model_dir: str, clip: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray]:
@@ -86,7 +72,7 @@ def test_show_draws_input_masked_and_reconstruction(pretraining_dir, synthetic_c
     assert main(["show", "--model", pretraining_dir, "--video", video, "--clip", "1", "--output", str(png),
                  *SAMPLING]) == 0
     spec = load_model_spec(pretraining_dir)
-    clip = decoded_clip(pretraining_dir, video, 1)
+    clip = decoded_clip(["--input", video, "--output", "unused", "--model", pretraining_dir, *SAMPLING], video, 1)
     mask = clip_mask(clip, mask_seed=0, mask_ratio=0.9, num_time_slots=spec.num_time_slots,
                      tokens_per_frame=spec.tokens_per_frame)
     picture = np.asarray(Image.open(png).convert("RGB"))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from vmae_ray.schema import TABLES
-from vmae_ray.staging import PARTS
+from vmae_ray.staging import PARTS, CallStats
 
 log = logging.getLogger(__name__)
 
@@ -69,36 +69,6 @@ class SplitVideo:
     queued: bool = False
 
 
-@dataclass
-class Totals:
-    """Counts and stage seconds summed over accepted receipts (`staging.CallStats`)."""
-
-    clips: int = 0
-    videos: int = 0
-    errors: int = 0
-    errors_by_type: dict[str, int] = field(default_factory=dict)
-    decode_seconds: float = 0.0
-    embed_seconds: float = 0.0
-    model_calls: dict[int, int] = field(default_factory=dict)  # {clips in a call: calls}
-    decoded_at: dict[int, int] = field(default_factory=dict)  # {unix second: clips}
-
-    def add(self, stats: dict[str, Any]) -> None:
-        self.clips += stats.get("clips", 0)
-        self.videos += stats.get("videos", 0)
-        self.errors += stats.get("errors", 0)
-        for k, v in stats.get("errors_by_type", {}).items():
-            self.errors_by_type[k] = self.errors_by_type.get(k, 0) + v
-        self.decode_seconds += stats.get("decode_seconds", 0.0)
-        self.embed_seconds += stats.get("embed_seconds", 0.0)
-        for k, v in stats.get("model_calls", {}).items():
-            self.model_calls[int(k)] = self.model_calls.get(int(k), 0) + v
-        for k, v in stats.get("decoded_at", {}).items():
-            self.decoded_at[int(k)] = self.decoded_at.get(int(k), 0) + v
-
-    def clips_decoded_since(self, unix_seconds: float) -> int:
-        return sum(v for k, v in self.decoded_at.items() if k >= unix_seconds)
-
-
 class ReceiptLedger:
     """Accepts or drops receipts; knows which inputs are done and what awaits a commit.
 
@@ -112,7 +82,7 @@ class ReceiptLedger:
         self.split: dict[int, SplitVideo] = {}
         self.ready: list[int] = []  # split videos whose parts cover all their clips
         self.pending: dict[str, list[str]] = {t: [] for t in TABLES}
-        self.totals = Totals()
+        self.totals = CallStats()  # summed over accepted receipts
         self.accepted = 0
         self.dropped = 0
         self.first_receipt_at: float | None = None  # time.time() of the first accepted receipt

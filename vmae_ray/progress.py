@@ -1,6 +1,6 @@
 """What a run tells its operator: the progress line, the summary, the stage report.
 
-All of it comes from per-receipt totals (`commit.Totals`): the driver never looks at a row.
+All of it comes from per-receipt totals (`staging.CallStats`): the driver never looks at a row.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmae_ray.commit import Totals
 from vmae_ray.config import Resources
 from vmae_ray.diff import DiffCounts
+from vmae_ray.staging import CallStats
 
 # A sizing hint from fewer clips (or a shorter pipeline) than this says it is a rough one:
 # start-up and the last, partial calls weigh too much in a pilot of a few dozen clips.
@@ -145,7 +145,7 @@ class ClipTimeline:
 
 
 
-def stage_report(totals: Totals, res: Resources, wall: float, *, first_receipt_seconds: float | None,
+def stage_report(totals: CallStats, res: Resources, wall: float, *, first_receipt_seconds: float | None,
                  after_startup: tuple[int, float] | None) -> dict[str, Any]:
     """Throughput each stage could sustain on its own, which one bounded the run, batch fill.
 

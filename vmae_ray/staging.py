@@ -85,8 +85,8 @@ def failpoint_in_worker(name: str) -> None:
 
 @dataclass
 class CallStats:
-    """What a call did, summed by the driver over accepted receipts: counts, stage seconds,
-    model call sizes, and when its clips were decoded (clips per Unix second)."""
+    """What a call did (its receipt's ``stats``), and what the driver sums over accepted receipts
+    (`add`): counts, stage seconds, model call sizes, when clips were decoded (clips per Unix second)."""
 
     clips: int = 0
     videos: int = 0
@@ -106,6 +106,23 @@ class CallStats:
         for t, n in zip(at, clips):
             if t is not None and n:
                 self.decoded_at[int(t)] = self.decoded_at.get(int(t), 0) + n
+
+    def add(self, stats: dict[str, Any]) -> None:
+        """Add a receipt's ``stats`` (`to_json`'s, parsed)."""
+        self.clips += stats.get("clips", 0)
+        self.videos += stats.get("videos", 0)
+        self.errors += stats.get("errors", 0)
+        for k, v in stats.get("errors_by_type", {}).items():
+            self.errors_by_type[k] = self.errors_by_type.get(k, 0) + v
+        self.decode_seconds += stats.get("decode_seconds", 0.0)
+        self.embed_seconds += stats.get("embed_seconds", 0.0)
+        for k, v in stats.get("model_calls", {}).items():
+            self.model_calls[int(k)] = self.model_calls.get(int(k), 0) + v
+        for k, v in stats.get("decoded_at", {}).items():
+            self.decoded_at[int(k)] = self.decoded_at.get(int(k), 0) + v
+
+    def clips_decoded_since(self, unix_seconds: float) -> int:
+        return sum(v for k, v in self.decoded_at.items() if k >= unix_seconds)
 
     def to_json(self) -> str:
         return json.dumps({
