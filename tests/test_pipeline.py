@@ -299,17 +299,17 @@ def test_model_calls_get_full_batches(ray_session, tiny_classifier, tmp_path):
 
 
 def test_rows_per_call_and_videos_per_task_bounds():
-    """An actor call is about k model calls (k <= 16, <= 1 GiB of clips, >= 4 calls per actor
+    """An actor call is about k model calls (k <= 32, <= 2 GiB of clips, >= 4 calls per actor
     for the run's clips) of whole decoded rows; decode tasks hold at most 1024 inputs and a
     large run is at least 4096 of them."""
     from vmae_ray.graph import MAX_VIDEOS_PER_TASK, rows_per_call, videos_per_task
 
     base = 16 * 224 * 224 * 3  # one VideoMAE-B clip of uint8 RGB: 2.4 MB
-    assert rows_per_call(32, base, 1.0, 10**6, 8) == 32 * 13  # 1 GiB // (32 x 2.4 MB) = 13 calls
-    assert rows_per_call(4, 16 * 32 * 32 * 3, 1.0, 10**6, 1) == 4 * 16  # small clips: 16 calls
+    assert rows_per_call(32, base, 1.0, 10**6, 8) == 32 * 27  # 2 GiB // (32 x 2.4 MB) = 27 calls
+    assert rows_per_call(4, 16 * 32 * 32 * 3, 1.0, 10**6, 1) == 4 * 32  # small clips: 32 calls
     assert rows_per_call(4, 16 * 32 * 32 * 3, 1.0, 36, 1) == 4 * 2  # 36 clips: 36 // 16 = 2 calls
     assert rows_per_call(2, 16 * 32 * 32 * 3, 1.0, 12, 1) == 2  # fewer clips than 4 calls: one call
-    assert rows_per_call(64, 10**9, 1.0, 10**6, 1) == 64  # a call bigger than the byte cap is still one call
+    assert rows_per_call(64, 10**10, 1.0, 10**6, 1) == 64  # a call bigger than the byte cap is still one call
     for batch in (1, 3, 8):
         for per_row in (1, 2, 3, 4):
             for clips in (0, 5, 100, 10_000):

@@ -43,11 +43,16 @@ TARGET_DECODE_TASKS = 4096
 # Fewest decode tasks per decode slot, so a small run still uses every CPU.
 MIN_TASKS_PER_SLOT = 2
 
-# Model calls per actor call (one receipt each): more calls per receipt cost the driver less
-# per clip; fewer give steadier commits on small runs.
-MAX_CALLS_PER_RECEIPT = 16
-# Most bytes of clips one actor call holds (its model calls take them batch_size at a time).
-MAX_CALL_BYTES = 1024 * 2**20
+# Model calls per actor call (one receipt, and one Ray task, each): more calls per actor call
+# cost the driver less per clip (Ray Data's cost per task is about 12 ms of driver CPU here,
+# BENCHMARKS.md); fewer give steadier commits on small runs.
+MAX_CALLS_PER_RECEIPT = 32
+# Most bytes of clips one actor call holds (its model calls take them batch_size at a time):
+# 2 GiB is 27 model calls of 32 VideoMAE-B clips.
+MAX_CALL_BYTES = 2 * 2**30
+# Actor calls queued per actor: two (one running, one ready) keep a GPU busy; each holds its
+# clips in the object store, so more would pin more of it.
+TASKS_IN_FLIGHT_PER_ACTOR = 2
 # Fewest actor calls per actor a run aims for: small runs commit and report progress steadily.
 MIN_CALLS_PER_ACTOR = 4
 
@@ -81,7 +86,7 @@ def rows_per_call(batch_size: int, clip_bytes: int, clips_per_row: float, least_
     receipt, the fuller the model calls on average.
 
     >>> rows_per_call(32, 16 * 224 * 224 * 3, 1.0, 1_000_000, 8)  # VideoMAE-B, one clip per video
-    416
+    864
     >>> rows_per_call(2, 8 * 32 * 32 * 3, 3.0, 42, 1)  # 3 clips per video: 4 videos are 6 full calls
     4
     """
@@ -141,7 +146,8 @@ def embed_dataset(*, todo_items: list[dict[str, Any]], store, run_id: str, param
             "batch_size": res.batch_size, "writer": writer,
             "reconstruction": (config.mask_ratio, config.mask_seed) if config.reconstruction else None,
         },
-        compute=ActorPoolStrategy(min_size=res.num_actors[0], max_size=res.num_actors[1]),
+        compute=ActorPoolStrategy(min_size=res.num_actors[0], max_size=res.num_actors[1],
+                                  max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
         batch_size=rows,
         batch_format="pyarrow",
         num_gpus=res.gpus_per_actor,
