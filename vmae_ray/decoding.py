@@ -380,7 +380,7 @@ def hdr_signal_peak(frame) -> float:
     mastering display's peak luminance, else 1000 cd/m^2 (libavfilter's ff_determine_signal_peak
     on the linear frame zscale hands it)."""
     cll = mastering = None
-    for side_data in frame.side_data:
+    for side_data in side_data_of(frame):
         if side_data.type == SideDataType.CONTENT_LIGHT_LEVEL:
             cll = bytes(side_data)
         elif side_data.type == SideDataType.MASTERING_DISPLAY_METADATA:
@@ -551,10 +551,21 @@ def _sample_aspect_ratio(stream) -> Fraction:
     return sar
 
 
+def side_data_of(frame) -> Iterator:
+    """The side data (``av.sidedata.SideData``) libavcodec attached to a decoded frame.
+
+    PyAV up to 18.1.0 iterates a frame's side-data container as SideData objects; 18.1.1 made it
+    a true Mapping whose iteration yields the `SideDataType` keys. Both are read here.
+    """
+    container = frame.side_data
+    for item in container:
+        yield container[item] if isinstance(item, SideDataType) else item
+
+
 def display_matrix_of(frame) -> bytes | None:
     """The raw display matrix (36 bytes) libavcodec attached to a decoded frame, or None."""
     # Iterating is 5x cheaper than the container's Mapping.get (1.7 vs 8.6 us a frame).
-    for side_data in frame.side_data:
+    for side_data in side_data_of(frame):
         if side_data.type == SideDataType.DISPLAYMATRIX:
             return bytes(side_data)
     return None
