@@ -127,11 +127,16 @@ def test_inputs_no_longer_listed_are_counted_then_pruned_exactly(ray_session, sm
 def test_limit_works_through_the_backlog_across_runs(ray_session, small_corpus, tiny_classifier, tmp_path):
     out = str(tmp_path / "out")
     args = ["--input", small_corpus["dir"], "--output", out, "--model", tiny_classifier, "--limit", "3"]
-    done = []
+    done, before = [], set()
     for expected_done in (3, 6, 7):
-        assert embed(*args) == EXIT_OK
+        code = embed(*args)
         state = check_consistent(out)
-        done.append(len(state["videos"] | state["errors"]))
+        now = state["videos"] | state["errors"]
+        # Which inputs a run takes depends on their video_ids (hashes of this session's paths):
+        # the broken file alone in the last run is a run in which every input failed.
+        assert code == (EXIT_ALL_FAILED if (now - before) <= state["errors"] else EXIT_OK)
+        before = now
+        done.append(len(now))
         manifest = load_success(out)
         assert manifest["complete"] is (expected_done == 7)
         assert manifest["counts"]["backlog"] == 7 - expected_done
@@ -297,6 +302,15 @@ def test_relative_paths_are_resolved_where_the_command_was_typed(ray_address, sm
     assert sorted(videos.column("uri").to_pylist()) == [str(here / "media" / "v1.mp4"), str(here / "media" / "v2.mp4")]
     config = load_success(out)["config"]
     assert (config["input"], config["output"], config["model"]) == (str(here / "list.csv"), out, str(here / "ckpt"))
+    # From any other folder, a new query video is embedded with the run's --model (stored absolute).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(here / "media" / "v2.mp4", elsewhere / "copy.mp4")
+    found = subprocess.run([sys.executable, "-m", "vmae_ray.cli", "search", "--tables", out, "--query", "copy.mp4",
+                            "-k", "1", "--json"], cwd=elsewhere, capture_output=True, text=True, timeout=240)
+    assert found.returncode == 0, found.stderr[-3000:]
+    (top,) = [json.loads(line) for line in found.stdout.splitlines() if line.startswith("{")]
+    assert top["uri"] == str(here / "media" / "v2.mp4") and top["score"] > 0.9999  # the same pixels
     mistyped = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "embed_videos.py"), "--input", "list.csv",
                                "--output", "out2", "--model", "ckpt/nope"], cwd=here, env=env, capture_output=True,
                               text=True, timeout=120)
