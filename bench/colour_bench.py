@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,8 +25,7 @@ import time
 import av
 
 from bench.ablation import _best
-from bench.corpus import ensure_corpus, kinetics_corpus, ssv2_corpus
-from bench.geometry_bench import GEOMETRY, baseline_decoder, decode_stage
+from bench.geometry_bench import GEOMETRY, baseline_decoder, decode_stage, targeted_main
 from vmae_ray import decoding
 from vmae_ray.decoding import FrameGeometry
 
@@ -75,44 +72,24 @@ def conversion_cost(sources: dict[str, str], rev: str, repeats: int, geometry: F
     return out
 
 
+def conversion_step(args, paths: dict[str, list[str]]) -> dict:
+    """`conversion_cost` for SDR from the bench corpus and HDR made with ffmpeg's command line."""
+    kinetics = paths["kinetics"]
+    sources = {"sdr_720p_untagged": next(p for p in kinetics if "k720_" in p),
+               "sdr_1080p_untagged": next(p for p in kinetics if "k1080_" in p)}
+    if shutil.which("ffmpeg"):
+        folder = os.path.join(args.workdir, "colour")
+        os.makedirs(folder, exist_ok=True)
+        for name, (transfer, width, height) in HDR_SOURCES.items():
+            sources[name] = make_hdr(os.path.join(folder, f"{name}.mkv"), transfer, width, height)
+    return conversion_cost(sources, args.baseline_rev, args.repeats)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="bench_out")
-    p.add_argument("--baseline-rev", default="91b2140", help="git revision whose decoder is 'before'")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--ssv2-videos", type=int, default=60)
-    p.add_argument("--skip", default="", help="comma-separated: decode_stage, conversion")
-    args = p.parse_args(argv)
-    skip = set(args.skip.split(","))
-    started = time.perf_counter()
-    root = os.path.join(args.workdir, "corpus")
-    kinetics = ensure_corpus(kinetics_corpus(1.0), root).paths
-    paths = {"kinetics": kinetics, "ssv2": ensure_corpus(ssv2_corpus(200), root).paths[:args.ssv2_videos]}
-    out_path = os.path.join(args.workdir, "colour_bench.json")
-    results: dict = {}
-    if os.path.exists(out_path):  # steps skipped in this run keep their last results
-        with open(out_path) as f:
-            results = json.load(f)
-    results.update({"baseline_rev": args.baseline_rev, "repeats": args.repeats, "loadavg_start": os.getloadavg()})
-    if "decode_stage" not in skip:
-        results["decode_stage"] = decode_stage(paths, args.baseline_rev, args.repeats)
-        print(json.dumps(results["decode_stage"], indent=1), flush=True)
-    if "conversion" not in skip:
-        sources = {"sdr_720p_untagged": next(p for p in kinetics if "k720_" in p),
-                   "sdr_1080p_untagged": next(p for p in kinetics if "k1080_" in p)}
-        if shutil.which("ffmpeg"):
-            folder = os.path.join(args.workdir, "colour")
-            os.makedirs(folder, exist_ok=True)
-            for name, (transfer, width, height) in HDR_SOURCES.items():
-                sources[name] = make_hdr(os.path.join(folder, f"{name}.mkv"), transfer, width, height)
-        results["model_crop_ms_per_clip"] = conversion_cost(sources, args.baseline_rev, args.repeats)
-        print(json.dumps(results["model_crop_ms_per_clip"], indent=1), flush=True)
-    results["loadavg_end"] = os.getloadavg()
-    results["seconds"] = round(time.perf_counter() - started, 1)
-    with open(out_path, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"done in {results['seconds']} s; {out_path}")
-    return 0
+    return targeted_main(argv, description=__doc__.splitlines()[0], baseline_rev="91b2140", name="colour_bench", steps={
+        "decode_stage": ("decode_stage", lambda a, paths: decode_stage(paths, a.baseline_rev, a.repeats)),
+        "conversion": ("model_crop_ms_per_clip", conversion_step),
+    })
 
 
 if __name__ == "__main__":

@@ -25,7 +25,9 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import av
 
@@ -202,43 +204,49 @@ def s3_bytes(workdir: str, rev: str) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def targeted_main(argv, *, description: str, baseline_rev: str, name: str,
+                  steps: dict[str, tuple[str, Callable[[argparse.Namespace, dict[str, list[str]]], Any]]]) -> int:
+    """A targeted bench's command line (``--workdir --baseline-rev --repeats --ssv2-videos
+    --skip``): runs each of ``steps`` ({step: (result key, fn(args, corpus paths))}) not
+    skipped on the `make bench` corpora (kinetics; the first ssv2 videos) and merges the results
+    into ``WORKDIR/NAME.json`` (steps skipped keep their last results)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--workdir", default="bench_out")
-    p.add_argument("--baseline-rev", default="0e16f13", help="git revision whose decoder is 'before'")
+    p.add_argument("--baseline-rev", default=baseline_rev, help="git revision whose decoder is 'before'")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ssv2-videos", type=int, default=60)
-    p.add_argument("--skip", default="", help="comma-separated: decode_stage, transforms, crop, s3")
+    p.add_argument("--skip", default="", help=f"comma-separated: {', '.join(steps)}")
     args = p.parse_args(argv)
     skip = set(args.skip.split(","))
     started = time.perf_counter()
     root = os.path.join(args.workdir, "corpus")
     paths = {"kinetics": ensure_corpus(kinetics_corpus(1.0), root).paths,
              "ssv2": ensure_corpus(ssv2_corpus(200), root).paths[:args.ssv2_videos]}
-    out_path = os.path.join(args.workdir, "geometry_bench.json")
+    out_path = os.path.join(args.workdir, f"{name}.json")
     results: dict = {}
-    if os.path.exists(out_path):  # steps skipped in this run keep their last results
+    if os.path.exists(out_path):
         with open(out_path) as f:
             results = json.load(f)
     results.update({"baseline_rev": args.baseline_rev, "repeats": args.repeats, "loadavg_start": os.getloadavg()})
-    if "decode_stage" not in skip:
-        results["decode_stage"] = decode_stage(paths, args.baseline_rev, args.repeats)
-        print(json.dumps(results["decode_stage"], indent=1), flush=True)
-    if "transforms" not in skip:
-        results["transform_ms_per_clip"] = transform_cost(paths, args.workdir, args.repeats)
-        print(json.dumps(results["transform_ms_per_clip"], indent=1), flush=True)
-    if "crop" not in skip:
-        results["model_crop_ms_per_clip"] = crop_cost(paths, args.repeats)
-        print(json.dumps(results["model_crop_ms_per_clip"], indent=1), flush=True)
-    if "s3" not in skip:
-        results["s3_long_mkv"] = s3_bytes(args.workdir, args.baseline_rev)
-        print(json.dumps(results["s3_long_mkv"], indent=1), flush=True)
+    for step, (key, run) in steps.items():
+        if step not in skip:
+            results[key] = run(args, paths)
+            print(json.dumps(results[key], indent=1), flush=True)
     results["loadavg_end"] = os.getloadavg()
     results["seconds"] = round(time.perf_counter() - started, 1)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"done in {results['seconds']} s; {out_path}")
     return 0
+
+
+def main(argv=None) -> int:
+    return targeted_main(argv, description=__doc__.splitlines()[0], baseline_rev="0e16f13", name="geometry_bench", steps={
+        "decode_stage": ("decode_stage", lambda a, paths: decode_stage(paths, a.baseline_rev, a.repeats)),
+        "transforms": ("transform_ms_per_clip", lambda a, paths: transform_cost(paths, a.workdir, a.repeats)),
+        "crop": ("model_crop_ms_per_clip", lambda a, paths: crop_cost(paths, a.repeats)),
+        "s3": ("s3_long_mkv", lambda a, paths: s3_bytes(a.workdir, a.baseline_rev)),
+    })
 
 
 if __name__ == "__main__":
