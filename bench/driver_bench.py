@@ -167,14 +167,16 @@ def run_driver(cmd: list[str], env: dict, cwd: str, log_path: str, timeout: floa
 
 def ensure_before(workdir: str, commit: str) -> str | None:
     """A checkout of the code before the change (git worktree), or None when git cannot make one."""
+    from bench.compat import fix_checkout
+
     path = os.path.join(workdir, f"before-{commit}")
-    if os.path.isfile(os.path.join(path, "vmae_ray", "pipeline.py")):
-        return path
-    out = subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "--force", path, commit],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        log(f"no checkout of {commit}: {out.stderr.strip()[:300]}")
-        return None
+    if not os.path.isfile(os.path.join(path, "vmae_ray", "pipeline.py")):
+        out = subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "--force", path, commit],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            log(f"no checkout of {commit}: {out.stderr.strip()[:300]}")
+            return None
+    fix_checkout(path)  # today's packages (bench.compat)
     return path
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import av
 
 from bench.ablation import _best
+from bench.compat import on_current_packages
 from bench.corpus import ensure_corpus, kinetics_corpus, ssv2_corpus
 from bench.decode_bench import _Timer, compare, vmae_decode
 from vmae_ray.decoding import IDENTITY, DisplayTransform, FrameGeometry, displayed_size, model_crop
@@ -54,6 +55,7 @@ TRANSFORMS = {  # name: remux recipe
 def baseline_decoder(rev: str):
     """The `VideoDecoder` class of ``vmae_ray/decoding.py`` at git revision ``rev``."""
     source = subprocess.check_output(["git", "show", f"{rev}:vmae_ray/decoding.py"], cwd=ROOT, text=True)
+    source = on_current_packages("vmae_ray/decoding.py", source)
     module = types.ModuleType(f"vmae_ray_decoding_{rev}")
     module.__file__ = f"{rev}:vmae_ray/decoding.py"
     sys.modules[module.__name__] = module  # dataclasses look their module up
