@@ -144,6 +144,37 @@ def test_limit_works_through_the_backlog_across_runs(ray_session, small_corpus, 
     check_final(out, small_corpus["ids"])
 
 
+def test_limit_supersedes_only_the_inputs_it_takes(ray_session, small_corpus, tiny_classifier, tmp_path):
+    """Three committed inputs change; --limit 1 redoes one: the other two keep their rows (in
+    videos/, once) until a later run takes them."""
+    corpus = copy_corpus(small_corpus["dir"], tmp_path / "corpus")
+    os.remove(os.path.join(corpus, "broken.mp4"))
+    out = str(tmp_path / "out")
+    args = ["--input", corpus, "--output", out, "--model", tiny_classifier]
+
+    def fingerprints() -> dict[str, str]:
+        t = committed_tables(out)["videos"]
+        return dict(zip(t.column("uri").to_pylist(), t.column("input_fingerprint").to_pylist()))
+
+    assert embed(*args) == EXIT_OK
+    first = fingerprints()
+    assert len(first) == 6
+    changed = [os.path.join(corpus, f"v{i}.mp4") for i in range(3)]
+    for i, path in enumerate(changed):  # other bytes (other lengths) under the same names
+        shutil.copy(os.path.join(corpus, f"v{i + 3}.mp4"), path)
+    assert embed(*args, "--limit", "1") == EXIT_OK
+    check_consistent(out)
+    second = fingerprints()
+    assert set(second) == set(first)  # every input still has its row, once
+    redone = {u for u in first if second[u] != first[u]}
+    assert len(redone) == 1 and redone <= set(changed)
+    assert load_success(out)["counts"]["backlog"] == 2
+    assert embed(*args, "--limit", "5") == EXIT_OK
+    check_consistent(out)
+    third = fingerprints()
+    assert {u for u in first if third[u] != first[u]} == set(changed)
+
+
 def test_exit_status_when_every_input_fails_and_on_listing_errors(ray_session, small_corpus, tiny_classifier,
                                                                    tmp_path, capsys):
     broken = tmp_path / "broken"
@@ -256,8 +287,16 @@ def test_s3_lease_stale_takeover_and_compare_and_swap(s3_server, s3_bucket):
     with pytest.raises(LeaseHeldError, match="being written by run a"):
         b.acquire()
     a.check()
+    # A renewal that succeeded but whose response was lost: botocore's retry of it fails its
+    # own condition. The lock is still a's: a adopts its ETag and renews on.
+    from vmae_ray.writing import s3_put
+
+    s3_put(a.store.fs, a.path, json.dumps(a._holder(time.time() + 30)).encode(), IfMatch=a._etag)
+    assert not a._put_s3(IfMatch=a._etag)
+    assert a._adopt_own_renewal() and a._put_s3(IfMatch=a._etag)
     a.release()
     b.acquire()  # released: free again
+    assert not a._adopt_own_renewal()  # b's lock is not a's
     b.release()
     # Two stores read the same (empty) state; the first commit wins, the second is refused.
     one, two = OutputStore(out, storage), OutputStore(out, storage)
@@ -382,6 +421,50 @@ def test_s3_inventory_report_lists_the_bucket(ray_session, small_corpus, tiny_cl
     assert sorted(videos.column("uri").to_pylist()) == [f"s3://{s3_bucket}/videos/a b.mp4",
                                                         f"s3://{s3_bucket}/videos/c+d.mp4"]
     assert embed(*args) == EXIT_OK and load_success(out)["counts"]["inputs_skipped"] == 2
+
+
+def test_prune_is_held_back_while_part_of_the_input_cannot_be_listed(ray_session, small_corpus, tiny_classifier,
+                                                                     s3_server, s3_bucket, tmp_path, monkeypatch,
+                                                                     capsys):
+    """An Inventory report of two data files, one of which turns unreadable: its inputs are not
+    listed, yet they exist, so --prune removes nothing while the listing has errors (exit 4);
+    once the report really lists one input fewer, --prune removes exactly that one."""
+    import s3fs
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    parts = {}
+    for i, name in enumerate(("v1.mp4", "v2.mp4")):
+        data = open(os.path.join(small_corpus["dir"], name), "rb").read()
+        key = f"held/{name}"
+        etag = s3_server.client.put_object(Bucket=s3_bucket, Key=key, Body=data)["ETag"].strip('"')
+        parts[f"inv2/data/part-{i}.csv.gz"] = gzip.compress(f'"{s3_bucket}","{key}","{len(data)}","{etag}"\n'.encode())
+
+    def report(files: dict[str, bytes]) -> None:
+        for key, body in files.items():
+            s3_server.client.put_object(Bucket=s3_bucket, Key=key, Body=body)
+        manifest = {"sourceBucket": s3_bucket, "destinationBucket": f"arn:aws:s3:::{s3_bucket}", "fileFormat": "CSV",
+                    "fileSchema": "Bucket, Key, Size, ETag",
+                    "files": [{"key": k, "size": len(b), "MD5checksum": "x"} for k, b in files.items()]}
+        s3_server.client.put_object(Bucket=s3_bucket, Key="inv2/manifest.json", Body=json.dumps(manifest).encode())
+
+    out = str(tmp_path / "out")
+    args = ["--input", f"s3://{s3_bucket}/inv2/manifest.json", "--output", out, "--model", tiny_classifier, "--prune"]
+    report(parts)
+    assert embed(*args) == EXIT_OK
+    both = ids_in(out, "videos")
+    assert len(both) == 2
+    capsys.readouterr()
+    report({**parts, "inv2/data/part-1.csv.gz": b"not gzip at all"})  # an unreadable data file
+    assert embed(*args) == EXIT_LISTING_ERRORS
+    printed = capsys.readouterr().out
+    assert "no longer listed: 1 (their rows stay: --prune is held back" in printed, printed
+    assert ids_in(out, "videos") == both
+    report({"inv2/data/part-0.csv.gz": parts["inv2/data/part-0.csv.gz"]})  # the report now lists one input
+    assert embed(*args) == EXIT_OK
+    assert "no longer listed: 1 (rows removed: 1, --prune)" in capsys.readouterr().out
+    assert ids_in(out, "videos") == both - {video_id_for_uri(f"s3://{s3_bucket}/held/v2.mp4")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,3 +176,17 @@ def test_a_long_video_is_sent_as_rows_of_bounded_bytes(synthetic_corpus):
     tables = list(decode_video({"video_id": "v", "uri": synthetic_corpus["a_h264.mp4"]}, params, StorageOptions()))
     assert [t.column("clip_index").to_pylist()[0] for t in tables] == [[0, 1], [2, 3], [4]]
     assert all(len(t.column("pixels")[0].as_py()) <= 2 * clip_bytes for t in tables)
+
+
+def test_a_cuda_error_breaks_the_device_and_out_of_memory_does_not():
+    """A sticky CUDA error makes the model actor exit (Ray restarts it and retries its calls)
+    instead of turning every later input into an embed_failed row."""
+    import torch
+
+    from vmae_ray.stages import device_is_broken
+
+    assert device_is_broken(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    assert device_is_broken(RuntimeError("CUDA error: uncorrectable ECC error encountered"))
+    assert not device_is_broken(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not device_is_broken(RuntimeError("shape '[2, 3]' is invalid for input of size 5"))
+    assert not device_is_broken(ValueError("a clip of the wrong size"))

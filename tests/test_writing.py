@@ -140,6 +140,31 @@ def test_crash_at_each_failpoint_recovers_to_one_state(tmp_path, monkeypatch, po
     assert ("e", "r3") in read_state(out)["videos"]
 
 
+def test_a_journal_older_than_the_committed_state_is_dropped(tmp_path, monkeypatch):
+    """Run A journals a commit and stalls; run B (which took over A's expired lease, after its
+    own recovery) commits; A dies. Rolling A's journal forward would put A's state back over
+    B's and delete B's files: recovery drops it, and B's state stands."""
+    out = str(tmp_path / "out")
+    first = commit_run(OutputStore(out, StorageOptions()), CommittedState(), "r1", ["a", "b"])
+
+    def crash_after_journal(name):
+        if name == "after_journal":
+            raise Crash(name)
+
+    monkeypatch.setattr(writing, "failpoint", crash_after_journal)
+    with pytest.raises(Crash):
+        commit_run(OutputStore(out, StorageOptions()), CommittedState(first), "ra", ["c"])
+    monkeypatch.setattr(writing, "failpoint", lambda name: None)
+    assert os.path.exists(os.path.join(out, writing.STAGING, "ra", writing.JOURNAL))
+    commit_run(OutputStore(out, StorageOptions()), CommittedState(first), "rb", ["d"])
+    b_state = read_state(out)
+    recovered = OutputStore(out, StorageOptions()).recover()
+    assert read_state(out) == b_state
+    assert [v for v, _ in b_state["videos"]] == ["a", "b", "d"]
+    assert folder_files(out) == {rel for rels in recovered.files.values() for rel in rels}
+    assert not os.path.exists(os.path.join(out, writing.STAGING))
+
+
 def test_crash_inside_recovery_changes_nothing(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     store = OutputStore(out, StorageOptions())

@@ -76,6 +76,7 @@ class DiffCounts:
     duplicates: int = 0  # listed rows naming an input listed already
     conflicts: int = 0  # video_ids given to two different URIs
     listing_errors: int = 0
+    prune_held_back: int = 0  # 1 when --prune was asked for and listing errors held it back
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -111,16 +112,21 @@ class DiffCounts:
 def decide(table: pa.Table, *, replace_all: bool, retry_failed: bool, prune: bool,
            passthrough: tuple[str, ...] = ()) -> tuple[pa.Table, pa.Table, DiffCounts]:
     """Decide one partition (every row of each video_id in it): (to-do rows: `TODO_COLUMNS` and
-    the passthrough columns; removals: video_id, file; counts).
+    the passthrough columns; removals: video_id, file, superseded (its input is redone by this
+    run: changed or retried) or not (pruned); counts).
 
     ``replace_all`` (--overwrite): every listed input is to do and nothing is removed here (the
     first commit drops every committed file). ``prune``: gone inputs' rows are removed.
     """
     counts = DiffCounts()
     errors = pc.is_valid(table.column("listing_error"))
-    for message in table.filter(errors).column("listing_error").to_pylist():
+    failed = table.filter(errors)
+    for message in failed.column("listing_error").to_pylist():
         counts.listing_errors += 1
         counts.example("listing_errors", message)
+    # Inputs listed whose row failed (a metadata request that did not answer): neither to do
+    # nor gone. A part that failed whole names no input (video_id "").
+    unsure = {v for v in failed.column("video_id").to_pylist() if v}
     table = table.filter(pc.invert(errors))
     table = table.sort_by([("video_id", "ascending"), ("side", "ascending"), ("order", "ascending")])
     ids = table.column("video_id").to_numpy(zero_copy_only=False)
@@ -130,7 +136,7 @@ def decide(table: pa.Table, *, replace_all: bool, retry_failed: bool, prune: boo
     tables = table.column("table").to_pylist()
     files = table.column("file").to_pylist()
     todo: list[int] = []
-    removals: list[tuple[str, str]] = []
+    removals: list[tuple[str, str, bool]] = []  # (video_id, file, superseded: redone here, else pruned)
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, dtype=np.int64)
     ends = np.r_[starts[1:], len(ids)]
     for s, e in zip(starts.tolist(), ends.tolist()):
@@ -138,11 +144,13 @@ def decide(table: pa.Table, *, replace_all: bool, retry_failed: bool, prune: boo
         committed = [i for i in range(s, e) if side[i] == SIDE_COMMITTED]
         vid = ids[s]
         if not listed:
+            if vid in unsure:
+                continue
             counts.gone += 1
             counts.example("gone", uris[committed[0]] or vid)
             if prune:
                 counts.pruned += 1
-                removals += [(vid, files[c]) for c in committed]
+                removals += [(vid, files[c], False) for c in committed]
             continue
         given = {uris[i] for i in listed}
         if len(given) > 1:
@@ -162,7 +170,7 @@ def decide(table: pa.Table, *, replace_all: bool, retry_failed: bool, prune: boo
             if tables[c] == ERRORS and retry_failed:
                 counts.retried += 1
                 todo.append(first)
-                removals += [(vid, files[k]) for k in committed]
+                removals += [(vid, files[k], True) for k in committed]
             else:
                 counts.done += 1
         elif fingerprints[c] == input_fingerprint(uris[first], None, None):
@@ -172,11 +180,12 @@ def decide(table: pa.Table, *, replace_all: bool, retry_failed: bool, prune: boo
         else:
             counts.changed += 1
             todo.append(first)
-            removals += [(vid, files[k]) for k in committed]
+            removals += [(vid, files[k], True) for k in committed]
     columns = list(TODO_COLUMNS) + list(passthrough)
     todo_table = table.select(columns).take(pa.array(todo, pa.int64()))
     removal_table = pa.table({"video_id": pa.array([r[0] for r in removals], pa.string()),
-                              "file": pa.array([r[1] for r in removals], pa.string())})
+                              "file": pa.array([r[1] for r in removals], pa.string()),
+                              "superseded": pa.array([r[2] for r in removals], pa.bool_())})
     return todo_table, removal_table, counts
 
 
@@ -306,15 +315,14 @@ def _removal_groups(batch: pa.Table, *, ungrouped: frozenset[str]) -> pa.Table:
     return batch.append_column("group", pa.array(groups, pa.string()))
 
 
-def _scan_task(batch: pa.Table, *, output: str, storage: StorageOptions, removal_paths: list[str],
+def _scan_task(batch: pa.Table, *, output: str, storage: StorageOptions, removal_items: list[dict[str, Any]],
                ungrouped: frozenset[str]) -> pa.Table:
     """Ray Data UDF: (video_id, file, group) of the videos removed from older-layout files
     (``ungrouped``) found in the older-layout clips files of ``batch``."""
     fs, root = url_to_fs(output.rstrip("/"), storage)
     wanted = set()
-    for p in removal_paths:
-        with fs.open(p, "rb") as f:
-            removals = pq.read_table(f, columns=["video_id", "file"])
+    for item in removal_items:
+        removals = read_removals(fs, item)
         wanted.update(v for v, rel in zip(removals.column("video_id").to_pylist(), removals.column("file").to_pylist())
                       if rel in ungrouped)
     ids = pa.array(sorted(wanted), pa.string())
@@ -346,23 +354,46 @@ def _rewrite_task(batch: pa.Table, *, store: OutputStore, run_id: str, committed
     return pa.table({"old": pa.array(old, pa.string()), "new": pa.array(new, pa.string())})
 
 
-def rewrite_removals(removal_files: list[str], *, store: OutputStore, run_id: str, committed: set[str],
-                     ungrouped: set[str], removals: int) -> dict[str, str | None]:
+def read_removals(fs, item: dict[str, Any]) -> pa.Table:
+    """The removals (video_id, file) of one staged removals file: ``item`` = {path, todo (its
+    partition's to-do file), take (rows of it this run takes; -1: all)}. With a take, only the
+    superseded inputs among those taken are removed now (and every pruned one)."""
+    with fs.open(item["path"], "rb") as f:
+        table = pq.read_table(f)
+    if item["take"] >= 0:
+        ids = pa.array([], pa.string())
+        if item["todo"] and item["take"]:
+            with fs.open(item["todo"], "rb") as f:
+                ids = pq.read_table(f, columns=["video_id"]).column("video_id").slice(0, item["take"])
+        table = table.filter(pc.or_(pc.invert(table.column("superseded")),
+                                    pc.is_in(table.column("video_id"), value_set=ids)))
+    return table.select(["video_id", "file"])
+
+
+def rewrite_removals(removal_files: list[tuple[str, str | None]], *, store: OutputStore, run_id: str,
+                     committed: set[str], ungrouped: set[str], removals: int,
+                     taken: dict[str, int] | None = None) -> dict[str, str | None]:
     """Rewrite, in Ray tasks, the committed shard groups that hold removed videos; returns
     {committed file: rewritten staged file or None}. Files of an older layout (``ungrouped``:
     clips not stored beside their videos row) are found by reading the video_id column of
-    those clips files only."""
+    those clips files only.
+
+    ``removal_files``: (removals file, its partition's to-do file). ``taken`` ({to-do file:
+    rows this run takes}, when --limit leaves a backlog): a superseded input's old rows are
+    removed only when this run redoes it; the others keep theirs until a later run takes them.
+    """
     import ray
 
-    staging = [posixpath.join(store.path("_staging", run_id), rel) for rel in removal_files]
-    ds = ray.data.from_items([{"path": p} for p in staging], override_num_blocks=max(1, len(staging)))
+    def staged(rel: str | None) -> str | None:
+        return None if rel is None else posixpath.join(store.path("_staging", run_id), rel)
+
+    items = [{"path": staged(rel), "todo": staged(todo),
+              "take": -1 if taken is None else taken.get(todo, 0) if todo else 0}
+             for rel, todo in removal_files]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
 
     def read(batch: pa.Table) -> pa.Table:
-        tables = []
-        for p in batch.column("path").to_pylist():
-            with store.fs.open(p, "rb") as f:
-                tables.append(pq.read_table(f))
-        return pa.concat_tables(tables)
+        return pa.concat_tables([read_removals(store.fs, item) for item in batch.to_pylist()])
 
     ds = ds.map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
     ds = ds.map_batches(_removal_groups, fn_kwargs={"ungrouped": frozenset(ungrouped)}, batch_format="pyarrow",
@@ -372,7 +403,7 @@ def rewrite_removals(removal_files: list[str], *, store: OutputStore, run_id: st
         scan = ray.data.from_items([{"file": f} for f in old_clips],
                                    override_num_blocks=max(1, min(len(old_clips), 1024)))
         scan = scan.map_batches(_scan_task, fn_kwargs={"output": store.output, "storage": store.storage,
-                                                       "removal_paths": staging, "ungrouped": frozenset(ungrouped)},
+                                                       "removal_items": items, "ungrouped": frozenset(ungrouped)},
                                 batch_size=8, batch_format="pyarrow", num_cpus=0.5)
         ds = ds.union(scan)
     parts = num_partitions(removals)
@@ -386,10 +417,11 @@ def rewrite_removals(removal_files: list[str], *, store: OutputStore, run_id: st
     return replaced
 
 
-def read_diff_receipts(batches) -> tuple[list[tuple[str, int]], list[str], int, DiffCounts]:
-    """(to-do files with their rows, removal files, removals, counts) from `diff_dataset`'s rows."""
+def read_diff_receipts(batches) -> tuple[list[tuple[str, int]], list[tuple[str, str | None]], int, DiffCounts]:
+    """(to-do files with their rows, removal files with their partition's to-do file, removals,
+    counts) from `diff_dataset`'s rows."""
     todo: list[tuple[str, int]] = []
-    removal_files: list[str] = []
+    removal_files: list[tuple[str, str | None]] = []
     removals = 0
     counts = DiffCounts()
     for batch in batches:
@@ -397,7 +429,7 @@ def read_diff_receipts(batches) -> tuple[list[tuple[str, int]], list[str], int, 
             if row["todo_file"]:
                 todo.append((row["todo_file"], int(row["todo_rows"])))
             if row["removals_file"]:
-                removal_files.append(row["removals_file"])
+                removal_files.append((row["removals_file"], row["todo_file"]))
             removals += int(row["removals_rows"])
             counts.add(DiffCounts.from_json(row["counts"]))
     return sorted(todo), sorted(removal_files), removals, counts

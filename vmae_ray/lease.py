@@ -214,7 +214,7 @@ class OutputLease:
         while not self._stop.wait(self.lease_seconds / 3):
             try:
                 if self.s3:
-                    if not self._put_s3(IfMatch=self._etag):
+                    if not self._put_s3(IfMatch=self._etag) and not self._adopt_own_renewal():
                         self._lost = "another run took over the lease (it was not renewed in time)"
                         return
                 else:
@@ -224,6 +224,17 @@ class OutputLease:
                     self._expires = expires
             except Exception as exc:  # noqa: BLE001 - a network hiccup: try again at the next tick
                 log.warning("could not renew the lease on %s: %s: %s", self.store.output, type(exc).__name__, exc)
+
+    def _adopt_own_renewal(self) -> bool:
+        """After a failed conditional renewal: True (and the lock's new ETag taken) when the lock
+        is still ours. A renewal whose response was lost is retried by botocore and then fails
+        its own condition, since the first attempt already changed the ETag."""
+        holder, etag = self._read_s3()
+        ours = (etag is not None and holder.get("run_id") == self.run_id and holder.get("pid") == os.getpid()
+                and holder.get("host") == socket.gethostname() and holder.get("since") == round(self._since, 3))
+        if ours:
+            self._etag, self._expires = etag, float(holder.get("expires") or 0.0)
+        return ours
 
     def check(self) -> None:
         """Raise LeaseLostError unless this run still holds the lease with a safe margin left."""

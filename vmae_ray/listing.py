@@ -517,7 +517,11 @@ def _file_entries(part: ListingPart, plan: ListingPlan, storage: StorageOptions)
             if info.get("type", "file") == "file" and _keep(info["name"], plan):
                 yield _full_uri(info["name"], plan.uri), info
     elif part.kind == "tree":
-        found = fs.find(path, detail=True)
+        from vmae_ray.storage import is_local_fs
+
+        # fsspec's walk skips a sub-folder it cannot read (on_error="omit"): its inputs would
+        # look deleted. Raised, it is this part's listing error instead.
+        found = fs.find(path, detail=True, **({"on_error": "raise"} if is_local_fs(fs) else {}))
         for p in sorted(found):
             if found[p].get("type", "file") == "file" and _keep(p, plan):
                 yield _full_uri(p, plan.uri), found[p]
@@ -665,8 +669,9 @@ def _as_int(value: Any) -> int | None:
 def stat_rows(table: pa.Table, *, storage: StorageOptions) -> pa.Table:
     """Ray Data UDF: fill ``size_bytes`` and ``version`` (and the fingerprint) of listing rows
     that have no version, with one metadata request each (HEAD on S3, stat locally),
-    `STAT_THREADS` at a time. An input that cannot be stat'ed keeps no size and version: its
-    read then reports why, as an error row."""
+    `STAT_THREADS` at a time. An input that does not exist keeps no size and version: its read
+    then reports it, as an error row. Any other failure (throttling, access denied, a timeout)
+    makes the row a listing error: the input is neither redone nor taken for removed."""
     versions = table.column("version").to_pylist()
     errors = table.column("listing_error").to_pylist()
     todo = [i for i, (v, e) in enumerate(zip(versions, errors)) if v is None and e is None]
@@ -675,18 +680,23 @@ def stat_rows(table: pa.Table, *, storage: StorageOptions) -> pa.Table:
     uris = table.column("uri").to_pylist()
     sizes = table.column("size_bytes").to_pylist()
 
-    def info(i: int) -> tuple[int | None, str | None]:
+    def info(i: int) -> tuple[int | None, str | None, str | None]:
         try:
             fs, path = url_to_fs(uris[i], storage)
             found = fs.info(path)
-            return found.get("size"), _version_of(found)
-        except Exception:  # noqa: BLE001 - the decode step reports a missing or unreadable input
-            return sizes[i], None
+            return found.get("size"), _version_of(found), None
+        except FileNotFoundError:  # the decode step reports it as a not_found error row
+            return sizes[i], None, None
+        except Exception as exc:  # noqa: BLE001 - one input's failed request is a listing error
+            # Without its version the input would look changed and be embedded again.
+            return sizes[i], None, f"could not read the size and version of {uris[i]}: {type(exc).__name__}: {exc}"
 
     with ThreadPoolExecutor(min(STAT_THREADS, len(todo))) as pool:
-        for i, (size, version) in zip(todo, pool.map(info, todo)):
-            sizes[i], versions[i] = size, version
+        for i, (size, version, error) in zip(todo, pool.map(info, todo)):
+            sizes[i], versions[i], errors[i] = size, version, error
     fingerprints = [input_fingerprint(u, s, v) if u else None for u, s, v in zip(uris, sizes, versions)]
+    table = table.set_column(table.schema.get_field_index("listing_error"), "listing_error",
+                             pa.array(errors, pa.string()))
     table = table.set_column(table.schema.get_field_index("size_bytes"), "size_bytes", pa.array(sizes, pa.int64()))
     table = table.set_column(table.schema.get_field_index("version"), "version", pa.array(versions, pa.string()))
     return table.set_column(table.schema.get_field_index("input_fingerprint"), "input_fingerprint",

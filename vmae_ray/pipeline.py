@@ -145,16 +145,18 @@ def _run_with_lease(plan: Plan, run_id: str, summary: RunSummary, lease: OutputL
              f", {counts.gone} no longer listed" if counts.gone else "", config.model, plan.spec.architecture,
              plan.spec.hidden_size,
              (f", with labels from the head {config.head}" if plan.head else ", with labels") if plan.with_labels else "")
+    todo_items, total = plan_todo(todo_files, config.limit)
+    assert total == summary.inputs_processed, (total, summary.inputs_processed)
     replaced: dict[str, str | None] = {}
     if removals and not replace_all:
+        # With a backlog (--limit), inputs superseded but left for later keep their rows.
+        taken = {item["file"]: item["take"] for item in todo_items} if summary.backlog else None
         replaced = rewrite_removals(removal_files, store=plan.store, run_id=run_id,
                                     committed={f for rels in state.files.values() for f in rels},
-                                    ungrouped=_ungrouped(state), removals=removals)
+                                    ungrouped=_ungrouped(state), removals=removals, taken=taken)
     committer = Committer(plan, state, run_id, summary, res, lease, started, replace_all=replace_all, replaced=replaced)
     ledger = ReceiptLedger(summary.inputs_processed)
     if summary.inputs_processed:
-        todo_items, total = plan_todo(todo_files, config.limit)
-        assert total == summary.inputs_processed, (total, summary.inputs_processed)
         if replace_all:  # said once the run is sure to start
             log.warning("--overwrite: every input is processed again and the committed rows of %s are replaced at "
                         "this run's first commit", config.output)
@@ -200,11 +202,30 @@ def _diff(plan: Plan, state: CommittedState, *, run_id: str | None, replace_all:
     log.info("listed %d rows in %.1fs; diffing against %s", rows, time.perf_counter() - started, plan.config.output)
     committed = [] if replace_all else state.files_of(schema.VIDEOS) + state.files_of(schema.ERRORS)
     config = plan.config
-    ds = diff_dataset(listing, committed_files=committed, output=config.output, storage=plan.storage,
-                      schema=diff_schema(plan.passthrough_schema), num_partitions=num_partitions(2 * rows),
-                      run_id=run_id, replace_all=replace_all, retry_failed=config.retry_failed, prune=config.prune,
-                      passthrough=tuple(plan.passthrough_schema.names))
-    return read_diff_receipts(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    # Partitions for the listing's rows and the committed rows (one per input the last run
+    # knew of: a nightly run over one day's prefix may meet an output of millions of inputs).
+    last = state.manifest.get("counts") or {} if committed else {}
+    known = int(last.get("inputs_listed") or 0) + int(last.get("no_longer_listed") or 0) - int(last.get("pruned") or 0)
+    partitions = num_partitions(rows + max(known, rows if committed else 0))
+
+    def diff(prune: bool):
+        ds = diff_dataset(listing, committed_files=committed, output=config.output, storage=plan.storage,
+                          schema=diff_schema(plan.passthrough_schema), num_partitions=partitions,
+                          run_id=run_id, replace_all=replace_all, retry_failed=config.retry_failed, prune=prune,
+                          passthrough=tuple(plan.passthrough_schema.names))
+        return read_diff_receipts(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+    result = diff(config.prune)
+    counts = result[3]
+    if config.prune and counts.listing_errors and counts.pruned:
+        # A part that could not be listed (access denied, throttling, a bad manifest file) hides
+        # inputs that still exist: none is taken for removed until the whole input lists. The
+        # listing is materialized, so this second diff lists nothing again.
+        log.warning("--prune held back: %d part(s) of --input could not be listed, so the %d committed input(s) "
+                    "not listed keep their rows this run", counts.listing_errors, counts.gone)
+        result = diff(False)
+        result[3].prune_held_back = 1
+    return result
 
 
 def _embed(plan: Plan, run_id: str, summary: RunSummary, res: Resources, ledger: ReceiptLedger,

@@ -199,8 +199,9 @@ def summary_text(summary: RunSummary, licence: str | None, licence_warning: str 
                      "they count as done by their URI")
     if d.gone:
         shown = ", ".join(d.examples.get("gone", []))
-        lines.append(f"  no longer listed: {d.gone}" + (f" (rows removed: {d.pruned}, --prune)" if d.pruned else
-                                                        " (their rows stay; --prune removes them)")
+        kept = (" (their rows stay: --prune is held back while part of --input could not be listed)"
+                if d.prune_held_back else " (their rows stay; --prune removes them)")
+        lines.append(f"  no longer listed: {d.gone}" + (f" (rows removed: {d.pruned}, --prune)" if d.pruned else kept)
                      + (f"; e.g. {shown}" if shown else ""))
     if d.duplicates:
         lines.append(f"  {d.duplicates} listed rows named an input listed already (counted once)")

@@ -34,6 +34,26 @@ from vmae_ray.storage import StorageOptions, classify_storage_error, credential_
 MAX_ROW_BYTES = 64 * 2**20
 
 
+# Exit status of a model actor whose device failed (see `device_is_broken`).
+EXIT_DEVICE_BROKEN = 70
+
+
+def device_is_broken(exc: BaseException) -> bool:
+    """Whether a model call's exception leaves the process's CUDA context unusable: a CUDA error
+    (illegal memory access, ECC error, device lost: `torch.AcceleratorError`, or a RuntimeError
+    that says "CUDA error" in older torch), not an out-of-memory error, which the next call may
+    not meet. CUDA errors are sticky: the context stays failed until the process ends (CUDA
+    Runtime API, "Error Handling")."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
+
+
 @dataclass(frozen=True)
 class DecodeParams:
     """What a decode task needs; small and free of secrets (storage travels apart)."""
@@ -375,6 +395,16 @@ class EmbedActor:
                     for j, c in enumerate(clip_ids):
                         masks[c] = pack_mask(mask[j])
             except Exception as exc:  # noqa: BLE001 - a failed call makes error rows, not a failed job
+                if device_is_broken(exc):
+                    # Every later call of this process would fail too: its inputs are not
+                    # broken. The actor exits; Ray restarts it and retries its calls, and
+                    # receipts keep the result exactly once.
+                    import logging
+                    import os
+
+                    logging.getLogger("vmae_ray").error("model actor: %s: %s; restarting the actor",
+                                                        type(exc).__name__, exc)
+                    os._exit(EXIT_DEVICE_BROKEN)
                 for c in clip_ids:
                     failed.setdefault(int(numbers[owner[c]]), f"{type(exc).__name__}: {exc}")
                 continue

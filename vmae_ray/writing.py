@@ -23,6 +23,7 @@ commit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -142,6 +143,11 @@ class CommittedState:
     """What `_SUCCESS` says is committed under an output (empty for a new output)."""
 
     manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """Identity of this state: a journal names the state its commit was built on."""
+        return manifest_digest(self.manifest)
 
     @property
     def exists(self) -> bool:
@@ -266,6 +272,14 @@ class OutputStore:
                 if self.fs.exists(journal):
                     with self.fs.open(journal, "rb") as f:
                         plan = json.loads(f.read().decode("utf-8"))
+                    current = self.read_state().digest
+                    if "base" in plan and current not in (plan["base"], manifest_digest(plan["success"])):
+                        # Another run committed after this journal was written (it took over a
+                        # lease that had expired): rolling it forward would undo that commit.
+                        log.warning("dropping the interrupted commit of run %s: %s/_SUCCESS has changed since",
+                                    plan.get("run_id"), self.output)
+                        self.fs.rm(journal)
+                        continue
                     log.warning("rolling forward the interrupted commit of run %s", plan.get("run_id"))
                     self._apply_commit(plan)
         state = self.read_state()
@@ -333,7 +347,10 @@ class OutputStore:
                 moves.append((rel, final_rel))
                 files[table].append(final_rel)
         success = {**manifest, "format": FORMAT, "layout": LAYOUT, "files": files}
-        plan = {"run_id": run_id, "moves": moves, "success": success, "delete": dropped, "final": final}
+        # "base": the state this commit replaces. Recovery rolls the journal forward only while
+        # _SUCCESS is still that state (or already this commit's): never over a later commit.
+        plan = {"run_id": run_id, "moves": moves, "success": success, "delete": dropped, "final": final,
+                "base": previous.digest}
         failpoint("before_journal")
         self._write_bytes(self.path(STAGING, run_id, JOURNAL), json.dumps(plan).encode())
         failpoint("after_journal")
@@ -357,7 +374,14 @@ class OutputStore:
             self.fs.makedirs(self.path(folder), exist_ok=True)
         self._parallel(move, plan["moves"])
         failpoint("before_success")
-        self._write_success(json.dumps(plan["success"], indent=1, default=str).encode())
+        try:
+            self._write_success(json.dumps(plan["success"], indent=1, default=str).encode())
+        except ConcurrentCommitError:
+            # Another run's commit stands; this journal must never be rolled forward over it.
+            journal = self.path(STAGING, run_id, JOURNAL)
+            if self.fs.exists(journal):
+                self.fs.rm(journal)
+            raise
         failpoint("after_success")
 
         def delete(rel: str) -> None:
@@ -388,7 +412,7 @@ class OutputStore:
         except Exception as exc:
             if precondition_failed(exc):
                 raise ConcurrentCommitError(f"{self.output}/_SUCCESS changed since this run read it: another run "
-                                            "committed there; this run's commit is left for recovery") from exc
+                                            "committed there; this run's commit is dropped (rerun to resume)") from exc
             raise
 
     @staticmethod
@@ -421,6 +445,13 @@ class OutputStore:
 
     def _write_bytes(self, p: str, data: bytes) -> None:
         write_bytes_atomic(self.fs, p, data)
+
+
+def manifest_digest(manifest: dict[str, Any] | None) -> str:
+    """sha256 of a `_SUCCESS` manifest's canonical JSON (keys sorted): the same for the dict a
+    run built and for that dict read back from storage."""
+    text = json.dumps(manifest or {}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_bytes_atomic(fs, path: str, data: bytes) -> None:
