@@ -41,6 +41,8 @@ def test_stride_options():
         (["--labels", "maybe"], "--labels"),
         (["--sampling", "stride", "--frame-stride", "-1"], "--frame-stride"),
         (["--frame-stride", "2"], "--frame-stride: applies to --sampling stride only"),  # uniform: no stride
+        (["--dry"], "unrecognized arguments: --dry"),  # never taken for --dry-run
+        (["--sampling", "stride", "--frame-strid", "2"], "unrecognized arguments: --frame-strid 2"),
     ],
 )
 def test_bad_flags_name_the_flag(args, needle, capsys):

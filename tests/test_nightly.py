@@ -124,12 +124,15 @@ def test_inputs_no_longer_listed_are_counted_then_pruned_exactly(ray_session, sm
     check_final(out, ids_of(corpus))
 
 
-def test_limit_works_through_the_backlog_across_runs(ray_session, small_corpus, tiny_classifier, tmp_path):
+def test_limit_works_through_the_backlog_across_runs(ray_session, small_corpus, tiny_classifier, tmp_path, capsys):
     out = str(tmp_path / "out")
     args = ["--input", small_corpus["dir"], "--output", out, "--model", tiny_classifier, "--limit", "3"]
     done, before = [], set()
     for expected_done in (3, 6, 7):
         code = embed(*args)
+        if expected_done == 3:
+            assert "3 processed of 7 that need work (7 new, 0 changed, 0 failed before and retried), 4 left for " \
+                   "later (--limit)" in capsys.readouterr().out
         state = check_consistent(out)
         now = state["videos"] | state["errors"]
         # Which inputs a run takes depends on their video_ids (hashes of this session's paths):
@@ -227,7 +230,7 @@ def test_two_runs_on_one_local_output_never_commit_twice(ray_address, crash_corp
     second = launch_driver(ray_address, [*args, "--run-id", "second"], str(tmp_path / "second.log"))
     assert second.wait(120) == EXIT_LOCKED, log_tail(str(tmp_path / "second.log"))
     text = log_tail(str(tmp_path / "second.log"))
-    assert "being written by run first" in text and f"pid {first.pid}" in text, text
+    assert "--output: " in text and "being written by run first" in text and f"pid {first.pid}" in text, text
     waiter = launch_driver(ray_address, [*args, "--run-id", "third", "--wait-for-lock"], str(tmp_path / "third.log"))
     assert first.wait(240) == 0, log_tail(str(tmp_path / "first.log"))
     assert waiter.wait(240) == 0, log_tail(str(tmp_path / "third.log"))

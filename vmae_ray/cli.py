@@ -240,7 +240,7 @@ def run_embed(argv: Sequence[str], prog: str = "vmae-ray embed") -> int:
         # --input listing): same contract as a bad flag, exit 2 with the option named.
         build_parser(prog).error(str(exc))
     except LeaseHeldError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        print(f"{prog}: --output: {exc}", file=sys.stderr, flush=True)
         return EXIT_LOCKED
     return summary.exit_code
 

@@ -49,6 +49,12 @@ class CommandParser(argparse.ArgumentParser):
     """argparse with one-line errors: ``PROG: error: --flag: what is wrong`` and a pointer to
     --help, exit status 2 (argparse's own contract), instead of the whole usage text first."""
 
+    def __init__(self, *args, **kwargs):
+        # A shortened flag (--dry for --dry-run) is refused as unknown rather than guessed at:
+        # a nightly command line should say exactly what it means.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         # argparse says "argument --sampling: invalid choice: ..."; our own errors "--flag: ...".
         if message.startswith("argument "):

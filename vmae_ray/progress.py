@@ -192,7 +192,8 @@ def summary_text(summary: RunSummary, licence: str | None, licence_warning: str 
     lines = [f"vmae-ray {'dry run' if summary.dry_run else 'run'} {summary.run_id} "
              f"{'for' if summary.dry_run else 'committed to'} {summary.output}",
              f"  inputs: {d.listed} listed, {d.done} already done, {summary.inputs_processed} {verb} "
-             f"({d.new} new, {d.changed} changed, {d.retried} failed before and retried)"
+             + (f"of {d.to_process} that need work " if summary.backlog else "")
+             + f"({d.new} new, {d.changed} changed, {d.retried} failed before and retried)"
              + (f", {summary.backlog} left for later (--limit)" if summary.backlog else "")]
     if d.unverified:
         lines.append(f"  {d.unverified} of the done inputs were committed from a manifest without size or ETag: "

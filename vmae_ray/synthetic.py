@@ -1030,7 +1030,16 @@ def make_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     # save_original_format writes q_bias/v_bias like the hub checkpoints do, so loading
     # exercises transformers' renaming of those keys.
-    model.save_pretrained(out, save_original_format=True)
+    from transformers.utils import logging as hf_logging
+
+    # Its "Writing model shards" progress bar is noise for a checkpoint of a few hundred KB.
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, save_original_format=True)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     preprocessor = {
         "image_processor_type": "VideoMAEImageProcessor",
         "do_resize": True,
