@@ -564,7 +564,7 @@ def side_data_of(frame) -> Iterator:
 
 def display_matrix_of(frame) -> bytes | None:
     """The raw display matrix (36 bytes) libavcodec attached to a decoded frame, or None."""
-    # Iterating is 5x cheaper than the container's Mapping.get (1.7 vs 8.6 us a frame).
+    # Iterating is 5x cheaper than the container's Mapping.get (1.7 vs 8.6 us a frame, PyAV 18.1.0).
     for side_data in side_data_of(frame):
         if side_data.type == SideDataType.DISPLAYMATRIX:
             return bytes(side_data)

@@ -387,9 +387,12 @@ def rewrite_removals(removal_files: list[tuple[str, str | None]], *, store: Outp
     def staged(rel: str | None) -> str | None:
         return None if rel is None else posixpath.join(store.path("_staging", run_id), rel)
 
-    items = [{"path": staged(rel), "todo": staged(todo),
-              "take": -1 if taken is None else taken.get(todo, 0) if todo else 0}
-             for rel, todo in removal_files]
+    def take(todo: str | None) -> int:  # -1: every superseded removal stands
+        if taken is None:
+            return -1
+        return taken.get(todo, 0) if todo else 0
+
+    items = [{"path": staged(rel), "todo": staged(todo), "take": take(todo)} for rel, todo in removal_files]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
 
     def read(batch: pa.Table) -> pa.Table:

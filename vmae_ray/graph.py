@@ -44,7 +44,7 @@ TARGET_DECODE_TASKS = 4096
 MIN_TASKS_PER_SLOT = 2
 
 # Model calls per actor call (one receipt, and one Ray task, each): more calls per actor call
-# cost the driver less per clip (Ray Data's cost per task is about 12 ms of driver CPU here,
+# cost the driver less per clip (Ray Data's cost per task is about 10 ms of driver CPU here,
 # BENCHMARKS.md); fewer give steadier commits on small runs.
 MAX_CALLS_PER_RECEIPT = 32
 # Most bytes of clips one actor call holds (its model calls take them batch_size at a time):

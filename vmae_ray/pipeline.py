@@ -202,11 +202,15 @@ def _diff(plan: Plan, state: CommittedState, *, run_id: str | None, replace_all:
     log.info("listed %d rows in %.1fs; diffing against %s", rows, time.perf_counter() - started, plan.config.output)
     committed = [] if replace_all else state.files_of(schema.VIDEOS) + state.files_of(schema.ERRORS)
     config = plan.config
-    # Partitions for the listing's rows and the committed rows (one per input the last run
-    # knew of: a nightly run over one day's prefix may meet an output of millions of inputs).
-    last = state.manifest.get("counts") or {} if committed else {}
-    known = int(last.get("inputs_listed") or 0) + int(last.get("no_longer_listed") or 0) - int(last.get("pruned") or 0)
-    partitions = num_partitions(rows + max(known, rows if committed else 0))
+    # Partitions for the listing's rows and the committed rows: one per input the last run knew
+    # of (a nightly run over one day's prefix may meet an output of millions of inputs), or as
+    # many as listed when _SUCCESS says nothing of them.
+    committed_rows = 0
+    if committed:
+        last = state.manifest.get("counts") or {}
+        known = sum(int(last.get(k) or 0) for k in ("inputs_listed", "no_longer_listed")) - int(last.get("pruned") or 0)
+        committed_rows = max(known, rows)
+    partitions = num_partitions(rows + committed_rows)
 
     def diff(prune: bool):
         ds = diff_dataset(listing, committed_files=committed, output=config.output, storage=plan.storage,

@@ -12,6 +12,8 @@ receipt per batch (`vmae_ray.staging.Receipt`), so no row travels back to the dr
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import time
 from collections.abc import Iterator
@@ -399,9 +401,6 @@ class EmbedActor:
                     # Every later call of this process would fail too: its inputs are not
                     # broken. The actor exits; Ray restarts it and retries its calls, and
                     # receipts keep the result exactly once.
-                    import logging
-                    import os
-
                     logging.getLogger("vmae_ray").error("model actor: %s: %s; restarting the actor",
                                                         type(exc).__name__, exc)
                     os._exit(EXIT_DEVICE_BROKEN)
